@@ -1,0 +1,31 @@
+"""Application factory."""
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from flask import Flask
+
+from imagegenx.api.errors import register_error_handlers
+from imagegenx.api.files import bp as files_bp
+from imagegenx.api.health import bp as health_bp
+from imagegenx.api.images import bp as images_bp
+from imagegenx.api.services import build_services
+from imagegenx.api.task_status import bp as tasks_bp
+from imagegenx.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, celery_app: Celery | None = None) -> Flask:
+    settings = settings or get_settings()
+    app = Flask("imagegenx")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["imagegenx"] = build_services(settings, celery_app)
+    if not settings.key_digests():
+        log.warning("no API keys configured (IMAGEGENX_API_KEYS): every request gets 401")
+    register_error_handlers(app)
+    for bp in (images_bp, tasks_bp, files_bp, health_bp):
+        app.register_blueprint(bp)
+    return app

@@ -1,0 +1,31 @@
+"""Request guards shared by the blueprints."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import request
+
+from imagegenx.api.auth import match_key
+from imagegenx.api.errors import ApiError
+from imagegenx.api.services import services
+
+
+def require_key() -> str:
+    """Digest of the caller's API key, or 401."""
+    digest = match_key(request.headers.get("X-API-Key"), services().key_digests)
+    if digest is None:
+        raise ApiError(401, "missing or invalid API key (header X-API-Key)",
+                       headers={"WWW-Authenticate": "X-API-Key"})
+    return digest
+
+
+def json_body() -> dict[str, Any]:
+    """The request's JSON object, or 400/413."""
+    if not request.is_json:
+        raise ApiError(400, "body must be JSON (Content-Type: application/json)")
+    body = request.get_json(silent=True)  # 413 is raised here past MAX_CONTENT_LENGTH
+    if body is None:
+        raise ApiError(400, "body is not valid JSON")
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object")
+    return body

@@ -1,0 +1,46 @@
+"""POST /api/v1/images: validate, enqueue, answer 202."""
+from __future__ import annotations
+
+import secrets
+import uuid
+
+from flask import Blueprint, jsonify, url_for
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
+
+from imagegenx.api.errors import ApiError
+from imagegenx.api.guards import json_body, require_key
+from imagegenx.api.services import services
+from imagegenx.schemas import MAX_SEED, GenerateRequest
+
+bp = Blueprint("images", __name__, url_prefix="/api/v1")
+TASK_NAME = "imagegenx.generate"
+
+
+@bp.post("/images")
+def submit():  # type: ignore[no-untyped-def]
+    digest = require_key()
+    body = json_body()
+    svc = services()
+    req = GenerateRequest.model_validate(body, context={"limits": svc.settings.limits})
+    if req.seed is None:  # chosen here so a redelivered message draws the same image
+        req = req.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - req.num_images)})
+    task_id = str(uuid.uuid4())
+    try:
+        svc.redis.set(svc.owner_key(task_id), digest, ex=svc.settings.result_expires_s)
+        svc.celery.send_task(
+            TASK_NAME,
+            kwargs=req.model_dump(mode="json"),
+            task_id=task_id,
+            queue=svc.settings.queue,
+            expires=req.timeout_s,
+            retry=False,
+        )
+    except (RedisError, OperationalError, ConnectionError) as exc:
+        raise ApiError(503, f"queue unavailable: {type(exc).__name__}",
+                       headers={"Retry-After": "5"}) from exc
+    status_url = url_for("tasks.get_task", task_id=task_id, _external=True)
+    resp = jsonify({"task_id": task_id, "status_url": status_url, "seed": req.seed})
+    resp.status_code = 202
+    resp.headers["Location"] = status_url
+    return resp

@@ -1,0 +1,68 @@
+"""GET / DELETE /api/v1/tasks/<id>: state, progress, result or error; revoke."""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from celery import states
+from celery.result import AsyncResult
+from flask import Blueprint, jsonify
+from redis.exceptions import RedisError
+
+from imagegenx.api.errors import ApiError
+from imagegenx.api.guards import require_key
+from imagegenx.api.services import Services, services
+
+bp = Blueprint("tasks", __name__, url_prefix="/api/v1")
+
+
+def _owned(svc: Services, task_id: str, digest: str) -> AsyncResult:
+    """The task's AsyncResult if it exists and belongs to this key (else 404)."""
+    try:
+        uuid.UUID(task_id)
+    except ValueError:
+        raise ApiError(404, "no such task") from None
+    try:
+        owner = svc.redis.get(svc.owner_key(task_id))
+    except RedisError as exc:
+        raise ApiError(503, "queue unavailable", headers={"Retry-After": "5"}) from exc
+    if owner is None or owner.decode() != digest:
+        raise ApiError(404, "no such task")
+    return AsyncResult(task_id, app=svc.celery)
+
+
+def describe(result: AsyncResult) -> dict[str, Any]:
+    state = result.state
+    info = result.info
+    body: dict[str, Any] = {"task_id": result.id, "state": state, "progress": None,
+                            "result": None, "error": None}
+    if state == "PROGRESS" and isinstance(info, dict):
+        body["progress"] = {"step": info.get("step"), "total": info.get("total")}
+    elif state == states.SUCCESS:
+        body["result"] = info
+        steps = info.get("steps") if isinstance(info, dict) else None
+        body["progress"] = {"step": steps, "total": steps}
+    elif state in (states.FAILURE, states.REVOKED):
+        body["error"] = {"type": type(info).__name__, "message": str(info)}
+    return body
+
+
+@bp.get("/tasks/<task_id>")
+def get_task(task_id: str):  # type: ignore[no-untyped-def]
+    svc = services()
+    result = _owned(svc, task_id, require_key())
+    try:
+        return jsonify(describe(result))
+    except RedisError as exc:
+        raise ApiError(503, "result backend unavailable", headers={"Retry-After": "5"}) from exc
+
+
+@bp.delete("/tasks/<task_id>")
+def revoke_task(task_id: str):  # type: ignore[no-untyped-def]
+    svc = services()
+    result = _owned(svc, task_id, require_key())
+    if result.state in states.READY_STATES:
+        raise ApiError(409, f"task already finished ({result.state})", state=result.state)
+    svc.celery.control.revoke(task_id)
+    svc.celery.backend.mark_as_revoked(task_id, "revoked")
+    return jsonify({"task_id": task_id, "state": states.REVOKED}), 202

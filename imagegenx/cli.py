@@ -1,0 +1,112 @@
+"""The ``imagegenx`` command: run the service, manage models."""
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+
+from imagegenx.settings import Settings
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = [f"  IMAGEGENX_{'_'.join(map(str, e['loc'])).upper() or 'CONFIG'}: {e['msg']}"
+                 for e in exc.errors()]
+        raise click.UsageError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+@click.group()
+def main() -> None:
+    """ImageGenX: batching text-to-image serving."""
+
+
+@main.command()
+@click.option("--flower/--no-flower", default=True, help="Also start the Flower dashboard.")
+@click.option("--worker/--no-worker", default=True, help="Also start one worker.")
+def up(flower: bool, worker: bool) -> None:
+    """Start Redis (if none answers), the API, a worker and Flower; Ctrl-C stops all."""
+    from imagegenx.launcher import (
+        LaunchError, Supervisor, api_command, flower_command, redis_answers, redis_command,
+        worker_command,
+    )
+
+    env = dict(os.environ)
+    state_dir = Path(env.get("IMAGEGENX_DATA_DIR", "var"))
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if not env.get("IMAGEGENX_API_KEYS") and not env.get("IMAGEGENX_API_KEY_HASHES"):
+        key_file = state_dir / "api-key"
+        if not key_file.exists():
+            key_file.write_text(secrets.token_urlsafe(24) + "\n")
+            key_file.chmod(0o600)
+        env["IMAGEGENX_API_KEYS"] = key_file.read_text().strip()
+        click.echo(f"API key (from {key_file}): {env['IMAGEGENX_API_KEYS']}")
+    flower_auth = env.get("IMAGEGENX_FLOWER_AUTH") or f"admin:{secrets.token_urlsafe(12)}"
+    os.environ.update(env)
+    settings = load_settings()
+
+    sup = Supervisor()
+    try:
+        if not redis_answers(settings.broker_url):
+            cmd = redis_command(settings.broker_url)
+            if cmd is None:
+                raise click.ClickException(f"no Redis answers at {settings.broker_url}")
+            sup.spawn("redis", cmd)
+            for _ in range(50):
+                if redis_answers(settings.broker_url):
+                    break
+                time.sleep(0.1)
+            else:
+                raise click.ClickException("redis-server did not start")
+        if worker and settings.engine == "diffusion":
+            from imagegenx.engine.model_init import ensure_model
+
+            ensure_model(settings.model)
+        sup.spawn("api", api_command(settings), env)
+        if worker:
+            sup.spawn("worker", worker_command(), env)
+        if flower:
+            sup.spawn("flower", flower_command(5555, flower_auth), env)
+            click.echo(f"Flower: http://127.0.0.1:5555 (basic auth {flower_auth})")
+    except LaunchError as exc:
+        sup.stop_all()
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"API: http://{settings.api_host}:{settings.api_port}/api/v1/images")
+    sys.exit(sup.wait())
+
+
+@main.group()
+def model() -> None:
+    """Create model folders."""
+
+
+@model.command("init")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--tiny", "arch", flag_value="tiny", default=True,
+              help="A tiny model of the SD1.5 classes (CPU tests, the embedded default).")
+@click.option("--arch", "arch", type=click.Choice(["tiny", "sd15"]),
+              help="Architecture to write: tiny, or the full SD1.5 architecture.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--force", is_flag=True, help="Overwrite a model already at PATH.")
+def model_init(path: Path, arch: str, seed: int, force: bool) -> None:
+    """Write a diffusers-layout model folder with random weights to PATH."""
+    from imagegenx.engine.model_init import write_sd15_model, write_tiny_model
+
+    if (path / "model_index.json").exists() and not force:
+        raise click.UsageError(f"{path} already holds a model (use --force to overwrite)")
+    t0 = time.perf_counter()
+    if arch == "sd15":
+        write_sd15_model(path)
+    else:
+        write_tiny_model(path, seed=seed)
+    click.echo(f"wrote {arch} model to {path} in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Start and supervise the service's processes (Redis if needed, API, worker, Flower).
+
+The commands are the Procfile's; this only adds "start Redis if none answers"
+and "stop everything together".
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import redis
+
+from imagegenx.settings import Settings
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class LaunchError(RuntimeError):
+    """A process could not be started; the message says what to do."""
+
+
+def redis_answers(url: str, timeout: float = 0.5) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=timeout,
+                                         socket_timeout=timeout).ping())
+    except redis.RedisError:
+        return False
+
+
+def redis_command(url: str) -> list[str] | None:
+    """Command that starts a throwaway Redis for ``url``, or None if not local."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    if host not in LOOPBACK:
+        return None
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise LaunchError("no Redis answers at %s and redis-server is not installed "
+                          "(install it, e.g. `apt-get install redis-server`)" % url)
+    return [binary, "--bind", "127.0.0.1", "--port", str(parts.port or 6379),
+            "--save", "", "--appendonly", "no"]
+
+
+def api_command(s: Settings) -> list[str]:
+    return [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", "2",
+            "--threads", "8", "--bind", f"{s.api_host}:{s.api_port}",
+            "imagegenx.api:create_app()"]
+
+
+def worker_command(hostname: str = "cpu0@%h", loglevel: str = "INFO") -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "tasks", "worker",
+            "--loglevel", loglevel, "--hostname", hostname]
+
+
+def flower_command(port: int, auth: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "tasks", "flower", "--address=127.0.0.1",
+            f"--port={port}", f"--basic-auth={auth}"]
+
+
+@dataclass
+class Supervisor:
+    """Runs named child processes; stops all of them when one exits or on a signal."""
+
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        self.procs[name] = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def wait(self) -> int:
+        def _stop(signum: int, _frame: object) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, _stop)
+        try:
+            while True:
+                for name, proc in self.procs.items():
+                    code = proc.poll()
+                    if code is not None:
+                        print(f"imagegenx: {name} exited with {code}; stopping", file=sys.stderr)
+                        return code or 1
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            self.stop_all()
+
+    def stop_all(self, timeout: float = 30.0) -> None:
+        for proc in reversed(list(self.procs.values())):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

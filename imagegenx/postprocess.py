@@ -1,0 +1,49 @@
+"""Per-image post-processing on the CPU: watermark, PNG encoding, thumbnail."""
+from __future__ import annotations
+
+import io
+
+from PIL import Image, ImageDraw, ImageFont
+
+from imagegenx.schemas import Postprocess, Watermark, WatermarkPosition
+
+_MARGIN = 4
+
+
+def apply_watermark(image: Image.Image, mark: Watermark) -> Image.Image:
+    """Draw ``mark.text`` with the requested opacity at the requested corner."""
+    base = image.convert("RGBA")
+    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    size = max(8, base.height // 16)
+    font = ImageFont.load_default(size=size)
+    left, top, right, bottom = draw.textbbox((0, 0), mark.text, font=font)
+    tw, th = right - left, bottom - top
+    w, h = base.size
+    positions = {
+        WatermarkPosition.TOP_LEFT: (_MARGIN, _MARGIN),
+        WatermarkPosition.TOP_RIGHT: (w - tw - _MARGIN, _MARGIN),
+        WatermarkPosition.BOTTOM_LEFT: (_MARGIN, h - th - _MARGIN),
+        WatermarkPosition.BOTTOM_RIGHT: (w - tw - _MARGIN, h - th - _MARGIN),
+        WatermarkPosition.CENTER: ((w - tw) // 2, (h - th) // 2),
+    }
+    x, y = positions[mark.position]
+    alpha = round(255 * mark.opacity)
+    draw.text((x - left, y - top), mark.text, font=font, fill=(255, 255, 255, alpha),
+              stroke_width=1, stroke_fill=(0, 0, 0, alpha))
+    return Image.alpha_composite(base, layer).convert("RGB")
+
+
+def to_png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def render(image: Image.Image, options: Postprocess) -> tuple[bytes, bytes]:
+    """Return (full PNG, thumbnail PNG) for one generated image."""
+    if options.watermark is not None:
+        image = apply_watermark(image, options.watermark)
+    thumb = image.copy()
+    thumb.thumbnail((options.thumbnail, options.thumbnail), Image.Resampling.LANCZOS)
+    return to_png(image), to_png(thumb)

@@ -1,0 +1,1 @@
+"""The GPU worker: batching consumer (Celery/kombu I/O), GPU pinning, lifecycle."""
