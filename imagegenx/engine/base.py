@@ -35,7 +35,8 @@ class BatchSpec:
     samples: tuple[Sample, ...] = field(default_factory=tuple)
 
 
-# Called at every step boundary with (steps_done, steps_total). It returns the
+# Called at every step boundary with (steps_done, steps_total): once before the
+# first step (0) and after each step. It returns the
 # indices (into BatchSpec.samples) that must leave the batch now, e.g. because
 # their request was revoked; the engine stops computing them and returns None
 # in their place.

@@ -77,6 +77,9 @@ class SyntheticEngine:
 
     def generate(self, spec: BatchSpec, on_step: StepCallback | None = None) -> list[Image.Image | None]:
         live = list(range(len(spec.samples)))
+        if on_step is not None:
+            dropped = set(on_step(0, spec.steps))
+            live = [i for i in live if i not in dropped]
         for step in range(spec.steps):
             if not live:
                 break

@@ -1,0 +1,282 @@
+"""The Stable Diffusion engine: diffusers parts driven by our own denoise loop.
+
+``StableDiffusionPipeline.__call__`` treats a batch as one unit. The worker
+needs more: a different seed and guidance per sample, samples that leave the
+batch mid-way when their request is revoked, and a seed that gives the same
+image whether it runs alone or batched. So this module composes the UNet, VAE,
+text encoder and a scheduler itself.
+"""
+from __future__ import annotations
+
+import inspect
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.utils import is_accelerate_available
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from imagegenx.engine.base import BatchSpec, StepCallback
+from imagegenx.engine.samplers import (
+    SAMPLERS,
+    SchedulerConfig,
+    keep_scheduler_rows,
+    load_scheduler_config,
+    make_scheduler,
+)
+from imagegenx.engine.tokenizer import MAX_LENGTH
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class PromptCache:
+    """LRU cache of text embeddings keyed by the prompt string.
+
+    Serving traffic repeats prompts (and almost always the empty negative
+    prompt), so the text encoder runs once per distinct string. Each prompt is
+    encoded on its own, never batched with others, so its embedding does not
+    depend on which prompts happened to be encoded with it.
+    """
+
+    def __init__(self, encode: Callable[[str], torch.Tensor], maxsize: int = 256) -> None:
+        self._encode = encode
+        self._maxsize = maxsize
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, prompt: str) -> torch.Tensor:
+        with self._lock:
+            cached = self._entries.get(prompt)
+            if cached is not None:
+                self._entries.move_to_end(prompt)
+                self.hits += 1
+                return cached
+        value = self._encode(prompt)
+        with self._lock:
+            self.misses += 1
+            self._entries[prompt] = value
+            self._entries.move_to_end(prompt)
+            while len(self._entries) > self._maxsize:
+                self._entries.popitem(last=False)
+        return value
+
+
+class _Rows:
+    """Per-sample tensors of the samples still in the batch, sliced together."""
+
+    def __init__(
+        self,
+        indices: list[int],
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        guidance: torch.Tensor,
+        generators: list[torch.Generator],
+    ) -> None:
+        self.indices = indices  # positions in BatchSpec.samples
+        self.latents = latents
+        self.cond = cond
+        self.uncond = uncond
+        self.guidance = guidance
+        self.generators = generators
+
+    def drop(self, leaving: Collection[int]) -> list[int]:
+        """Remove the samples whose spec index is in ``leaving``; return kept rows."""
+        keep = [row for row, idx in enumerate(self.indices) if idx not in leaving]
+        if len(keep) == len(self.indices):
+            return keep
+        rows = torch.tensor(keep, dtype=torch.long, device=self.latents.device)
+        self.indices = [self.indices[r] for r in keep]
+        self.latents = self.latents.index_select(0, rows)
+        self.cond = self.cond.index_select(0, rows)
+        self.uncond = self.uncond.index_select(0, rows)
+        self.guidance = self.guidance.index_select(0, rows)
+        self.generators = [self.generators[r] for r in keep]
+        return keep
+
+
+class DiffusionEngine:
+    """Text-to-image with an SD1.x-layout model (UNet, VAE, CLIP text encoder)."""
+
+    def __init__(
+        self,
+        *,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler_config: SchedulerConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        name: str = "sd",
+        prompt_cache_size: int = 256,
+    ) -> None:
+        self.name = name
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config
+        self.device = device
+        self.dtype = dtype
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.prompt_cache = PromptCache(self._encode_prompt, maxsize=prompt_cache_size)
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: Path | str,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        *,
+        name: str | None = None,
+        prompt_cache_size: int = 256,
+    ) -> DiffusionEngine:
+        """Load a diffusers SD-layout folder from local files only."""
+        model_dir = Path(model_dir)
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {tuple(DTYPES)}")
+        torch_dtype = DTYPES[dtype]
+        dev = torch.device(device)
+        where = {"pretrained_model_name_or_path": str(model_dir), "local_files_only": True}
+        lazy = {"low_cpu_mem_usage": is_accelerate_available()}
+        unet = UNet2DConditionModel.from_pretrained(**where, **lazy, subfolder="unet", torch_dtype=torch_dtype)
+        vae = AutoencoderKL.from_pretrained(**where, **lazy, subfolder="vae", torch_dtype=torch_dtype)
+        # Cast after loading: the dtype keyword of from_pretrained differs across transformers versions.
+        text_encoder = CLIPTextModel.from_pretrained(**where, subfolder="text_encoder").to(torch_dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(**where, subfolder="tokenizer")
+        if tokenizer.model_max_length > MAX_LENGTH:  # configs without a limit load as "infinite"
+            tokenizer.model_max_length = MAX_LENGTH
+        for module in (unet, vae, text_encoder):
+            module.to(dev).eval().requires_grad_(False)
+        return cls(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler_config=load_scheduler_config(model_dir),
+            device=dev,
+            dtype=torch_dtype,
+            name=name or model_dir.name,
+            prompt_cache_size=prompt_cache_size,
+        )
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return (w * self.vae_scale_factor, h * self.vae_scale_factor)
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        return SAMPLERS
+
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+        """CLIP's last hidden state for ``prompt``, padded to 77 tokens: (1, 77, D)."""
+        ids = self.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        with torch.inference_mode():
+            return self.text_encoder(ids)[0].to(self.dtype)
+
+    def _check(self, spec: BatchSpec) -> None:
+        if spec.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {spec.sampler!r}; expected one of {SAMPLERS}")
+        f = self.vae_scale_factor
+        for side in (spec.width, spec.height):
+            if side <= 0 or side % f:
+                raise ValueError(f"sides must be positive multiples of {f}, got {spec.width}x{spec.height}")
+        if spec.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {spec.steps}")
+
+    def initial_latents(
+        self, seeds: Sequence[int], width: int, height: int
+    ) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Unscaled starting noise, one CPU generator per sample.
+
+        Each sample draws its own (1, C, h, w) block from a generator seeded with
+        its seed, on the CPU, so the noise is the same on every device and for
+        every batch composition. The generators are returned because ancestral
+        samplers keep drawing per-sample noise from them.
+        """
+        f = self.vae_scale_factor
+        shape = (1, self.unet.config.in_channels, height // f, width // f)
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        noise = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
+        return torch.cat(noise).to(self.device), generators
+
+    def generate(self, spec: BatchSpec, on_step: StepCallback | None = None) -> list[Image.Image | None]:
+        """Draw every sample of ``spec``; see :class:`imagegenx.engine.base.Engine`.
+
+        ``on_step`` runs before the first step, after every step and thus
+        ``steps + 1`` times, with (steps_done, steps_total). Latents and the
+        scheduler math stay in fp32 whatever the model dtype.
+        """
+        self._check(spec)
+        samples = spec.samples
+        results: list[Image.Image | None] = [None] * len(samples)
+        if not samples:
+            return results
+        with torch.inference_mode():
+            scheduler = make_scheduler(spec.sampler, self.scheduler_config)
+            scheduler.set_timesteps(spec.steps, device=self.device)
+            timesteps = scheduler.timesteps
+            total = len(timesteps)
+            step_params = inspect.signature(scheduler.step).parameters
+            noise, generators = self.initial_latents([s.seed for s in samples], spec.width, spec.height)
+            rows = _Rows(
+                indices=list(range(len(samples))),
+                latents=noise * scheduler.init_noise_sigma,
+                cond=torch.cat([self.prompt_cache.get(s.prompt) for s in samples]),
+                uncond=torch.cat([self.prompt_cache.get(s.negative_prompt) for s in samples]),
+                guidance=torch.tensor(
+                    [s.guidance_scale for s in samples], dtype=torch.float32, device=self.device
+                ).view(-1, 1, 1, 1),
+                generators=generators,
+            )
+
+            def boundary(done: int) -> bool:
+                """Apply the callback's drops; False once no sample is left."""
+                if on_step is not None:
+                    leaving = set(on_step(done, total)) & set(rows.indices)
+                    if leaving:
+                        keep_scheduler_rows(scheduler, rows.drop(leaving))
+                return bool(rows.indices)
+
+            for i, t in enumerate(timesteps):
+                if not boundary(i):
+                    return results
+                model_in = scheduler.scale_model_input(torch.cat([rows.latents, rows.latents]), t)
+                eps = self.unet(
+                    model_in.to(self.dtype), t, encoder_hidden_states=torch.cat([rows.uncond, rows.cond])
+                ).sample.float()
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + rows.guidance * (eps_cond - eps_uncond)
+                extra = {"generator": rows.generators} if "generator" in step_params else {}
+                rows.latents = scheduler.step(eps, t, rows.latents, **extra).prev_sample
+            if not boundary(total):
+                return results
+            for idx, image in zip(rows.indices, self.decode(rows.latents), strict=True):
+                results[idx] = image
+        return results
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Batched VAE decode of final latents to RGB images."""
+        scaled = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
+        pixels = self.vae.decode(scaled).sample.float()
+        pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        array = (pixels * 255).round().to(torch.uint8).cpu().numpy()
+        return [Image.fromarray(a) for a in array]
