@@ -66,14 +66,16 @@ def up(flower: bool, worker: bool) -> None:
                 raise click.ClickException("redis-server did not start")
         if worker and settings.engine == "diffusion":
             from imagegenx.engine.model_init import ensure_model
+            from imagegenx.engine.quiet import silence_library_progress
 
+            silence_library_progress()
             ensure_model(settings.model)
         sup.spawn("api", api_command(settings), env)
         if worker:
             sup.spawn("worker", worker_command(), env)
         if flower:
-            sup.spawn("flower", flower_command(5555, flower_auth), env)
-            click.echo(f"Flower: http://127.0.0.1:5555 (basic auth {flower_auth})")
+            sup.spawn("flower", flower_command(settings.flower_port, flower_auth), env)
+            click.echo(f"Flower: http://127.0.0.1:{settings.flower_port} (basic auth {flower_auth})")
     except LaunchError as exc:
         sup.stop_all()
         raise click.ClickException(str(exc)) from None
@@ -97,7 +99,9 @@ def model() -> None:
 def model_init(path: Path, arch: str, seed: int, force: bool) -> None:
     """Write a diffusers-layout model folder with random weights to PATH."""
     from imagegenx.engine.model_init import write_sd15_model, write_tiny_model
+    from imagegenx.engine.quiet import silence_library_progress
 
+    silence_library_progress()
     if (path / "model_index.json").exists() and not force:
         raise click.UsageError(f"{path} already holds a model (use --force to overwrite)")
     t0 = time.perf_counter()

@@ -67,9 +67,10 @@ class Settings(BaseSettings):
 
     # Storage and API
     storage_root: Path = Path("var/images")
-    public_url: str = "http://127.0.0.1:8000"
+    public_url: str = Field(default="", description="base of image URLs; default http://api_host:api_port")
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    flower_port: int = 5555
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_key_hashes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = 16 * 1024
@@ -141,6 +142,10 @@ class Settings(BaseSettings):
             max_num_images=self.max_num_images,
             max_guidance=self.max_guidance,
         )
+
+    @property
+    def public_base(self) -> str:
+        return (self.public_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")
 
     @property
     def served_model_name(self) -> str:

@@ -24,7 +24,7 @@ def _pipeline(settings: Settings) -> BatchPipeline:
         return cached
     engine = create_engine(settings.engine, settings.model, settings.device, settings.dtype,
                            settings.synthetic_cost)
-    pipeline = BatchPipeline(engine, LocalStorage(settings.storage_root), settings.public_url,
+    pipeline = BatchPipeline(engine, LocalStorage(settings.storage_root), settings.public_base,
                              settings.served_model_name)
     _pipelines[id(settings)] = pipeline
     return pipeline

@@ -67,7 +67,7 @@ class WorkerRuntime:
         t0 = time.perf_counter()
         self.engine = create_engine(s.engine, s.model, s.device, s.dtype, s.synthetic_cost)
         self.pipeline = BatchPipeline(
-            self.engine, LocalStorage(s.storage_root), s.public_url, s.served_model_name
+            self.engine, LocalStorage(s.storage_root), s.public_base, s.served_model_name
         )
         self.warmup_s = time.perf_counter() - t0
         log.info("engine %s ready in %.2f s (native size %s)", self.engine.name, self.warmup_s,

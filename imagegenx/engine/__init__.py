@@ -35,7 +35,9 @@ def create_engine(
     if kind == "diffusion":
         from imagegenx.engine.diffusion import DiffusionEngine
         from imagegenx.engine.model_init import ensure_model
+        from imagegenx.engine.quiet import silence_library_progress
 
+        silence_library_progress()
         device, dtype = resolve_device(device, dtype)
         return DiffusionEngine.load(ensure_model(Path(model)), device=device, dtype=dtype)
     raise ValueError(f"unknown engine {kind!r}")

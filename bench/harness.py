@@ -1,0 +1,139 @@
+"""Shared pieces of the benchmarks: start the real service processes, collect
+results straight from the Redis result backend, summarise latencies."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"), "mean": float("nan")}
+    arr = np.asarray(values)
+    return {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)),
+            "p99": float(np.percentile(arr, 99)), "mean": float(arr.mean())}
+
+
+def wait_log(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited:\n{path.read_text(errors='replace')[-3000:]}")
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{text!r} not seen in {path}")
+
+
+@contextmanager
+def process(cmd: list[str], env: dict[str, str], log: Path, ready: str | None = None,
+            ready_url: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    fh = log.open("wb")
+    proc = subprocess.Popen(cmd, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, cwd=REPO,
+                            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        if ready:
+            wait_log(log, ready, proc)
+        if ready_url:
+            for _ in range(300):
+                try:
+                    requests.get(ready_url, timeout=0.5)
+                    break
+                except requests.RequestException:
+                    time.sleep(0.1)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        fh.close()
+
+
+def celery_worker_cmd(app: str = "tasks", hostname: str = "bench@%h",
+                      python: str = sys.executable) -> list[str]:
+    return [python, "-m", "celery", "-A", app, "worker", "--loglevel", "INFO", "--hostname",
+            hostname, "--without-gossip", "--without-mingle"]
+
+
+class ResultCollector:
+    """Watches Celery result keys in Redis (one MGET per tick) and records when
+    each task reached a ready state. Cheaper and more exact than one client
+    blocking per task."""
+
+    def __init__(self, url: str, interval: float = 0.002) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.interval = interval
+        self.pending: dict[str, float] = {}
+        self.done: dict[str, tuple[float, float, dict[str, Any]]] = {}
+        self.lock = threading.Lock()
+        self.events: dict[str, threading.Event] = {}
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "ResultCollector":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join()
+
+    def watch(self, task_id: str, submitted: float) -> threading.Event:
+        ev = threading.Event()
+        with self.lock:
+            self.pending[task_id] = submitted
+            self.events[task_id] = ev
+        return ev
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self.lock:
+                ids = list(self.pending)
+            if ids:
+                values = self.client.mget([f"celery-task-meta-{i}" for i in ids])
+                t = time.perf_counter()
+                for task_id, raw in zip(ids, values):
+                    if raw is None:
+                        continue
+                    meta = json.loads(raw)
+                    if meta.get("status") in ("SUCCESS", "FAILURE", "REVOKED"):
+                        with self.lock:
+                            sub = self.pending.pop(task_id)
+                            self.done[task_id] = (sub, t, meta)
+                            self.events.pop(task_id).set()
+            time.sleep(self.interval)

@@ -1,0 +1,106 @@
+"""Per-request task events (what Flower shows) and worker-state registration."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.integration.stack import API_KEY, Stack, running_stack
+from tests.service import wait_task
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(redis_base: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(redis_base, tmp_path_factory.mktemp("events"), tiny_model,
+                       name="events", IMAGEGENX_MAX_WAIT_MS="200") as s:
+        yield s
+
+
+class EventLog:
+    """Captures task events from the broker in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.ready = threading.Event()
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with self.app.connection_for_read() as conn:
+            recv = self.app.events.Receiver(conn, handlers={"*": self._on_event})
+            self.ready.set()
+            for _ in recv.itercapture(limit=None, timeout=0.5, wakeup=False):
+                if self._stop:
+                    return
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if "uuid" in event:
+            self.by_task[event["uuid"]].append(event)
+
+    def __enter__(self) -> "EventLog":
+        self.thread.start()
+        assert self.ready.wait(5)
+        time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+
+
+def test_each_batched_request_has_its_own_events_and_runtime(stack: Stack) -> None:
+    with EventLog(stack.celery) as events:
+        ids = []
+        for i in range(4):
+            r = requests.post(f"{stack.base}/api/v1/images", json={"prompt": f"p{i}", "seed": i},
+                              headers=stack.headers, timeout=5)
+            ids.append(r.json()["task_id"])
+        results = [wait_task(stack.base, t, API_KEY, 60) for t in ids]
+        assert max(r["result"]["batch"]["size"] for r in results) > 1
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(
+            any(e["type"] == "task-succeeded" for e in events.by_task[t]) for t in ids
+        ):
+            time.sleep(0.1)
+    for task_id in ids:
+        kinds = [e["type"] for e in events.by_task[task_id]]
+        assert kinds[:1] == ["task-sent"] or "task-sent" in kinds
+        for kind in ("task-received", "task-started", "task-succeeded"):
+            assert kind in kinds, (task_id, kinds)
+        received = next(e for e in events.by_task[task_id] if e["type"] == "task-received")
+        assert received["name"] == "imagegenx.generate"
+        assert received["hostname"] == stack.worker.hostname
+        succeeded = next(e for e in events.by_task[task_id] if e["type"] == "task-succeeded")
+        assert succeeded["runtime"] > 0
+
+
+def test_inspect_active_shows_the_running_batch(stack: Stack) -> None:
+    body = {"prompt": "a long one", "seed": 1, "width": 256, "height": 256, "steps": 60}
+    task_id = requests.post(f"{stack.base}/api/v1/images", json=body, headers=stack.headers,
+                            timeout=5).json()["task_id"]
+    inspect = stack.celery.control.inspect([stack.worker.hostname], timeout=1)
+    deadline = time.monotonic() + 20
+    seen = False
+    while time.monotonic() < deadline and not seen:
+        active = (inspect.active() or {}).get(stack.worker.hostname, [])
+        seen = any(t["id"] == task_id for t in active)
+    assert seen, "running request not listed by inspect active"
+    assert wait_task(stack.base, task_id, API_KEY, 60)["state"] == "SUCCESS"
+    active = (inspect.active() or {}).get(stack.worker.hostname, [])
+    assert all(t["id"] != task_id for t in active)
+
+
+def test_worker_is_configured_by_the_app_not_by_flags(stack: Stack) -> None:
+    stats = stack.celery.control.inspect([stack.worker.hostname], timeout=2).stats()
+    mine = stats[stack.worker.hostname]
+    assert mine["pool"]["implementation"].endswith("thread:TaskPool")
+    assert mine["pool"]["max-concurrency"] == 1
+    assert mine["prefetch_count"] == 2 * stack.settings.max_batch
