@@ -37,19 +37,17 @@ def up(flower: bool, worker: bool) -> None:
         worker_command,
     )
 
+    settings = load_settings()
     env = dict(os.environ)
-    state_dir = Path(env.get("IMAGEGENX_DATA_DIR", "var"))
-    state_dir.mkdir(parents=True, exist_ok=True)
-    if not env.get("IMAGEGENX_API_KEYS") and not env.get("IMAGEGENX_API_KEY_HASHES"):
-        key_file = state_dir / "api-key"
+    if not settings.api_keys and not settings.api_key_hashes:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        key_file = settings.data_dir / "api-key"
         if not key_file.exists():
             key_file.write_text(secrets.token_urlsafe(24) + "\n")
             key_file.chmod(0o600)
         env["IMAGEGENX_API_KEYS"] = key_file.read_text().strip()
         click.echo(f"API key (from {key_file}): {env['IMAGEGENX_API_KEYS']}")
     flower_auth = env.get("IMAGEGENX_FLOWER_AUTH") or f"admin:{secrets.token_urlsafe(12)}"
-    os.environ.update(env)
-    settings = load_settings()
 
     sup = Supervisor()
     try:

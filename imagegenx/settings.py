@@ -48,7 +48,6 @@ class Settings(BaseSettings):
     queue: str = "imagegenx"
     result_expires_s: int = 86400
     visibility_timeout_s: int = 3600
-    max_deliveries: int = 3
 
     # Batching
     max_batch: int = Field(default=8, ge=1, le=256)
@@ -66,6 +65,7 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(default=0.5, ge=0.0)
 
     # Storage and API
+    data_dir: Path = Field(default=Path("var"), description="state of `imagegenx up` (generated API key)")
     storage_root: Path = Path("var/images")
     public_url: str = Field(default="", description="base of image URLs; default http://api_host:api_port")
     api_host: str = "127.0.0.1"

@@ -90,3 +90,11 @@ def test_running_request_leaves_its_batch_at_a_step_boundary(
         assert stayed["state"] == "SUCCESS"
         assert stayed["result"]["batch"]["requests"] == 2
         assert not (tmp_path / "images" / leave).exists()
+
+
+def test_request_past_its_timeout_is_not_run(slow_flush: Stack) -> None:
+    task = submit(slow_flush, {"prompt": "too late", "seed": 4, "timeout_s": 1})
+    res = wait_task(slow_flush.base, task, API_KEY, 30)
+    assert res["state"] == "REVOKED"
+    assert "expired" in res["error"]["message"]
+    assert not (slow_flush.log_dir / "images" / task).exists()
