@@ -90,6 +90,8 @@ class WorkerRuntime:
         except (ValidationError, GenerationError) as exc:
             self.reject_invalid(req, exc)
             return
+        if self._revoked_in_backend(req):
+            return
         request = resolve_request(request, self.engine.native_size)
         job = Job(id=req.id, request=request)
         req.task.backend.store_result(
@@ -99,6 +101,16 @@ class WorkerRuntime:
         self.runner.add(Entry(req, job, request.num_images),
                         batch_key(request, self.settings.served_model_name),
                         request.num_images)
+
+    @staticmethod
+    def _revoked_in_backend(req: Request) -> bool:
+        """A request revoked while this worker was not listening (e.g. before it
+        started) is known only to the result backend: honour it there too."""
+        meta = req.task.backend.get_task_meta(req.id, cache=False)
+        if meta.get("status") != states.REVOKED:
+            return False
+        worker_state.revoked.add(req.id)
+        return bool(req.revoked())
 
     @staticmethod
     def reject_invalid(req: Request, exc: Exception) -> None:

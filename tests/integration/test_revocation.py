@@ -98,3 +98,31 @@ def test_request_past_its_timeout_is_not_run(slow_flush: Stack) -> None:
     assert res["state"] == "REVOKED"
     assert "expired" in res["error"]["message"]
     assert not (slow_flush.log_dir / "images" / task).exists()
+
+
+def test_revoked_while_no_worker_runs_is_never_run(
+    redis_base: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The revoke broadcast reaches nobody; the backend's REVOKED state still wins."""
+    from imagegenx.api import create_app
+    from tasks import create_celery_app
+    from tests.integration.stack import settings_from_env, stack_env
+    from tests.service import ApiServer, free_port, start_worker
+
+    port = free_port()
+    env = stack_env(redis_base, tmp_path, tiny_model, port)
+    settings = settings_from_env(env)
+    celery = create_celery_app(settings)
+    with ApiServer(create_app(settings, celery), port) as api:
+        headers = {"X-API-Key": API_KEY}
+        ids = [requests.post(f"{api.base}/api/v1/images", json={"prompt": p, "seed": 1},
+                             headers=headers, timeout=5).json()["task_id"] for p in ("a", "b")]
+        assert requests.delete(f"{api.base}/api/v1/tasks/{ids[0]}", headers=headers,
+                               timeout=5).status_code == 202
+        worker = start_worker(env, tmp_path, name="late")
+        try:
+            assert wait_task(api.base, ids[1], API_KEY, 60)["state"] == "SUCCESS"
+            assert wait_task(api.base, ids[0], API_KEY, 10)["state"] == "REVOKED"
+            assert not (tmp_path / "images" / ids[0]).exists()
+        finally:
+            worker.stop()
