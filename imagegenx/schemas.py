@@ -207,3 +207,32 @@ class Progress(BaseModel):
 TaskState = Literal[
     "PENDING", "RECEIVED", "STARTED", "PROGRESS", "SUCCESS", "FAILURE", "REVOKED", "RETRY"
 ]
+
+
+class SubmitResponse(BaseModel):
+    task_id: str
+    status_url: str
+    seed: int
+
+
+class FieldError(BaseModel):
+    field: str
+    reason: str
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    fields: list[FieldError] | None = None
+
+
+class TaskError(BaseModel):
+    type: str
+    message: str
+
+
+class TaskStatus(BaseModel):
+    task_id: str
+    state: TaskState
+    progress: Progress | None = None
+    result: GenerateResult | None = None
+    error: TaskError | None = None

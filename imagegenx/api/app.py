@@ -10,6 +10,7 @@ from imagegenx.api.errors import register_error_handlers
 from imagegenx.api.files import bp as files_bp
 from imagegenx.api.health import bp as health_bp
 from imagegenx.api.images import bp as images_bp
+from imagegenx.api.openapi import bp as openapi_bp
 from imagegenx.api.services import build_services
 from imagegenx.api.task_status import bp as tasks_bp
 from imagegenx.settings import Settings, get_settings
@@ -26,6 +27,6 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
     if not settings.key_digests():
         log.warning("no API keys configured (IMAGEGENX_API_KEYS): every request gets 401")
     register_error_handlers(app)
-    for bp in (images_bp, tasks_bp, files_bp, health_bp):
+    for bp in (images_bp, tasks_bp, files_bp, health_bp, openapi_bp):
         app.register_blueprint(bp)
     return app

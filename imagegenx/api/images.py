@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 from imagegenx.api.errors import ApiError
 from imagegenx.api.guards import json_body, require_key
 from imagegenx.api.services import services
-from imagegenx.schemas import MAX_SEED, GenerateRequest
+from imagegenx.schemas import MAX_SEED, GenerateRequest, SubmitResponse
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1")
 TASK_NAME = "imagegenx.generate"
@@ -40,7 +40,8 @@ def submit():  # type: ignore[no-untyped-def]
         raise ApiError(503, f"queue unavailable: {type(exc).__name__}",
                        headers={"Retry-After": "5"}) from exc
     status_url = url_for("tasks.get_task", task_id=task_id, _external=True)
-    resp = jsonify({"task_id": task_id, "status_url": status_url, "seed": req.seed})
+    assert req.seed is not None
+    resp = jsonify(SubmitResponse(task_id=task_id, status_url=status_url, seed=req.seed).model_dump())
     resp.status_code = 202
     resp.headers["Location"] = status_url
     return resp

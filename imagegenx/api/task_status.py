@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from imagegenx.api.errors import ApiError
 from imagegenx.api.guards import require_key
 from imagegenx.api.services import Services, services
+from imagegenx.schemas import TaskStatus
 
 bp = Blueprint("tasks", __name__, url_prefix="/api/v1")
 
@@ -52,7 +53,7 @@ def get_task(task_id: str):  # type: ignore[no-untyped-def]
     svc = services()
     result = _owned(svc, task_id, require_key())
     try:
-        return jsonify(describe(result))
+        return jsonify(TaskStatus.model_validate(describe(result)).model_dump(mode="json"))
     except RedisError as exc:
         raise ApiError(503, "result backend unavailable", headers={"Retry-After": "5"}) from exc
 

@@ -1,0 +1,18 @@
+"""The OpenAPI document is valid and carries this server's limits."""
+from __future__ import annotations
+
+from openapi_spec_validator import validate
+
+from imagegenx.api import create_app
+from imagegenx.settings import Settings
+
+
+def test_spec_is_valid_openapi_with_server_limits(redis_base: str) -> None:
+    settings = Settings(broker_url=f"{redis_base}/3", result_backend=f"{redis_base}/3",
+                        max_steps=50, max_size=768)
+    spec = create_app(settings).test_client().get("/api/v1/openapi.json").json
+    validate(spec)
+    props = spec["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert props["steps"]["maximum"] == 50
+    assert props["width"]["anyOf"][0]["maximum"] == 768
+    assert set(spec["paths"]) >= {"/api/v1/images", "/api/v1/tasks/{task_id}", "/api/v1/files/{key}"}
