@@ -81,6 +81,39 @@ def up(flower: bool, worker: bool) -> None:
     sys.exit(sup.wait())
 
 
+@main.command()
+@click.option("--gpus", default="all", show_default=True,
+              help="GPUs to serve: 'all', or comma-separated indices as nvidia-smi lists them, e.g. 0,1.")
+@click.option("--loglevel", default="INFO", show_default=True, help="Celery log level of the workers.")
+def worker(gpus: str, loglevel: str) -> None:
+    """Start one Celery worker per GPU, all on the same queue; Ctrl-C stops all.
+
+    Worker i sees only its GPU (CUDA_VISIBLE_DEVICES=i) and is named gpu<i>@<host>.
+    Each loads the model and prepares the fast path before it takes work.
+    """
+    from imagegenx.launcher import (
+        Supervisor, count_gpus, gpu_worker_env, parse_gpus, worker_command,
+    )
+
+    try:
+        indices = parse_gpus(gpus, count_gpus())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--gpus'") from None
+    settings = load_settings()
+    if settings.engine == "diffusion":
+        from imagegenx.engine.model_init import ensure_model
+        from imagegenx.engine.quiet import silence_library_progress
+
+        silence_library_progress()
+        ensure_model(settings.model)  # once here, not raced by the workers
+    env = dict(os.environ)
+    sup = Supervisor()
+    for index in indices:
+        sup.spawn(f"gpu{index}", worker_command(f"gpu{index}@%h", loglevel), gpu_worker_env(env, index))
+    click.echo(f"started {len(indices)} worker(s) on GPU(s) {','.join(map(str, indices))}")
+    sys.exit(sup.wait())
+
+
 @main.group()
 def model() -> None:
     """Create model folders."""

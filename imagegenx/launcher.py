@@ -58,6 +58,58 @@ def worker_command(hostname: str = "cpu0@%h", loglevel: str = "INFO") -> list[st
             "--loglevel", loglevel, "--hostname", hostname]
 
 
+def count_gpus() -> int | None:
+    """GPUs on this machine, from ``nvidia-smi -L``; None when it cannot tell.
+
+    The parent of the GPU workers never touches CUDA (a CUDA context must not
+    live in a process that starts workers), so it asks the driver's tool.
+    """
+    binary = shutil.which("nvidia-smi")
+    if binary is None:
+        return None
+    try:
+        out = subprocess.run([binary, "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def parse_gpus(spec: str, available: int | None) -> list[int]:
+    """GPU indices from ``all`` or a comma-separated list such as ``0,1``.
+
+    ``available`` is the number of GPUs (None if unknown: indices are then
+    taken as given). Raises ValueError with a message fit for the user.
+    """
+    text = spec.strip().lower()
+    if text == "all":
+        if available is None:
+            raise ValueError("cannot count the GPUs (nvidia-smi not found or failing); "
+                             "list their indices instead, e.g. 0,1")
+        if available == 0:
+            raise ValueError("no GPU found (nvidia-smi -L lists none)")
+        return list(range(available))
+    parts = [p.strip() for p in text.split(",")]
+    if not text or any(not p for p in parts):
+        raise ValueError(f"expected 'all' or comma-separated GPU indices such as 0,1, got {spec!r}")
+    indices: list[int] = []
+    for part in parts:
+        if not part.isdigit():
+            raise ValueError(f"{part!r} is not a GPU index (expected 'all' or indices such as 0,1)")
+        index = int(part)
+        if available is not None and index >= available:
+            have = f"GPUs 0 to {available - 1}" if available else "no GPU"
+            raise ValueError(f"GPU {index} does not exist (this machine has {have})")
+        if index in indices:
+            raise ValueError(f"GPU {index} is listed twice")
+        indices.append(index)
+    return indices
+
+
+def gpu_worker_env(env: dict[str, str], index: int) -> dict[str, str]:
+    """The environment of the worker pinned to GPU ``index``: it sees that GPU alone."""
+    return {**env, "CUDA_VISIBLE_DEVICES": str(index)}
+
+
 def flower_command(port: int, auth: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "tasks", "flower", "--address=127.0.0.1",
             f"--port={port}", f"--basic-auth={auth}"]

@@ -8,10 +8,13 @@ batch fail is found by bisection, so it alone fails).
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -24,6 +27,20 @@ from imagegenx.schemas import MAX_SEED, BatchInfo, GenerateRequest, GenerateResu
 from imagegenx.storage import Storage
 
 log = logging.getLogger(__name__)
+
+# PNG encoding dominates post-processing and releases the GIL, so the images of
+# a batch are rendered in parallel: the GPU waits less between batches.
+_render_pool: ThreadPoolExecutor | None = None
+_render_pool_lock = threading.Lock()
+
+
+def render_pool() -> ThreadPoolExecutor:
+    global _render_pool
+    with _render_pool_lock:
+        if _render_pool is None:
+            _render_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                              thread_name_prefix="imagegenx-render")
+        return _render_pool
 
 
 def resolve_request(request: GenerateRequest, native_size: tuple[int, int]) -> GenerateRequest:
@@ -134,12 +151,18 @@ class BatchPipeline:
 
         outcomes: dict[str, Outcome] = {}
         info = BatchInfo(id=batch_id, size=len(owners), requests=len(jobs))
+        pool = render_pool()
+        rendered = {
+            job.id: [pool.submit(render, im, job.request.postprocess) for im in imgs]
+            for job, imgs in zip(jobs, per_job)
+            if job.id not in dropped_jobs and all(im is not None for im in imgs)
+        }
         for job, imgs in zip(jobs, per_job):
-            if job.id in dropped_jobs or any(im is None for im in imgs):
+            if job.id not in rendered:
                 outcomes[job.id] = Outcome(dropped=True)
                 continue
             t1 = time.perf_counter()
-            results = self._store(job, imgs)  # type: ignore[arg-type]
+            results = self._store(job, imgs, rendered[job.id])  # type: ignore[arg-type]
             timings = {
                 "queued_s": max(0.0, started - job.received_at),
                 "engine_s": t_engine,
@@ -157,11 +180,12 @@ class BatchPipeline:
             )
         return outcomes
 
-    def _store(self, job: Job, images: list[Image.Image]) -> list[ImageResult]:
+    def _store(self, job: Job, images: list[Image.Image],
+               rendered: list[Future[tuple[bytes, bytes]]] | None = None) -> list[ImageResult]:
         r = job.request
         out = []
         for i, (image, seed) in enumerate(zip(images, r.sample_seeds())):
-            full, thumb = render(image, r.postprocess)
+            full, thumb = rendered[i].result() if rendered else render(image, r.postprocess)
             key = f"{job.id}/{i}.png"
             thumb_key = f"{job.id}/{i}.thumb.png"
             self.storage.put(key, full, "image/png")

@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     synthetic_cost: Literal["zero", "sd15-h200"] = "zero"
     progress_interval_s: float = Field(default=0.5, ge=0.0)
+    # GPU fast path (CUDA only; ignored on the CPU). Prepared at worker start.
+    compile: bool = Field(default=True, description="torch.compile the UNet and the VAE decode")
+    cuda_graphs: bool = Field(default=True, description="one CUDA graph per batch-size bucket")
+    batch_buckets: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32],
+        description="batch sizes (images) the UNet is captured at; a batch runs padded to the next one",
+    )
 
     # Storage and API
     data_dir: Path = Field(default=Path("var"), description="state of `imagegenx up` (generated API key)")
@@ -103,6 +110,20 @@ class Settings(BaseSettings):
     def _split_csv(cls, v: Any) -> Any:
         if isinstance(v, str):
             return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @field_validator("batch_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [int(part) for part in v.replace(" ", "").split(",") if part]
+        return v
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _check_buckets(cls, v: list[int]) -> list[int]:
+        if not v or any(b < 1 for b in v) or v != sorted(set(v)):
+            raise ValueError("batch_buckets must be distinct positive batch sizes in ascending order")
         return v
 
     @model_validator(mode="after")

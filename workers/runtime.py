@@ -65,12 +65,20 @@ class WorkerRuntime:
     def _load(self) -> None:
         s = self.settings
         t0 = time.perf_counter()
-        self.engine = create_engine(s.engine, s.model, s.device, s.dtype, s.synthetic_cost)
+        self.engine = create_engine(s.engine, s.model, s.device, s.dtype, s.synthetic_cost,
+                                    compile=s.compile, cuda_graphs=s.cuda_graphs,
+                                    batch_buckets=s.batch_buckets)
+        t_loaded = time.perf_counter()
+        # Compile and capture (GPU fast path) now, before the worker takes work.
+        warmup = getattr(self.engine, "warmup", None)
+        if callable(warmup):
+            warmup()
         self.pipeline = BatchPipeline(
             self.engine, LocalStorage(s.storage_root), s.public_base, s.served_model_name
         )
         self.warmup_s = time.perf_counter() - t0
-        log.info("engine %s ready in %.2f s (native size %s)", self.engine.name, self.warmup_s,
+        log.info("engine %s ready in %.2f s (load %.2f s, warm-up %.2f s; native size %s)",
+                 self.engine.name, self.warmup_s, t_loaded - t0, self.warmup_s - (t_loaded - t0),
                  self.engine.native_size)
 
     def _get_pipeline(self) -> BatchPipeline:

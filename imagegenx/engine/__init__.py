@@ -1,6 +1,7 @@
 """Image engines. Only the backends import torch; this package root does not."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from imagegenx.engine.base import BatchSpec, Engine, Sample, StepCallback
@@ -25,9 +26,17 @@ def create_engine(
     device: str = "auto",
     dtype: str = "auto",
     synthetic_cost: str = "zero",
+    *,
+    compile: bool = False,
+    cuda_graphs: bool = False,
+    batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32),
 ) -> Engine:
     """Build the configured engine. The diffusion engine loads (and, for the
-    embedded default, first writes) the model folder."""
+    embedded default, first writes) the model folder.
+
+    ``compile``, ``cuda_graphs`` and ``batch_buckets`` configure the GPU fast
+    path (``imagegenx.engine.fastpath``); on the CPU they are ignored. The
+    fast path is prepared by the engine's ``warmup()``."""
     if kind == "synthetic":
         from imagegenx.engine.synthetic import SyntheticEngine
 
@@ -37,7 +46,11 @@ def create_engine(
         from imagegenx.engine.model_init import ensure_model
         from imagegenx.engine.quiet import silence_library_progress
 
+        from imagegenx.engine.fastpath import FastPathOptions
+
         silence_library_progress()
         device, dtype = resolve_device(device, dtype)
-        return DiffusionEngine.load(ensure_model(Path(model)), device=device, dtype=dtype)
+        fast = (FastPathOptions(compile=compile, cuda_graphs=cuda_graphs, buckets=tuple(batch_buckets))
+                if compile or cuda_graphs else None)
+        return DiffusionEngine.load(ensure_model(Path(model)), device=device, dtype=dtype, fast_path=fast)
     raise ValueError(f"unknown engine {kind!r}")

@@ -9,7 +9,9 @@ text encoder and a scheduler itself.
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
@@ -21,6 +23,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from imagegenx.engine.base import BatchSpec, StepCallback
+from imagegenx.engine.fastpath import FastPath, FastPathOptions, cfg_unet_eager, optimise_modules
 from imagegenx.engine.samplers import (
     SAMPLERS,
     SchedulerConfig,
@@ -31,6 +34,8 @@ from imagegenx.engine.samplers import (
 from imagegenx.engine.tokenizer import MAX_LENGTH
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+log = logging.getLogger(__name__)
 
 
 class PromptCache:
@@ -119,6 +124,7 @@ class DiffusionEngine:
         dtype: torch.dtype,
         name: str = "sd",
         prompt_cache_size: int = 256,
+        fast_path: FastPathOptions | None = None,
     ) -> None:
         self.name = name
         self.unet = unet
@@ -130,6 +136,16 @@ class DiffusionEngine:
         self.dtype = dtype
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.prompt_cache = PromptCache(self._encode_prompt, maxsize=prompt_cache_size)
+        # The fast path (fastpath.py) is for CUDA; on the CPU the modules run eagerly.
+        if fast_path is not None and not (device.type == "cuda" or fast_path.allow_cpu):
+            fast_path = None
+        self.fast_options = fast_path
+        self.fast: FastPath | None = None
+        # Set to False to run the eager modules (benchmarks compare both).
+        self.fast_path_enabled = fast_path is not None
+        self.warmup_report: dict[str, object] = {}
+        if fast_path is not None and device.type == "cuda":
+            optimise_modules(unet, vae, fuse_qkv=fast_path.fuse_qkv, channels_last=fast_path.channels_last)
 
     @classmethod
     def load(
@@ -140,6 +156,7 @@ class DiffusionEngine:
         *,
         name: str | None = None,
         prompt_cache_size: int = 256,
+        fast_path: FastPathOptions | None = None,
     ) -> DiffusionEngine:
         """Load a diffusers SD-layout folder from local files only."""
         model_dir = Path(model_dir)
@@ -168,6 +185,7 @@ class DiffusionEngine:
             dtype=torch_dtype,
             name=name or model_dir.name,
             prompt_cache_size=prompt_cache_size,
+            fast_path=fast_path,
         )
 
     @property
@@ -180,16 +198,54 @@ class DiffusionEngine:
     def samplers(self) -> tuple[str, ...]:
         return SAMPLERS
 
-    def _encode_prompt(self, prompt: str) -> torch.Tensor:
-        """CLIP's last hidden state for ``prompt``, padded to 77 tokens: (1, 77, D)."""
-        ids = self.tokenizer(
+    def warmup(self) -> dict[str, object]:
+        """Prepare the fast path: compile, then capture every batch-size bucket.
+
+        Runs once, before the worker takes work; without a fast path (CPU) it
+        does nothing. Returns what was prepared and the seconds it took.
+        """
+        if self.fast_options is None or self.fast is not None:
+            return self.warmup_report
+        t0 = time.perf_counter()
+        width, height = self.native_size
+        f = self.vae_scale_factor
+        sample_shape = (self.unet.config.in_channels, height // f, width // f)
+        context_shape = (self.tokenizer.model_max_length, self.text_encoder.config.hidden_size)
+        fast = FastPath(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, device=self.device,
+                        dtype=self.dtype, sample_shape=sample_shape, context_shape=context_shape,
+                        options=self.fast_options)
+        report = fast.prepare(check_ids=self._token_ids("a photo of a cat"))
+        self.fast = fast
+        report["warmup_s"] = time.perf_counter() - t0
+        self.warmup_report = report
+        log.info("fast path ready in %.1f s: buckets %s, compile %s, CUDA graphs %s (UNet %.1f s, VAE %.1f s)",
+                 report["warmup_s"], report["buckets"], report["compile"], report["cuda_graphs"],
+                 report["unet_s"], report["vae_s"])
+        return report
+
+    def _fast_ready(self) -> FastPath | None:
+        if not self.fast_path_enabled or self.fast_options is None:
+            return None
+        if self.fast is None:
+            self.warmup()
+        return self.fast
+
+    def _token_ids(self, prompt: str) -> torch.Tensor:
+        return self.tokenizer(
             prompt,
             padding="max_length",
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
+
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+        """CLIP's last hidden state for ``prompt``, padded to 77 tokens: (1, 77, D)."""
+        ids = self._token_ids(prompt)
+        fast = self.fast if self.fast_path_enabled else None
         with torch.inference_mode():
+            if fast is not None and fast.encode_text is not None:
+                return fast.encode_text(ids).to(self.dtype)
             return self.text_encoder(ids)[0].to(self.dtype)
 
     def _check(self, spec: BatchSpec) -> None:
@@ -230,6 +286,7 @@ class DiffusionEngine:
         results: list[Image.Image | None] = [None] * len(samples)
         if not samples:
             return results
+        fast = self._fast_ready()
         with torch.inference_mode():
             scheduler = make_scheduler(spec.sampler, self.scheduler_config)
             scheduler.set_timesteps(spec.steps, device=self.device)
@@ -259,22 +316,26 @@ class DiffusionEngine:
             for i, t in enumerate(timesteps):
                 if not boundary(i):
                     return results
-                model_in = scheduler.scale_model_input(torch.cat([rows.latents, rows.latents]), t)
-                eps = self.unet(
-                    model_in.to(self.dtype), t, encoder_hidden_states=torch.cat([rows.uncond, rows.cond])
-                ).sample.float()
-                eps_uncond, eps_cond = eps.chunk(2)
+                model_in = scheduler.scale_model_input(rows.latents, t)
+                if fast is not None:
+                    eps_uncond, eps_cond = fast.unet(model_in, t, rows.uncond, rows.cond)
+                else:
+                    eps_uncond, eps_cond = cfg_unet_eager(
+                        self.unet, self.dtype, model_in, t, rows.uncond, rows.cond
+                    )
                 eps = eps_uncond + rows.guidance * (eps_cond - eps_uncond)
                 extra = {"generator": rows.generators} if "generator" in step_params else {}
                 rows.latents = scheduler.step(eps, t, rows.latents, **extra).prev_sample
             if not boundary(total):
                 return results
-            for idx, image in zip(rows.indices, self.decode(rows.latents), strict=True):
+            for idx, image in zip(rows.indices, self.decode(rows.latents, fast), strict=True):
                 results[idx] = image
         return results
 
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+    def decode(self, latents: torch.Tensor, fast: FastPath | None = None) -> list[Image.Image]:
         """Batched VAE decode of final latents to RGB images."""
+        if fast is not None and fast.decode.covers(latents):
+            return [Image.fromarray(a) for a in fast.decode(latents).cpu().numpy()]
         scaled = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
         pixels = self.vae.decode(scaled).sample.float()
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
