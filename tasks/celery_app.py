@@ -48,6 +48,7 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     app = Celery("imagegenx", set_as_current=False)
     app.conf.update(celery_config(settings))
     app.imagegenx_settings = settings  # type: ignore[attr-defined]
+    import workers.control  # noqa: F401 - remote-control commands, known to clients too
     from workers.bootstep import BatchingWorkerStep
 
     app.steps["worker"].add(BatchingWorkerStep)

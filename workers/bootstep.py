@@ -30,6 +30,10 @@ class BatchingWorkerStep(bootsteps.StartStopStep):
         self.runtime = WorkerRuntime(worker.app.imagegenx_settings, hostname=worker.hostname)
         self.runtime.start()
 
+    def info(self, worker: Any) -> dict[str, Any]:
+        """Shown by ``celery inspect stats`` under "batching"."""
+        return {"batching": self.runtime.describe() if self.runtime else None}
+
     def stop(self, worker: Any) -> None:
         self._shutdown()
 

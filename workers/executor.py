@@ -46,6 +46,13 @@ class BatchStats:
     revoked: int = 0
     size_histogram: dict[int, int] = field(default_factory=dict)
     last_batch_s: float = 0.0
+    wait_s_total: float = 0.0
+    wait_s_max: float = 0.0
+
+    def record_wait(self, seconds: float) -> None:
+        """Time a request spent in the worker's buffer before its batch started."""
+        self.wait_s_total += seconds
+        self.wait_s_max = max(self.wait_s_max, seconds)
 
     def record(self, size: int, requests: int, seconds: float) -> None:
         self.batches += 1
@@ -64,6 +71,8 @@ class BatchStats:
             "mean_batch_images": self.images / self.batches if self.batches else 0.0,
             "batch_size_histogram": {str(k): v for k, v in sorted(self.size_histogram.items())},
             "last_batch_s": self.last_batch_s,
+            "mean_buffer_wait_ms": 1000 * self.wait_s_total / self.requests if self.requests else 0.0,
+            "max_buffer_wait_ms": 1000 * self.wait_s_max,
         }
 
 
@@ -114,6 +123,7 @@ class BatchExecutor:
         for e in entries:
             req = e.req
             req.time_start = time.time()
+            self.stats.record_wait(max(0.0, req.time_start - e.job.received_at))
             req.worker_pid = pid
             worker_state.task_accepted(req)
             req.send_event("task-started")

@@ -104,3 +104,25 @@ def test_worker_is_configured_by_the_app_not_by_flags(stack: Stack) -> None:
     assert mine["pool"]["implementation"].endswith("thread:TaskPool")
     assert mine["pool"]["max-concurrency"] == 1
     assert mine["prefetch_count"] == 2 * stack.settings.max_batch
+
+
+def test_stats_and_live_batching_limits(stack: Stack) -> None:
+    control = stack.celery.control
+    host = stack.worker.hostname
+    stats = control.inspect([host], timeout=2).stats()[host]["batching"]
+    assert stats["max_batch"] == stack.settings.max_batch
+    assert {"batch_size_histogram", "buffered_requests", "running_requests",
+            "mean_buffer_wait_ms"} <= set(stats)
+
+    reply = control.broadcast("set_batching", destination=[host], reply=True, timeout=2,
+                              arguments={"max_batch": 4, "max_wait_ms": 20.0})
+    assert "max_batch=4 max_wait_ms=20" in reply[0][host]["ok"]
+    live = control.inspect([host], timeout=2)._request("batching")[host]
+    assert (live["max_batch"], live["max_wait_ms"]) == (4, 20.0)
+    assert control.inspect([host], timeout=2).stats()[host]["prefetch_count"] == 8
+
+    bad = control.broadcast("set_batching", destination=[host], reply=True, timeout=2,
+                            arguments={"max_batch": 0})
+    assert "max_batch must be between" in bad[0][host]["error"]
+    control.broadcast("set_batching", destination=[host], reply=True, timeout=2,
+                      arguments={"max_batch": stack.settings.max_batch, "max_wait_ms": 200.0})

@@ -1,0 +1,44 @@
+"""Remote-control and inspect commands of the batching worker.
+
+``celery -A tasks inspect batching`` shows buffered/running requests and the
+batch statistics; ``celery -A tasks control set_batching MAX_BATCH MAX_WAIT_MS``
+changes the batching limits of live workers (the prefetch window follows).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from celery.worker.control import control_command, inspect_command
+
+from workers.runtime import current_runtime
+
+
+@inspect_command()
+def batching(state: Any, **_: Any) -> dict[str, Any]:
+    """Batching state and statistics of this worker."""
+    return current_runtime().describe()
+
+
+@control_command(
+    args=[("max_batch", int), ("max_wait_ms", float)],
+    signature="<max_batch> [max_wait_ms]",
+)
+def set_batching(state: Any, max_batch: int | None = None, max_wait_ms: float | None = None,
+                 **_: Any) -> dict[str, Any]:
+    """Change max_batch (images per batch) and max_wait_ms on a live worker."""
+    runtime = current_runtime()
+    settings = runtime.settings
+    if max_batch is not None and not settings.max_num_images <= max_batch <= 256:
+        return {"error": f"max_batch must be between max_num_images "
+                         f"({settings.max_num_images}) and 256, got {max_batch}"}
+    if max_wait_ms is not None and not 0 <= max_wait_ms <= 60_000:
+        return {"error": f"max_wait_ms must be between 0 and 60000, got {max_wait_ms}"}
+    runtime.runner.set_limits(
+        max_batch=max_batch, max_wait=None if max_wait_ms is None else max_wait_ms / 1000.0
+    )
+    if max_batch is not None:
+        qos = state.consumer.qos
+        qos.value = max_batch * settings.prefetch_batches
+        qos.update()
+    policy = runtime.runner.policy
+    return {"ok": f"max_batch={policy.max_batch} max_wait_ms={policy.max_wait * 1000:g}"}
