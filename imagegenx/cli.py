@@ -114,6 +114,84 @@ def worker(gpus: str, loglevel: str) -> None:
     sys.exit(sup.wait())
 
 
+OPTION_OF_FIELD = {
+    "prompt": "PROMPT", "negative_prompt": "--negative", "width": "--width", "height": "--height",
+    "steps": "--steps", "guidance_scale": "--guidance", "sampler": "--sampler", "seed": "--seed",
+    "num_images": "--num-images", "timeout_s": "--timeout",
+}
+
+
+def _default_key() -> str | None:
+    path = Path(os.environ.get("IMAGEGENX_DATA_DIR", "var")) / "api-key"
+    return path.read_text().strip() if path.exists() else None
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--api-url", envvar="IMAGEGENX_API_URL", default="http://127.0.0.1:8000",
+              show_default=True, help="Base URL of the API.")
+@click.option("--api-key", envvar="IMAGEGENX_API_KEY", help="API key (default: var/api-key).")
+@click.option("--negative", "negative_prompt", help="Negative prompt.")
+@click.option("--width", type=int, help="Width in px (multiple of 8).")
+@click.option("--height", type=int, help="Height in px (multiple of 8).")
+@click.option("--steps", type=int, help="Denoising steps.")
+@click.option("--guidance", "guidance_scale", type=float, help="Guidance scale.")
+@click.option("--sampler", help="euler, euler_a, ddim or dpmpp_2m.")
+@click.option("--seed", type=int, help="Seed (the server picks one when omitted).")
+@click.option("--num-images", type=int, help="Images to draw.")
+@click.option("--timeout", "timeout_s", type=float, help="Give up (server side) after this many s.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the images.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Write the image here (image i of several gets -i before the suffix).")
+def generate(prompt: str, api_url: str, api_key: str | None, wait: bool, output: Path | None,
+             **params: object) -> None:
+    """Submit PROMPT; with --wait, show progress and save the PNG(s)."""
+    from tqdm import tqdm
+
+    from imagegenx.client import ApiError, Client, TaskFailed
+
+    key = api_key or _default_key()
+    if not key:
+        raise click.UsageError("no API key: pass --api-key or set IMAGEGENX_API_KEY")
+    client = Client(api_url, key)
+    try:
+        sub = client.submit(prompt, **params)
+    except ApiError as exc:
+        if exc.fields:
+            lines = [f"  {OPTION_OF_FIELD.get(f['field'], f['field'])}: {f['reason']}"
+                     for f in exc.fields]
+            raise click.UsageError("the server refused the request:\n" + "\n".join(lines)) from None
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach {api_url} (--api-url): {exc}") from None
+    click.echo(f"task {sub.task_id} (seed {sub.seed})", err=True)
+    if not wait:
+        click.echo(sub.task_id)
+        return
+    bar = tqdm(total=None, unit="step", desc="queued", leave=False)
+    try:
+        status = None
+        for status in client.progress(sub.task_id):
+            bar.set_description(status.state.lower())
+            if status.progress and status.progress.total:
+                bar.total = status.progress.total
+                bar.n = status.progress.step or 0
+                bar.refresh()
+    finally:
+        bar.close()
+    assert status is not None
+    if status.state != "SUCCESS" or status.result is None:
+        raise click.ClickException(str(TaskFailed(status)))
+    images = status.result.images
+    for i, image in enumerate(images):
+        if output is None:
+            click.echo(image.url)
+            continue
+        path = output if len(images) == 1 else output.with_name(f"{output.stem}-{i}{output.suffix}")
+        client.download(image.url, path)
+        click.echo(str(path))
+
+
 @main.group()
 def model() -> None:
     """Create model folders."""

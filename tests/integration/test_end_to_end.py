@@ -125,3 +125,36 @@ def test_healthz_reports_redis_and_worker(stack: Stack) -> None:
     assert r.status_code == 200
     body = r.json()
     assert body["redis"] is True and stack.worker.hostname in body["workers"]
+
+
+def test_python_client_submit_progress_wait_download(stack: Stack, tmp_path: Path) -> None:
+    from imagegenx.client import ApiError, Client
+
+    client = Client(stack.base, "test-key-0123456789")
+    sub = client.submit("client test", seed=11, steps=8)
+    states = [s.state for s in client.progress(sub.task_id, poll_s=0.01, timeout=60)]
+    assert states[-1] == "SUCCESS"
+    result = client.wait(sub.task_id, timeout=5)
+    path = client.download(result.images[0].url, tmp_path / "x.png")
+    assert Image.open(path).size == (64, 64)
+    with pytest.raises(ApiError) as err:
+        client.submit("bad", width=7)
+    assert err.value.status == 422 and err.value.fields[0]["field"] == "width"
+
+
+def test_cli_generate_waits_and_writes_the_png(stack: Stack, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from imagegenx.cli import main
+
+    out = tmp_path / "out.png"
+    runner = CliRunner()
+    res = runner.invoke(main, ["generate", "a cli image", "--api-url", stack.base, "--api-key",
+                               "test-key-0123456789", "--seed", "5", "--num-images", "2",
+                               "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert Image.open(tmp_path / "out-0.png").size == (64, 64)
+    assert Image.open(tmp_path / "out-1.png").size == (64, 64)
+    bad = runner.invoke(main, ["generate", "x", "--api-url", stack.base, "--api-key",
+                               "test-key-0123456789", "--width", "100"])
+    assert bad.exit_code == 2 and "--width: must be a multiple of 8" in bad.output
