@@ -30,17 +30,19 @@ def create_engine(
     compile: bool = False,
     cuda_graphs: bool = False,
     batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32),
+    synthetic_faults: str = "",
 ) -> Engine:
     """Build the configured engine. The diffusion engine loads (and, for the
     embedded default, first writes) the model folder.
 
     ``compile``, ``cuda_graphs`` and ``batch_buckets`` configure the GPU fast
     path (``imagegenx.engine.fastpath``); on the CPU they are ignored. The
-    fast path is prepared by the engine's ``warmup()``."""
+    fast path is prepared by the engine's ``warmup()``. ``synthetic_faults``
+    configures the synthetic engine's fault injection (a testing aid)."""
     if kind == "synthetic":
         from imagegenx.engine.synthetic import SyntheticEngine
 
-        return SyntheticEngine(synthetic_cost)
+        return SyntheticEngine(synthetic_cost, faults=synthetic_faults)
     if kind == "diffusion":
         from imagegenx.engine.diffusion import DiffusionEngine
         from imagegenx.engine.model_init import ensure_model

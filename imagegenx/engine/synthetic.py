@@ -3,13 +3,27 @@
 It draws a cheap deterministic picture per sample (a gradient derived from the
 seed and prompt) and sleeps as long as a real GPU would take for the batch.
 Figures measured with it are labelled *synthetic* wherever they appear.
+
+As a testing aid it can also inject faults (setting ``synthetic_faults``), so
+that the worker's failure handling is exercised through the real queue path:
+
+- ``raise:MARKER``: a batch holding a prompt that contains MARKER raises
+  (a request that breaks its batch);
+- ``oom:K``: a batch of more than K images raises an out-of-memory error
+  (``OutOfMemoryError``, a ``MemoryError``, as a GPU that runs out would);
+- ``exit:MARKER``: a batch holding a prompt that contains MARKER kills the
+  worker process with SIGKILL after its first step (a crash no code survives).
+
+Entries are comma-separated, e.g. ``raise:POISON,oom:4``.
 """
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -43,6 +57,59 @@ COST_MODELS: dict[str, CostModel] = {
 }
 
 
+class OutOfMemoryError(MemoryError):
+    """The synthetic stand-in for a GPU out-of-memory error."""
+
+
+class InjectedFault(RuntimeError):
+    """A failure the synthetic engine was configured to raise."""
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Faults to inject; see the module docstring for the syntax."""
+
+    raise_markers: tuple[str, ...] = ()
+    exit_markers: tuple[str, ...] = ()
+    oom_above: int | None = None
+    spec: str = field(default="", compare=False)
+
+    def __bool__(self) -> bool:
+        return bool(self.raise_markers or self.exit_markers or self.oom_above is not None)
+
+
+def parse_faults(spec: str) -> Faults:
+    """Parse ``kind:arg`` entries; ValueError names a bad one."""
+    raise_markers: list[str] = []
+    exit_markers: list[str] = []
+    oom_above: int | None = None
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        kind, sep, arg = entry.partition(":")
+        if not sep or not arg:
+            raise ValueError(f"synthetic fault {entry!r}: expected kind:argument")
+        if kind == "raise":
+            raise_markers.append(arg)
+        elif kind == "exit":
+            exit_markers.append(arg)
+        elif kind == "oom":
+            if not arg.isdigit() or int(arg) < 1:
+                raise ValueError(f"synthetic fault {entry!r}: oom takes a number of images >= 1")
+            oom_above = int(arg)
+        else:
+            raise ValueError(f"synthetic fault {entry!r}: kind must be raise, oom or exit")
+    return Faults(tuple(raise_markers), tuple(exit_markers), oom_above, spec)
+
+
+def _marked(spec: BatchSpec, markers: tuple[str, ...]) -> str | None:
+    for sample in spec.samples:
+        for marker in markers:
+            if marker in sample.prompt:
+                return marker
+    return None
+
+
 def _picture(sample: Sample, width: int, height: int) -> Image.Image:
     digest = hashlib.sha256(f"{sample.seed}:{sample.prompt}".encode()).digest()
     c0 = np.frombuffer(digest[:3], dtype=np.uint8).astype(np.float32)
@@ -62,10 +129,12 @@ class SyntheticEngine:
         cost: CostModel | str = "zero",
         native: tuple[int, int] = (64, 64),
         sleep: Callable[[float], None] = time.sleep,
+        faults: Faults | str = "",
     ) -> None:
         self.cost = COST_MODELS[cost] if isinstance(cost, str) else cost
         self._native = native
         self._sleep = sleep
+        self.faults = parse_faults(faults) if isinstance(faults, str) else faults
 
     @property
     def native_size(self) -> tuple[int, int]:
@@ -75,7 +144,23 @@ class SyntheticEngine:
     def samplers(self) -> tuple[str, ...]:
         return SAMPLERS
 
+    def _inject(self, spec: BatchSpec) -> str | None:
+        """Raise the configured faults for this batch; returns an exit marker, if any."""
+        f = self.faults
+        if not f:
+            return None
+        marker = _marked(spec, f.raise_markers)
+        if marker is not None:
+            raise InjectedFault(f"injected fault: a prompt contains {marker!r}")
+        n = len(spec.samples)
+        if f.oom_above is not None and n > f.oom_above:
+            raise OutOfMemoryError(
+                f"out of memory: {n} images exceed the injected limit of {f.oom_above}"
+            )
+        return _marked(spec, f.exit_markers)
+
     def generate(self, spec: BatchSpec, on_step: StepCallback | None = None) -> list[Image.Image | None]:
+        exit_marker = self._inject(spec)
         live = list(range(len(spec.samples)))
         if on_step is not None:
             dropped = set(on_step(0, spec.steps))
@@ -86,6 +171,8 @@ class SyntheticEngine:
             delay = self.cost.step_s(len(live))
             if delay:
                 self._sleep(delay)
+            if exit_marker is not None:  # dies mid-batch, as a crashed process would
+                os.kill(os.getpid(), signal.SIGKILL)
             if on_step is not None:
                 dropped = set(on_step(step + 1, spec.steps))
                 live = [i for i in live if i not in dropped]

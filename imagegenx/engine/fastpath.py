@@ -1,0 +1,411 @@
+"""The GPU fast path of the diffusion engine.
+
+On CUDA the engine runs its three networks through this module:
+
+- the UNet and the VAE get fused QKV projections (``fuse_qkv_projections``)
+  and channels_last weights; attention is PyTorch's SDPA (diffusers' default
+  processor, kept by the fused one);
+- the UNet is compiled once with ``torch.compile`` with a dynamic batch
+  dimension, and one CUDA graph is captured around the compiled call per
+  batch-size bucket (by default 1, 2, 4, 8, 16 and 32 images), over static
+  input and output buffers. A batch of n images runs in the smallest bucket
+  that holds it, padded with dummy rows whose outputs are dropped; a batch
+  larger than the largest bucket runs as several bucket calls per step;
+- the VAE decode (with the conversion to uint8 pixels) is compiled with a
+  dynamic batch dimension and runs in chunks of at most the largest bucket;
+- the text encoder, which the prompt cache calls once per distinct prompt,
+  replays a CUDA graph captured for one prompt.
+
+Graphs are captured at the model's native size only; other sizes run the
+eager modules. Compiling and capturing takes time, so it is done once by
+:meth:`FastPath.prepare` (``DiffusionEngine.warmup()``), which the worker
+calls before it takes work. On the CPU the engine uses none of this.
+
+Rows of a batch never mix inside the networks (normalisation and attention
+are per sample), so padding rows cannot change the real rows' results; only
+the kernels chosen for each batch size differ, which moves results by
+rounding only.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+WARMUP_CALLS = 2  # eager calls per bucket before capture: compile, then autotune for the size
+
+
+@dataclass(frozen=True)
+class FastPathOptions:
+    """What the fast path may use. ``allow_cpu`` runs the bucket logic on the
+    CPU (no graphs there); it exists for tests of that logic."""
+
+    compile: bool = True
+    cuda_graphs: bool = True
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    fuse_qkv: bool = True
+    channels_last: bool = True
+    text_encoder_graph: bool = True
+    allow_cpu: bool = False
+
+    def __post_init__(self) -> None:
+        buckets = tuple(self.buckets)
+        if not buckets or any(int(b) < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+            raise ValueError(f"batch buckets must be distinct positive sizes in ascending order, got {buckets}")
+        object.__setattr__(self, "buckets", tuple(int(b) for b in buckets))
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int | None:
+    """The smallest bucket holding ``n`` rows, or None when ``n`` exceeds them all."""
+    for b in buckets:
+        if b >= n:
+            return b
+    return None
+
+
+def split_rows(n: int, buckets: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(start, rows, bucket) chunks covering ``n`` rows.
+
+    Up to the largest bucket a batch is one chunk padded to its bucket; a larger
+    batch is cut into chunks of the largest bucket and a remainder.
+    """
+    largest = buckets[-1]
+    out: list[tuple[int, int, int]] = []
+    start = 0
+    while start < n:
+        rows = min(largest, n - start)
+        bucket = bucket_for(rows, buckets)
+        assert bucket is not None
+        out.append((start, rows, bucket))
+        start += rows
+    return out
+
+
+def optimise_modules(*modules: torch.nn.Module, fuse_qkv: bool, channels_last: bool) -> None:
+    """Fused QKV projections and channels_last weights, where the module supports them."""
+    for module in modules:
+        if fuse_qkv and hasattr(module, "fuse_qkv_projections"):
+            try:
+                module.fuse_qkv_projections()
+            except (ValueError, AttributeError, NotImplementedError) as exc:  # e.g. added-KV attention
+                log.warning("fused QKV not applied to %s: %s", type(module).__name__, exc)
+        if channels_last:
+            module.to(memory_format=torch.channels_last)
+
+
+def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    import torch._inductor.config as inductor_config
+
+    # 1x1 convolutions as matrix products: cheaper on tensor cores, no extra compile time.
+    inductor_config.conv_1x1_as_mm = True
+    return torch.compile(fn, dynamic=None)
+
+
+def _mark_batch_dynamic(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+def _warm_on_side_stream(fn: Callable[[], Any], device: torch.device, calls: int) -> None:
+    """Run ``fn`` before a capture, on a side stream as CUDA graph capture expects."""
+    if device.type != "cuda":
+        for _ in range(calls):
+            fn()
+        return
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(calls):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+def cfg_unet_eager(
+    unet: torch.nn.Module, dtype: torch.dtype, latents: torch.Tensor, t: torch.Tensor,
+    uncond: torch.Tensor, cond: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One eager UNet call on [uncond rows; cond rows]: (eps_uncond, eps_cond) in fp32."""
+    eps = unet(
+        torch.cat([latents, latents]).to(dtype), t, encoder_hidden_states=torch.cat([uncond, cond])
+    ).sample.float()
+    eps_uncond, eps_cond = eps.chunk(2)
+    return eps_uncond, eps_cond
+
+
+class _UNetSlot:
+    """Static buffers of one bucket (2 x bucket UNet rows with CFG) and, on
+    CUDA, the graph captured over them."""
+
+    def __init__(
+        self,
+        bucket: int,
+        fn: Callable[..., Any],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        sample_shape: tuple[int, ...],
+        context_shape: tuple[int, ...],
+        compiled: bool,
+        graph: bool,
+        pool: Any,
+    ) -> None:
+        self.bucket = bucket
+        rows = 2 * bucket
+        gen = torch.Generator(device="cpu").manual_seed(bucket)
+        self.x = torch.randn((rows, *sample_shape), generator=gen).to(device=device, dtype=dtype)
+        self.ctx = torch.randn((rows, *context_shape), generator=gen).to(device=device, dtype=dtype)
+        self.t = torch.full((), 500.0, dtype=torch.float32, device=device)
+        if compiled:
+            _mark_batch_dynamic(self.x, self.ctx)
+        self._fn = fn
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+        _warm_on_side_stream(self._call, device, WARMUP_CALLS)
+        if graph:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.out = self._call()
+            self.graph = g
+
+    def _call(self) -> torch.Tensor:
+        return self._fn(self.x, self.t, encoder_hidden_states=self.ctx, return_dict=False)[0]
+
+    def run(
+        self, latents: torch.Tensor, t: torch.Tensor | float, uncond: torch.Tensor, cond: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k, b = latents.shape[0], self.bucket
+        self.x[:k].copy_(latents)
+        self.x[b:b + k].copy_(latents)
+        self.ctx[:k].copy_(uncond)
+        self.ctx[b:b + k].copy_(cond)
+        if isinstance(t, torch.Tensor):
+            self.t.copy_(t.reshape(()))
+        else:
+            self.t.fill_(float(t))
+        if self.graph is not None:
+            self.graph.replay()
+            out = self.out
+            assert out is not None
+        else:
+            out = self._call()
+        # Copies: the graph's output buffer is overwritten by the next replay.
+        return out[:k].to(torch.float32, copy=True), out[b:b + k].to(torch.float32, copy=True)
+
+
+class BucketedCFGUNet:
+    """The UNet with classifier-free guidance, in padded batch-size buckets."""
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        sample_shape: tuple[int, ...],
+        context_shape: tuple[int, ...],
+        options: FastPathOptions,
+    ) -> None:
+        self.unet = unet
+        self.dtype = dtype
+        self.device = device
+        self.sample_shape = tuple(sample_shape)
+        self.context_shape = tuple(context_shape)
+        self.options = options
+        self.compiled = options.compile
+        self.graphs = options.cuda_graphs and device.type == "cuda"
+        self.fn = _compile(unet) if self.compiled else unet
+        self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self.slots: dict[int, _UNetSlot] = {}
+
+    def prepare(self, buckets: Sequence[int] | None = None) -> dict[int, float]:
+        """Compile (first bucket) and capture every bucket; seconds per bucket.
+
+        Buckets are prepared largest first, so that the shared graph memory pool
+        is sized by the largest one and the smaller ones reuse it.
+        """
+        seconds: dict[int, float] = {}
+        for b in sorted(buckets or self.options.buckets, reverse=True):
+            t0 = time.perf_counter()
+            self._slot(b)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds[b] = time.perf_counter() - t0
+        return seconds
+
+    def _slot(self, bucket: int) -> _UNetSlot:
+        slot = self.slots.get(bucket)
+        if slot is None:
+            slot = _UNetSlot(
+                bucket, self.fn, dtype=self.dtype, device=self.device, sample_shape=self.sample_shape,
+                context_shape=self.context_shape, compiled=self.compiled, graph=self.graphs, pool=self.pool,
+            )
+            self.slots[bucket] = slot
+        return slot
+
+    def covers(self, latents: torch.Tensor, context: torch.Tensor) -> bool:
+        return (tuple(latents.shape[1:]) == self.sample_shape
+                and tuple(context.shape[1:]) == self.context_shape)
+
+    def __call__(
+        self, latents: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.covers(latents, cond):
+            return cfg_unet_eager(self.unet, self.dtype, latents, t, uncond, cond)
+        pieces = [
+            self._slot(bucket).run(latents[s:s + k], t, uncond[s:s + k], cond[s:s + k])
+            for s, k, bucket in split_rows(latents.shape[0], self.options.buckets)
+        ]
+        if len(pieces) == 1:
+            return pieces[0]
+        return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+
+
+def _latents_to_pixels(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Final latents (fp32) to uint8 NHWC pixels."""
+    scaled = (latents / vae.config.scaling_factor).to(vae.dtype)
+    pixels = vae.decode(scaled, return_dict=False)[0].float()
+    pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    return (pixels * 255).round().to(torch.uint8)
+
+
+class Decoder:
+    """Batched VAE decode to uint8 pixels, compiled with a dynamic batch dimension.
+
+    Runs in chunks of at most the largest bucket. The compiled function is never
+    called with one row (a batch dimension of 1 would be specialised and
+    compiled again): a single image is decoded with a copy of itself.
+    """
+
+    def __init__(
+        self, vae: torch.nn.Module, *, device: torch.device, latent_shape: tuple[int, ...],
+        options: FastPathOptions,
+    ) -> None:
+        self.vae = vae
+        self.device = device
+        self.latent_shape = tuple(latent_shape)
+        self.options = options
+        self.compiled = options.compile
+
+        def decode(latents: torch.Tensor) -> torch.Tensor:
+            return _latents_to_pixels(vae, latents)
+
+        self.fn = _compile(decode) if self.compiled else decode
+
+    def prepare(self) -> dict[int, float]:
+        """Compile (first call) and tune for every bucket size; seconds per bucket."""
+        seconds: dict[int, float] = {}
+        for b in sorted(self.options.buckets, reverse=True):
+            t0 = time.perf_counter()
+            self(torch.randn((b, *self.latent_shape), device=self.device))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds[b] = time.perf_counter() - t0
+        return seconds
+
+    def covers(self, latents: torch.Tensor) -> bool:
+        """Only the native size is compiled; other sizes decode eagerly."""
+        return tuple(latents.shape[1:]) == self.latent_shape
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        largest = self.options.buckets[-1]
+        outs = []
+        for s in range(0, latents.shape[0], largest):
+            chunk = latents[s:s + largest].contiguous()
+            rows = chunk.shape[0]
+            if self.compiled and rows == 1:
+                chunk = torch.cat([chunk, chunk])
+            if self.compiled:
+                _mark_batch_dynamic(chunk)
+            outs.append(self.fn(chunk)[:rows])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class GraphedTextEncoder:
+    """The text encoder for one prompt of token ids, replayed from a CUDA graph."""
+
+    def __init__(self, text_encoder: torch.nn.Module, *, device: torch.device, seq_len: int) -> None:
+        self.text_encoder = text_encoder
+        self.ids = torch.zeros((1, seq_len), dtype=torch.long, device=device)
+        _warm_on_side_stream(lambda: text_encoder(self.ids)[0], device, WARMUP_CALLS)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = text_encoder(self.ids)[0]
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.graph.replay()
+        return self.out.clone()
+
+
+class FastPath:
+    """The engine's fast modules: built by the engine, prepared by :meth:`prepare`."""
+
+    def __init__(
+        self,
+        *,
+        unet: torch.nn.Module,
+        vae: torch.nn.Module,
+        text_encoder: torch.nn.Module,
+        device: torch.device,
+        dtype: torch.dtype,
+        sample_shape: tuple[int, ...],
+        context_shape: tuple[int, ...],
+        options: FastPathOptions,
+    ) -> None:
+        self.options = options
+        self.device = device
+        self.sample_shape = tuple(sample_shape)
+        self.context_shape = tuple(context_shape)
+        self.text_encoder = text_encoder
+        self.unet = BucketedCFGUNet(unet, dtype=dtype, device=device, sample_shape=sample_shape,
+                                    context_shape=context_shape, options=options)
+        self.decode = Decoder(vae, device=device, latent_shape=sample_shape, options=options)
+        self.encode_text: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.report: dict[str, Any] = {}
+
+    def prepare(self, check_ids: torch.Tensor | None = None) -> dict[str, Any]:
+        """Compile and capture everything; returns what it did and how long it took."""
+        t_start = time.perf_counter()
+        report: dict[str, Any] = {
+            "buckets": list(self.options.buckets),
+            "compile": self.options.compile,
+            "cuda_graphs": self.unet.graphs,
+        }
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            if self.options.text_encoder_graph and self.device.type == "cuda":
+                self.encode_text = self._capture_text_encoder(check_ids)
+            report["text_encoder_graph"] = self.encode_text is not None
+            report["text_encoder_s"] = time.perf_counter() - t0
+            report["unet_bucket_s"] = self.unet.prepare()
+            report["unet_s"] = sum(report["unet_bucket_s"].values())
+            report["vae_bucket_s"] = self.decode.prepare()
+            report["vae_s"] = sum(report["vae_bucket_s"].values())
+        report["captured_buckets"] = sorted(self.unet.slots)
+        report["total_s"] = time.perf_counter() - t_start
+        self.report = report
+        return report
+
+    def _capture_text_encoder(self, check_ids: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Capture the text encoder; keep it only if it matches the eager call."""
+        try:
+            graphed = GraphedTextEncoder(self.text_encoder, device=self.device, seq_len=self.context_shape[0])
+            if check_ids is not None:
+                want = self.text_encoder(check_ids)[0].float()
+                got = graphed(check_ids).float()
+                err = float((got - want).norm() / want.norm().clamp_min(1e-12))
+                if not err < 1e-2:
+                    log.warning("text encoder graph differs from eager (rel. error %.3g); not used", err)
+                    return None
+            return graphed
+        except Exception as exc:  # noqa: BLE001 - an uncapturable encoder still works eagerly
+            log.warning("text encoder not captured (%s: %s); it runs eagerly", type(exc).__name__, exc)
+            torch.cuda.synchronize(self.device)
+            return None

@@ -1,0 +1,56 @@
+"""`imagegenx worker --gpus`: which GPUs get a worker, and clear errors for bad values."""
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from imagegenx import cli, launcher
+from imagegenx.launcher import gpu_worker_env, parse_gpus
+
+
+@pytest.mark.parametrize(
+    ("spec", "available", "expected"),
+    [
+        ("all", 2, [0, 1]),
+        ("ALL", 1, [0]),
+        ("0", 2, [0]),
+        ("1", 2, [1]),
+        ("0,1", 2, [0, 1]),
+        (" 1 , 0 ", 4, [1, 0]),
+        ("3", None, [3]),  # GPU count unknown: indices are taken as given
+    ],
+)
+def test_valid_values(spec: str, available: int | None, expected: list[int]) -> None:
+    assert parse_gpus(spec, available) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "available", "message"),
+    [
+        ("2", 2, "GPU 2 does not exist (this machine has GPUs 0 to 1)"),
+        ("0", 0, "GPU 0 does not exist (this machine has no GPU)"),
+        ("all", 0, "no GPU found"),
+        ("all", None, "cannot count the GPUs"),
+        ("0,0", 2, "GPU 0 is listed twice"),
+        ("-1", 2, "'-1' is not a GPU index"),
+        ("a", 2, "'a' is not a GPU index"),
+        ("0,", 2, "expected 'all' or comma-separated GPU indices"),
+        ("", 2, "expected 'all' or comma-separated GPU indices"),
+    ],
+)
+def test_invalid_values(spec: str, available: int | None, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_gpus(spec, available)
+
+
+def test_each_worker_sees_only_its_gpu() -> None:
+    env = gpu_worker_env({"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1"}, 1)
+    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "1"}
+
+
+def test_cli_names_the_option_in_its_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher, "count_gpus", lambda: 1)
+    result = CliRunner().invoke(cli.main, ["worker", "--gpus", "0,1"])
+    assert result.exit_code == 2
+    assert "--gpus" in result.output
+    assert "GPU 1 does not exist (this machine has GPUs 0 to 0)" in result.output
