@@ -74,15 +74,30 @@ class BatchRunner(Generic[T]):
                 self.policy.max_wait = max_wait
             self._cond.notify()
 
-    def stop(self, timeout: float | None = None) -> list[T]:
-        """Let the running batch finish; return what was still buffered."""
+    def close(self) -> list[T]:
+        """Take no more batches; return what was buffered at once (oldest first).
+
+        The running batch, if any, goes on: ``join`` waits for it.
+        """
         with self._cond:
             self._stopping = True
             self._cond.notify()
+            return self.policy.drain()
+
+    def join(self, timeout: float | None = None) -> None:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+
+    def drop_buffered(self) -> list[T]:
+        """Remove and return everything buffered, and keep running."""
         with self._cond:
             return self.policy.drain()
+
+    def stop(self, timeout: float | None = None) -> list[T]:
+        """Let the running batch finish; return what was still buffered."""
+        leftovers = self.close()
+        self.join(timeout)
+        return leftovers
 
     @property
     def alive(self) -> bool:
