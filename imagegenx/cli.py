@@ -27,6 +27,19 @@ def main() -> None:
     """ImageGenX: batching text-to-image serving."""
 
 
+def api_env(env: dict[str, str], settings: Settings) -> dict[str, str]:
+    """The API processes' environment: gunicorn runs several, so their Prometheus
+    metrics are summed through a fresh multiprocess directory (unless one is given)."""
+    if env.get("PROMETHEUS_MULTIPROC_DIR"):
+        return env
+    import shutil
+
+    directory = settings.data_dir / "prometheus-api"
+    shutil.rmtree(directory, ignore_errors=True)  # counts of an earlier run must not add up
+    directory.mkdir(parents=True)
+    return {**env, "PROMETHEUS_MULTIPROC_DIR": str(directory.resolve())}
+
+
 @main.command()
 @click.option("--flower/--no-flower", default=True, help="Also start the Flower dashboard.")
 @click.option("--worker/--no-worker", default=True, help="Also start one worker.")
@@ -68,7 +81,7 @@ def up(flower: bool, worker: bool) -> None:
 
             silence_library_progress()
             ensure_model(settings.model)
-        sup.spawn("api", api_command(settings), env)
+        sup.spawn("api", api_command(settings), api_env(env, settings))
         if worker:
             sup.spawn("worker", worker_command(), env)
         if flower:
@@ -88,11 +101,12 @@ def up(flower: bool, worker: bool) -> None:
 def worker(gpus: str, loglevel: str) -> None:
     """Start one Celery worker per GPU, all on the same queue; Ctrl-C stops all.
 
-    Worker i sees only its GPU (CUDA_VISIBLE_DEVICES=i) and is named gpu<i>@<host>.
+    Worker i sees only its GPU (CUDA_VISIBLE_DEVICES=i), is named gpu<i>@<host> and
+    serves Prometheus metrics on IMAGEGENX_WORKER_METRICS_PORT + i.
     Each loads the model and prepares the fast path before it takes work.
     """
     from imagegenx.launcher import (
-        Supervisor, count_gpus, gpu_worker_env, parse_gpus, worker_command,
+        Supervisor, count_gpus, gpu_worker_env, parse_gpus, worker_command, worker_metrics_port,
     )
 
     try:
@@ -109,7 +123,10 @@ def worker(gpus: str, loglevel: str) -> None:
     env = dict(os.environ)
     sup = Supervisor()
     for index in indices:
-        sup.spawn(f"gpu{index}", worker_command(f"gpu{index}@%h", loglevel), gpu_worker_env(env, index))
+        # One Prometheus port per worker process: the base port + the GPU index.
+        port = worker_metrics_port(settings.worker_metrics_port, index)
+        sup.spawn(f"gpu{index}", worker_command(f"gpu{index}@%h", loglevel),
+                  {**gpu_worker_env(env, index), "IMAGEGENX_WORKER_METRICS_PORT": str(port)})
     click.echo(f"started {len(indices)} worker(s) on GPU(s) {','.join(map(str, indices))}")
     sys.exit(sup.wait())
 

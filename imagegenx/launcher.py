@@ -110,6 +110,11 @@ def gpu_worker_env(env: dict[str, str], index: int) -> dict[str, str]:
     return {**env, "CUDA_VISIBLE_DEVICES": str(index)}
 
 
+def worker_metrics_port(base: int, index: int) -> int:
+    """Prometheus port of the worker on GPU ``index``: the base port + the index (0 stays off)."""
+    return base + index if base else 0
+
+
 def flower_command(port: int, auth: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "tasks", "flower", "--address=127.0.0.1",
             f"--port={port}", f"--basic-auth={auth}"]

@@ -38,7 +38,7 @@ def render_pool() -> ThreadPoolExecutor:
     global _render_pool
     with _render_pool_lock:
         if _render_pool is None:
-            _render_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+            _render_pool = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1),
                                               thread_name_prefix="imagegenx-render")
         return _render_pool
 
@@ -106,23 +106,54 @@ class BatchPipeline:
         self.storage = storage
         self.public_url = public_url.rstrip("/")
         self.model_name = model_name
+        # Most images per engine batch, learnt from out-of-memory errors (None: no limit).
+        self.image_limit: int | None = None
 
     def file_url(self, key: str) -> str:
+        """A storage that signs its own URLs (S3) gives them; local files are served by the API."""
+        own_url = getattr(self.storage, "url", None)
+        if own_url is not None:
+            return str(own_url(key))
         return f"{self.public_url}/api/v1/files/{key}"
 
     def run(self, jobs: list[Job], on_step: JobStepCallback | None = None) -> dict[str, Outcome]:
-        """Run ``jobs`` as one batch; on failure bisect so only the culprit fails."""
+        """Run ``jobs`` as one batch; on failure bisect so only the culprit fails.
+
+        After an out-of-memory error the pipeline remembers a lower image limit
+        and cuts later batches to fit it, so one OOM does not repeat on every batch.
+        """
+        images = _images(jobs)
+        if len(jobs) > 1 and self.image_limit is not None and images > self.image_limit:
+            outcomes: dict[str, Outcome] = {}
+            for part in _fit(jobs, self.image_limit):
+                outcomes.update(self.run(part, on_step))
+            return outcomes
         try:
             return self._run_once(jobs, on_step)
         except Exception as exc:  # noqa: BLE001 - isolate, then report per job
+            oom = is_out_of_memory(exc)
+            if oom:
+                self._lower_limit(images)
             if len(jobs) == 1:
                 log.exception("request %s failed", jobs[0].id)
-                return {jobs[0].id: Outcome(error=_as_generation_error(exc))}
+                error = (GenerationError(f"out of memory with {images} images in one batch "
+                                         f"({type(exc).__name__}: {exc})")
+                         if oom else _as_generation_error(exc))
+                return {jobs[0].id: Outcome(error=error)}
             log.warning("batch of %d failed (%r); retrying in halves", len(jobs), exc)
             mid = len(jobs) // 2
             outcomes = self.run(jobs[:mid], on_step)
             outcomes.update(self.run(jobs[mid:], on_step))
             return outcomes
+
+    def _lower_limit(self, images: int) -> None:
+        if self.image_limit is not None and images > self.image_limit:
+            return  # one request larger than the limit, run alone: the limit still holds
+        limit = max(1, images // 2)
+        if self.image_limit is None or limit < self.image_limit:
+            self.image_limit = limit
+            log.warning("out of memory with %d images: batches are cut to at most %d images "
+                        "from now on", images, limit)
 
     def _run_once(self, jobs: list[Job], on_step: JobStepCallback | None) -> dict[str, Outcome]:
         spec, owners = plan(jobs)
@@ -200,6 +231,33 @@ class BatchPipeline:
                 )
             )
         return out
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An out-of-memory error: MemoryError, or torch's ``OutOfMemoryError`` (matched by
+    name, so this module needs no torch)."""
+    return isinstance(exc, MemoryError) or any(
+        cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__
+    )
+
+
+def _images(jobs: list[Job]) -> int:
+    return sum(job.request.num_images for job in jobs)
+
+
+def _fit(jobs: list[Job], limit: int) -> list[list[Job]]:
+    """Consecutive parts of at most ``limit`` images (a larger request alone)."""
+    parts: list[list[Job]] = []
+    size = 0
+    for job in jobs:
+        n = job.request.num_images
+        if parts and size + n <= limit:
+            parts[-1].append(job)
+            size += n
+        else:
+            parts.append([job])
+            size = n
+    return parts
 
 
 def _as_generation_error(exc: Exception) -> GenerationError:

@@ -6,10 +6,8 @@ Bump SCHEMA_VERSION whenever a field changes meaning.
 """
 from __future__ import annotations
 
-import ipaddress
 from enum import Enum
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -22,6 +20,7 @@ from pydantic import (
 
 SCHEMA_VERSION = 1
 MAX_SEED = 2**32 - 1
+CALLBACK_URL_MAX = 2048
 
 
 class Sampler(str, Enum):
@@ -41,6 +40,13 @@ class WatermarkPosition(str, Enum):
     CENTER = "center"
 
 
+def _not_bool(v: object) -> object:
+    """JSON true/false is not a number (pydantic would read it as 1/0)."""
+    if isinstance(v, bool):
+        raise ValueError("must be a number, not true or false")
+    return v
+
+
 class Watermark(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -48,11 +54,15 @@ class Watermark(BaseModel):
     position: WatermarkPosition = WatermarkPosition.BOTTOM_RIGHT
     opacity: float = Field(default=0.5, ge=0.0, le=1.0)
 
+    _numbers = field_validator("opacity", mode="before")(_not_bool)
+
 
 class Postprocess(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     thumbnail: int = Field(default=128, ge=16, le=512, description="longest side, px")
+
+    _numbers = field_validator("thumbnail", mode="before")(_not_bool)
     watermark: Watermark | None = None
 
 
@@ -65,6 +75,8 @@ class Limits(BaseModel):
     max_steps: int = 100
     max_num_images: int = 4
     max_guidance: float = 30.0
+    # Host names and CIDRs a callback_url may point at although not public.
+    callback_allow_hosts: tuple[str, ...] = ()
 
 
 def _limits(info: ValidationInfo) -> Limits:
@@ -73,24 +85,19 @@ def _limits(info: ValidationInfo) -> Limits:
     return limits if isinstance(limits, Limits) else Limits()
 
 
-def check_callback_url(url: str) -> str:
-    """Accept only absolute http(s) URLs; literal private/loopback IPs are refused.
+def check_callback_url(url: str, allow_hosts: tuple[str, ...] = ()) -> str:
+    """Accept only absolute http(s) URLs; literal private/loopback IPs are refused
+    unless allow-listed.
 
     Host names are resolved and re-checked at delivery time (SSRF protection
-    belongs where the connection is made).
+    belongs where the connection is made: ``imagegenx.webhooks.vet``).
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise ValueError("must be an http or https URL")
-    if not parts.hostname:
-        raise ValueError("must name a host")
+    from imagegenx.webhooks import AllowList, WebhookRefused, check_url
+
     try:
-        addr = ipaddress.ip_address(parts.hostname)
-    except ValueError:
-        return url
-    if not addr.is_global:
-        raise ValueError("must not point at a private, loopback or link-local address")
-    return url
+        return check_url(url, AllowList.parse(allow_hosts))
+    except WebhookRefused as exc:
+        raise ValueError(str(exc)) from None
 
 
 class GenerateRequest(BaseModel):
@@ -108,15 +115,27 @@ class GenerateRequest(BaseModel):
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     num_images: int = Field(default=1, ge=1)
     postprocess: Postprocess = Field(default_factory=Postprocess)
-    callback_url: str | None = Field(default=None, max_length=2048)
+    callback_url: str | None = Field(default=None, max_length=CALLBACK_URL_MAX)
     timeout_s: float | None = Field(default=None, gt=0, le=86400)
 
-    @field_validator("prompt", "negative_prompt")
+    _numbers = field_validator("width", "height", "steps", "guidance_scale", "seed", "num_images",
+                               "timeout_s", mode="before")(_not_bool)
+
+    # Lengths are checked on the text as sent, before surrounding whitespace is
+    # stripped, as the published schema (maxLength) says.
+    @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod
-    def _prompt_length(cls, v: str, info: ValidationInfo) -> str:
+    def _prompt_length(cls, v: object, info: ValidationInfo) -> object:
         limit = _limits(info).max_prompt_chars
-        if len(v) > limit:
+        if isinstance(v, str) and len(v) > limit:
             raise ValueError(f"at most {limit} characters")
+        return v
+
+    @field_validator("callback_url", mode="before")
+    @classmethod
+    def _callback_length(cls, v: object) -> object:
+        if isinstance(v, str) and len(v) > CALLBACK_URL_MAX:
+            raise ValueError(f"at most {CALLBACK_URL_MAX} characters")
         return v
 
     @field_validator("width", "height")
@@ -157,8 +176,8 @@ class GenerateRequest(BaseModel):
 
     @field_validator("callback_url")
     @classmethod
-    def _callback(cls, v: str | None) -> str | None:
-        return None if v is None else check_callback_url(v)
+    def _callback(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else check_callback_url(v, _limits(info).callback_allow_hosts)
 
     @model_validator(mode="after")
     def _seed_range(self) -> "GenerateRequest":
@@ -230,9 +249,26 @@ class TaskError(BaseModel):
     message: str
 
 
+class WebhookAttempt(BaseModel):
+    at: float = Field(description="unix time the attempt started")
+    status_code: int | None = Field(description="the receiver's HTTP status; null if none came")
+    error: str | None = None
+    duration_ms: float
+
+
+class WebhookStatus(BaseModel):
+    """Delivery of the task's callback_url (absent when it has none)."""
+
+    state: Literal["queued", "retrying", "delivered", "failed", "refused"]
+    attempts: list[WebhookAttempt]
+    delivered_at: float | None = None
+    reason: str | None = Field(default=None, description="why it was refused or gave up")
+
+
 class TaskStatus(BaseModel):
     task_id: str
     state: TaskState
     progress: Progress | None = None
     result: GenerateResult | None = None
     error: TaskError | None = None
+    webhook: WebhookStatus | None = None

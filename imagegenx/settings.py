@@ -6,12 +6,14 @@ queue never disagree about broker, queue name or request bounds.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -25,11 +27,23 @@ from imagegenx.batching import prefetch_window
 from imagegenx.schemas import Limits
 
 CONFIG_ENV = "IMAGEGENX_CONFIG"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_HOSTNAME = re.compile(r"(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?)*")
 
 
 def _yaml_path() -> Path | None:
     path = os.environ.get(CONFIG_ENV)
     return Path(path) if path else None
+
+
+def _celery_version() -> tuple[int, ...]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("celery")
+    except PackageNotFoundError:
+        return (0,)
+    return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
 
 
 def hash_api_key(key: str) -> str:
@@ -54,6 +68,10 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(default=50.0, ge=0.0, le=60_000.0)
     prefetch_batches: int = Field(default=2, ge=2, description="full batches a worker may hold")
     expected_batch_s: float = Field(default=60.0, gt=0, description="worst-case time of one batch")
+    max_deliveries: int = Field(
+        default=3, ge=1,
+        description="deliveries whose run was lost with its worker before a request ends FAILURE",
+    )
 
     # Engine
     engine: Literal["diffusion", "synthetic"] = "diffusion"
@@ -62,6 +80,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     synthetic_cost: Literal["zero", "sd15-h200"] = "zero"
+    # Testing aid: faults the synthetic engine injects (see imagegenx.engine.synthetic).
+    synthetic_faults: str = Field(default="", description="e.g. raise:MARKER,oom:4,exit:MARKER")
     progress_interval_s: float = Field(default=0.5, ge=0.0)
     # GPU fast path (CUDA only; ignored on the CPU). Prepared at worker start.
     compile: bool = Field(default=True, description="torch.compile the UNet and the VAE decode")
@@ -78,9 +98,61 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     flower_port: int = 5555
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Plain keys are secrets: hidden from repr and dumps, hashed when used.
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     api_key_hashes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = 16 * 1024
+
+    # Image storage: files under storage_root, or an S3-compatible bucket whose
+    # presigned URLs go into results (credentials: the usual AWS_* variables).
+    storage_backend: Literal["local", "s3"] = "local"
+    s3_bucket: str = ""
+    s3_prefix: str = Field(default="", description="prepended to every object key, e.g. images/")
+    s3_endpoint_url: str = Field(default="", description="S3-compatible endpoint; empty for AWS")
+    s3_region: str = Field(default="", description="empty: the AWS_REGION / AWS_DEFAULT_REGION chain")
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    s3_presign_expires_s: int = Field(default=86400, ge=1, le=604800,
+                                      description="lifetime of presigned image URLs (SigV4: 7 days at most)")
+
+    # Monitoring
+    worker_metrics_port: int = Field(
+        default=9450, ge=0, le=65535,
+        description="Prometheus port of a worker (0: no metrics server); `imagegenx worker` adds the GPU index",
+    )
+    worker_metrics_host: str = Field(default="127.0.0.1", description="address the worker's metrics server binds")
+    workers_inspect_timeout_s: float = Field(
+        default=1.0, gt=0, le=30, description="how long GET /api/v1/workers waits for worker replies"
+    )
+
+    # Overload and abuse protection (API)
+    max_queue_depth: int = Field(
+        default=1000, ge=0,
+        description="messages waiting in the queue above which submissions get 503 (0: no limit)",
+    )
+    retry_after_s: int = Field(default=5, ge=1, description="Retry-After of 503 answers")
+    rate_limit: str = Field(
+        default="60/minute",
+        description="submissions per API key, e.g. '60/minute' or '10/second;500/hour' ('' : off)",
+    )
+    status_rate_limit: str = Field(
+        default="1200/minute", description="task reads and revokes per API key ('' : off)",
+    )
+
+    # Webhooks (callback_url)
+    webhook_secret: SecretStr = Field(
+        default=SecretStr(""),
+        description="HMAC-SHA256 key signing webhook bodies; callback_url is refused while unset",
+    )
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="host names or CIDRs a webhook may reach although not public (e.g. 10.0.0.0/8)",
+    )
+    webhook_queue: str = Field(default="", description="queue of webhook deliveries; default <queue>.webhooks")
+    webhook_max_attempts: int = Field(default=5, ge=1, le=50)
+    webhook_backoff_s: float = Field(default=2.0, gt=0, description="delay before the first retry; doubles")
+    webhook_backoff_max_s: float = Field(default=300.0, gt=0, description="longest delay between attempts")
+    webhook_timeout_s: float = Field(default=5.0, gt=0, le=60,
+                                     description="longest one attempt may take (connect and answer)")
 
     # Request bounds
     max_prompt_chars: int = 1000
@@ -105,12 +177,51 @@ class Settings(BaseSettings):
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
 
-    @field_validator("api_keys", "api_key_hashes", mode="before")
+    @field_validator("api_keys", "api_key_hashes", "webhook_allow_hosts", mode="before")
     @classmethod
     def _split_csv(cls, v: Any) -> Any:
         if isinstance(v, str):
             return [part.strip() for part in v.split(",") if part.strip()]
         return v
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _check_hashes(cls, v: list[str]) -> list[str]:
+        out = [h.lower() for h in v]
+        for h in out:
+            if not _SHA256_HEX.fullmatch(h):
+                raise ValueError("api_key_hashes must be sha256 hex digests (64 hex characters)")
+        return out
+
+    @field_validator("rate_limit", "status_rate_limit")
+    @classmethod
+    def _check_rate(cls, v: str) -> str:
+        v = v.strip()
+        if v:
+            from limits import parse_many
+
+            try:
+                parse_many(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not a rate limit such as '60/minute' or "
+                                 "'10/second;500/hour'") from None
+        return v
+
+    @field_validator("webhook_allow_hosts")
+    @classmethod
+    def _check_allow_hosts(cls, v: list[str]) -> list[str]:
+        out = []
+        for entry in v:
+            entry = entry.strip().lower().rstrip(".")
+            if "/" in entry or entry.replace(".", "").isdigit() or ":" in entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"webhook_allow_hosts: {entry!r} is not an address or CIDR") from None
+            elif not _HOSTNAME.fullmatch(entry):
+                raise ValueError(f"webhook_allow_hosts: {entry!r} is not a host name, address or CIDR")
+            out.append(entry)
+        return out
 
     @field_validator("batch_buckets", mode="before")
     @classmethod
@@ -126,12 +237,32 @@ class Settings(BaseSettings):
             raise ValueError("batch_buckets must be distinct positive batch sizes in ascending order")
         return v
 
+    @field_validator("synthetic_faults")
+    @classmethod
+    def _check_faults(cls, v: str) -> str:
+        if v.strip():
+            from imagegenx.engine.synthetic import parse_faults
+
+            parse_faults(v)  # raises ValueError naming the bad entry
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if self.max_num_images > self.max_batch:
             raise ValueError("max_num_images must not exceed max_batch")
         if self.min_size > self.max_size:
             raise ValueError("min_size must not exceed max_size")
+        if self.storage_backend == "s3" and not self.s3_bucket:
+            raise ValueError("storage_backend s3 needs s3_bucket (IMAGEGENX_S3_BUCKET)")
+        if self.result_backend.startswith("db+") and _celery_version() < (5, 7):
+            # Before 5.7 the database backend let a late write replace a SUCCESS.
+            raise ValueError("a database result backend (db+...) needs celery 5.7 or newer, "
+                             "which never overwrites a SUCCESS")
+        if self.webhook_backoff_max_s >= self.visibility_timeout_s:
+            raise ValueError(
+                "webhook_backoff_max_s must be shorter than visibility_timeout_s: a delayed "
+                "retry held longer than the visibility timeout is delivered twice"
+            )
         if self.visibility_timeout_s <= self.worst_wait_s:
             raise ValueError(
                 f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed the longest "
@@ -162,6 +293,7 @@ class Settings(BaseSettings):
             max_steps=self.max_steps,
             max_num_images=self.max_num_images,
             max_guidance=self.max_guidance,
+            callback_allow_hosts=tuple(self.webhook_allow_hosts),
         )
 
     @property
@@ -172,9 +304,14 @@ class Settings(BaseSettings):
     def served_model_name(self) -> str:
         return self.model_name or self.model.name
 
+    @property
+    def webhook_queue_name(self) -> str:
+        return self.webhook_queue or f"{self.queue}.webhooks"
+
     def key_digests(self) -> frozenset[str]:
         """All accepted key digests: hashed plain keys plus pre-hashed ones."""
-        return frozenset([hash_api_key(k) for k in self.api_keys] + list(self.api_key_hashes))
+        return frozenset([hash_api_key(k.get_secret_value()) for k in self.api_keys]
+                         + list(self.api_key_hashes))
 
 
 @lru_cache(maxsize=1)

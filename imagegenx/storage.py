@@ -73,7 +73,9 @@ class S3Storage:
             import boto3
             from botocore.config import Config
 
-            client = boto3.client(
+            # A session of its own: credentials are resolved for this storage, not
+            # cached process-wide by boto3's default session.
+            client = boto3.session.Session().client(
                 "s3", endpoint_url=endpoint_url or None, region_name=region or None,
                 config=Config(signature_version="s3v4", s3={"addressing_style": addressing_style},
                               retries={"max_attempts": 3, "mode": "standard"}),

@@ -6,5 +6,6 @@
 """
 from tasks.celery_app import app, create_celery_app
 from tasks.generate import GENERATE_TASK, generate
+from tasks.webhooks import WEBHOOK_TASK, deliver_webhook
 
-__all__ = ["GENERATE_TASK", "app", "create_celery_app", "generate"]
+__all__ = ["GENERATE_TASK", "WEBHOOK_TASK", "app", "create_celery_app", "deliver_webhook", "generate"]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from celery import states
 from celery.worker import state as worker_state
 from celery.worker.request import Request
@@ -22,8 +24,12 @@ from celery.worker.request import Request
 from imagegenx.batching import Batch
 from imagegenx.errors import GenerationError
 from imagegenx.pipeline import BatchPipeline, Job, Outcome
+from workers.callbacks import notify
 
 log = logging.getLogger(__name__)
+
+# How long a finished request waits for the result backend to come back.
+STORE_RETRY_S = 120.0
 
 
 @dataclass
@@ -33,6 +39,11 @@ class Entry:
     req: Request
     job: Job
     images: int
+    # Delivered before (another worker, or this one before a reconnect, may
+    # have finished it): the result backend is checked again before it runs.
+    redelivered: bool = False
+    # Last time this worker recorded the message as delivered now (workers.leases).
+    leased_at: float = 0.0
 
 
 @dataclass
@@ -48,11 +59,17 @@ class BatchStats:
     last_batch_s: float = 0.0
     wait_s_total: float = 0.0
     wait_s_max: float = 0.0
+    succeeded: int = 0
+    # Prometheus metrics (workers.metrics.WorkerMetrics) fed with the same records.
+    metrics: Any = field(default=None, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record_wait(self, seconds: float) -> None:
         """Time a request spent in the worker's buffer before its batch started."""
         self.wait_s_total += seconds
         self.wait_s_max = max(self.wait_s_max, seconds)
+        if self.metrics is not None:
+            self.metrics.wait(seconds)
 
     def record(self, size: int, requests: int, seconds: float) -> None:
         self.batches += 1
@@ -60,12 +77,36 @@ class BatchStats:
         self.requests += requests
         self.size_histogram[size] = self.size_histogram.get(size, 0) + 1
         self.last_batch_s = seconds
+        if self.metrics is not None:
+            self.metrics.batch(size, seconds)
+
+    def record_engine(self, seconds: float) -> None:
+        """Engine time of one engine batch (a bisected batch has several)."""
+        if self.metrics is not None:
+            self.metrics.engine(seconds)
+
+    def record_outcome(self, state: str, images: int = 0) -> None:
+        """A request finished: SUCCESS (with its images), FAILURE or REVOKED.
+
+        Called from the consumer thread (invalid, revoked on arrival) and from
+        the batch thread.
+        """
+        with self._lock:
+            if state == states.SUCCESS:
+                self.succeeded += 1
+            elif state == states.FAILURE:
+                self.failed += 1
+            elif state == states.REVOKED:
+                self.revoked += 1
+        if self.metrics is not None:
+            self.metrics.outcome(state, images)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "batches": self.batches,
             "images": self.images,
             "requests": self.requests,
+            "succeeded": self.succeeded,
             "failed": self.failed,
             "revoked": self.revoked,
             "mean_batch_images": self.images / self.batches if self.batches else 0.0,
@@ -89,17 +130,23 @@ class BatchExecutor:
         pipeline: Callable[[], BatchPipeline],
         progress_interval_s: float = 0.5,
         stats: BatchStats | None = None,
+        ledger: Any = None,
+        store_retry_s: float = STORE_RETRY_S,
     ) -> None:
         self._pipeline = pipeline
         self.progress_interval_s = progress_interval_s
         self.stats = stats or BatchStats()
+        self.ledger = ledger  # workers.deliveries.DeliveryLedger, or None
+        self.store_retry_s = store_retry_s
 
     def __call__(self, batch: Batch[Entry]) -> None:
-        entries = [e for e in batch.items if not self._revoked(e)]
+        entries = [e for e in batch.items if not self._revoked(e) and not self._finished_before(e)]
         if not entries:
             return
         t0 = time.perf_counter()
         self._accept(entries)
+        if self.ledger is not None:
+            self.ledger.started(e.req.id for e in entries)
         try:
             outcomes = self._pipeline().run([e.job for e in entries], self._step_callback(entries))
         except Exception as exc:  # noqa: BLE001 - never leave a request PENDING
@@ -108,15 +155,48 @@ class BatchExecutor:
             outcomes = {e.job.id: Outcome(error=error) for e in entries}
         elapsed = time.perf_counter() - t0
         self.stats.record(sum(e.images for e in entries), len(entries), elapsed)
+        engine_runs = {o.result.batch.id: o.result.timings.get("engine_s")
+                       for o in outcomes.values() if o.result is not None}
+        for seconds in engine_runs.values():
+            if seconds is not None:
+                self.stats.record_engine(seconds)
         for entry in entries:
-            self._report(entry, outcomes.get(entry.job.id) or Outcome(error=GenerationError("no outcome")))
+            outcome = outcomes.get(entry.job.id) or Outcome(error=GenerationError("no outcome"))
+            try:
+                self._report(entry, outcome)
+            except Exception:  # noqa: BLE001 - one request's report must not stop the others
+                log.exception("could not report %s; its message is left for redelivery", entry.req.id)
+                worker_state.task_ready(entry.req)
 
     # -- per request -------------------------------------------------------
     def _revoked(self, entry: Entry) -> bool:
-        if entry.req.revoked():  # marks REVOKED (or expired), sends the event, acks
-            self.stats.revoked += 1
+        try:
+            revoked = entry.req.revoked()  # marks REVOKED (or expired), sends the event, acks
+        except Exception:  # noqa: BLE001 - backend or broker gone: leave it for redelivery
+            log.exception("could not mark %s revoked; its message is left for redelivery", entry.req.id)
+            worker_state.task_ready(entry.req)
+            return True
+        if revoked:
+            self.stats.record_outcome(states.REVOKED)
             return True
         return False
+
+    def _finished_before(self, entry: Entry) -> bool:
+        """A redelivered request whose result is already stored is acknowledged, not rerun."""
+        if not entry.redelivered:
+            return False
+        req = entry.req
+        try:
+            status = req.task.backend.get_task_meta(req.id, cache=False).get("status")
+        except Exception as exc:  # noqa: BLE001 - unknown: run it (SUCCESS is never overwritten)
+            log.warning("could not read the state of %s: %r", req.id, exc)
+            return False
+        if status not in (states.SUCCESS, states.FAILURE):
+            return False
+        log.info("%s already finished (%s): acknowledged without running it again", req.id, status)
+        worker_state.task_ready(req)
+        self._ack(req)
+        return True
 
     def _accept(self, entries: list[Entry]) -> None:
         pid = os.getpid()
@@ -127,13 +207,18 @@ class BatchExecutor:
             req.worker_pid = pid
             worker_state.task_accepted(req)
             req.send_event("task-started")
-            req.task.backend.store_result(
-                req.id, {"hostname": req.hostname, "pid": pid}, states.STARTED, request=req._context
-            )
+            try:  # a state for watchers only: the batch runs without it
+                req.task.backend.store_result(
+                    req.id, {"hostname": req.hostname, "pid": pid}, states.STARTED,
+                    request=req._context,
+                )
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not store STARTED for %s: %r", req.id, exc)
 
     def _step_callback(self, entries: list[Entry]) -> Callable[[int, int], list[str]]:
         live = {e.job.id: e for e in entries}
         last = [0.0]
+        progress_failed = [False]
 
         def on_step(step: int, total: int) -> list[str]:
             dropped = [jid for jid, e in live.items() if e.req.id in worker_state.revoked]
@@ -142,10 +227,16 @@ class BatchExecutor:
             now = time.monotonic()
             if step < total and now - last[0] >= self.progress_interval_s:
                 last[0] = now
-                for e in live.values():
-                    e.req.task.backend.store_result(
-                        e.req.id, {"step": step, "total": total}, "PROGRESS", request=e.req._context
-                    )
+                try:  # progress is for watchers: a backend outage must not fail the batch
+                    for e in live.values():
+                        e.req.task.backend.store_result(
+                            e.req.id, {"step": step, "total": total}, "PROGRESS",
+                            request=e.req._context,
+                        )
+                except Exception as exc:  # noqa: BLE001
+                    if not progress_failed[0]:
+                        log.warning("could not store progress (step %d/%d): %r", step, total, exc)
+                    progress_failed[0] = True
             return dropped
 
         return on_step
@@ -159,17 +250,76 @@ class BatchExecutor:
         runtime = time.time() - (req.time_start or time.time())
         if outcome.result is not None:
             result = outcome.result.model_dump(mode="json")
-            req.task.backend.mark_as_done(req.id, result, request=req._context)
+            if not self._store(req, "its result",
+                               lambda: req.task.backend.mark_as_done(req.id, result,
+                                                                     request=req._context)):
+                worker_state.task_ready(req)
+                return
+            notify(req, states.SUCCESS, result=result)  # webhook, if any; before the ack
             worker_state.task_ready(req, successful=True)
-            req.acknowledge()
+            self._ack(req)
             req.send_event("task-succeeded", result=_summary(result), runtime=runtime)
+            self.stats.record_outcome(states.SUCCESS, images=len(result.get("images", [])))
             return
         self._fail(req, outcome.error or GenerationError("unknown error"))
 
     def _fail(self, req: Request, error: BaseException) -> None:
-        self.stats.failed += 1
+        self.stats.record_outcome(states.FAILURE)
         tb = "".join(traceback.format_exception(error))
-        req.task.backend.mark_as_failure(req.id, error, traceback=tb, request=req._context)
+        if not self._store(req, "its failure",
+                           lambda: req.task.backend.mark_as_failure(req.id, error, traceback=tb,
+                                                                    request=req._context)):
+            worker_state.task_ready(req)
+            return
+        notify(req, states.FAILURE, error=error)  # webhook, if any; before the ack
         worker_state.task_ready(req)
-        req.acknowledge()
+        self._ack(req)
         req.send_event("task-failed", exception=repr(error), traceback=tb)
+
+    def fail(self, req: Request, error: BaseException) -> None:
+        """End a request that never joined a batch with FAILURE (stored, then acked)."""
+        self._fail(req, error)
+
+    def _store(self, req: Request, what: str, store: Callable[[], object]) -> bool:
+        """Write to the result backend, retrying while it is unreachable.
+
+        The request is acknowledged only once its result is stored; after
+        ``store_retry_s`` in vain its message stays unacknowledged and the
+        broker delivers it again after the visibility timeout.
+        """
+        deadline = time.monotonic() + self.store_retry_s
+        delay = 0.1
+        logged = False
+        while True:
+            try:
+                store()
+                return True
+            except Exception as exc:  # noqa: BLE001
+                if not _transient(req, exc) or time.monotonic() + delay > deadline:
+                    log.error("could not store %s for %s (%r); its message is left for redelivery",
+                              what, req.id, exc)
+                    return False
+                if not logged:
+                    log.warning("result backend unavailable (%r); storing %s for %s again for up "
+                                "to %.0f s", exc, what, req.id, self.store_retry_s)
+                    logged = True
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
+
+    @staticmethod
+    def _ack(req: Request) -> None:
+        try:
+            req.acknowledge()  # logs (and swallows) broker connection errors
+        except Exception:  # noqa: BLE001 - an unacked message is redelivered, then skipped
+            log.exception("could not acknowledge %s", req.id)
+
+
+
+def _transient(req: Request, exc: BaseException) -> bool:
+    """A connection-level error worth retrying (the backend or its network is down)."""
+    backend = req.task.backend
+    safe = getattr(backend, "exception_safe_to_retry", None)
+    return bool(
+        isinstance(exc, (OSError, redis.ConnectionError, redis.TimeoutError))
+        or (callable(safe) and safe(exc))
+    )

@@ -12,7 +12,7 @@ from imagegenx.engine import create_engine
 from imagegenx.pipeline import BatchPipeline, Job, resolve_request
 from imagegenx.schemas import GenerateRequest
 from imagegenx.settings import Settings
-from imagegenx.storage import LocalStorage
+from imagegenx.storage import create_storage
 
 
 _pipelines: dict[int, BatchPipeline] = {}
@@ -24,7 +24,7 @@ def _pipeline(settings: Settings) -> BatchPipeline:
         return cached
     engine = create_engine(settings.engine, settings.model, settings.device, settings.dtype,
                            settings.synthetic_cost)
-    pipeline = BatchPipeline(engine, LocalStorage(settings.storage_root), settings.public_base,
+    pipeline = BatchPipeline(engine, create_storage(settings), settings.public_base,
                              settings.served_model_name)
     _pipelines[id(settings)] = pipeline
     return pipeline

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import states
@@ -17,11 +18,14 @@ from pydantic import ValidationError
 from imagegenx.batching import BatchPolicy
 from imagegenx.engine import Engine, create_engine
 from imagegenx.errors import GenerationError
+from imagegenx.gpu import GpuStat, visible_gpus
 from imagegenx.pipeline import BatchPipeline, Job, batch_key, resolve_request
 from imagegenx.schemas import GenerateRequest
 from imagegenx.settings import Settings
-from imagegenx.storage import LocalStorage
+from imagegenx.storage import create_storage
+from workers.deliveries import Deliveries, DeliveryLedger
 from workers.executor import BatchExecutor, BatchStats, Entry
+from workers.leases import LeaseKeeper
 from workers.runner import BatchRunner
 
 log = logging.getLogger(__name__)
@@ -43,38 +47,78 @@ class WorkerRuntime:
         self.pipeline: BatchPipeline | None = None
         self.stats = BatchStats()
         self.warmup_s = 0.0
-        self.executor = BatchExecutor(self._get_pipeline, settings.progress_interval_s, self.stats)
+        self.metrics: Any = None
+        self._metrics_server: Any = None
+        if settings.worker_metrics_port:
+            from workers.metrics import WorkerMetrics
+
+            self.metrics = WorkerMetrics()
+            self.stats.metrics = self.metrics
+            self.metrics.watch(self.runner_snapshot, self.gpus, self._identity)
+        self.ledger = DeliveryLedger.from_url(settings.broker_url, settings.result_expires_s)
+        self.executor = BatchExecutor(self._get_pipeline, settings.progress_interval_s, self.stats,
+                                      ledger=self.ledger)
         self.runner: BatchRunner[Entry] = BatchRunner(
             BatchPolicy(settings.max_batch, settings.max_wait_s), self.executor, setup=self._load
         )
+        # Held messages (buffered or running) never reach the visibility timeout.
+        self.leases = (LeaseKeeper(self.ledger.client, self._held, settings.visibility_timeout_s)
+                       if self.ledger is not None else None)
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
         global _current
-        self.runner.start()
+        if self.metrics is not None:  # up during the warm-up too
+            self._metrics_server = self.metrics.serve(self.settings.worker_metrics_port,
+                                                      self.settings.worker_metrics_host)
+        try:
+            self.runner.start()
+        except BaseException:
+            self._stop_metrics()
+            raise
+        if self.leases is not None:
+            self.leases.start()
         _current = self
 
-    def stop(self) -> list[Entry]:
-        """Finish the running batch; hand back buffered entries for requeueing."""
+    def stop(self, requeue: Callable[[list[Entry]], None] | None = None) -> list[Entry]:
+        """Take no more batches, hand the buffered entries to ``requeue`` at once,
+        then let the running batch finish. Returns the buffered entries."""
         global _current
-        leftovers = self.runner.stop()
+        leftovers = self.runner.close()
+        if requeue is not None:
+            requeue(leftovers)
+        self.runner.join()
+        if self.leases is not None:
+            self.leases.stop()
         if _current is self:
             _current = None
+        self._stop_metrics()
         return leftovers
+
+    def _held(self) -> list[Entry]:
+        buffered, running = self.runner.snapshot()
+        return buffered + running
+
+    def _stop_metrics(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
 
     def _load(self) -> None:
         s = self.settings
         t0 = time.perf_counter()
         self.engine = create_engine(s.engine, s.model, s.device, s.dtype, s.synthetic_cost,
                                     compile=s.compile, cuda_graphs=s.cuda_graphs,
-                                    batch_buckets=s.batch_buckets)
+                                    batch_buckets=s.batch_buckets,
+                                    synthetic_faults=s.synthetic_faults)
         t_loaded = time.perf_counter()
         # Compile and capture (GPU fast path) now, before the worker takes work.
         warmup = getattr(self.engine, "warmup", None)
         if callable(warmup):
             warmup()
         self.pipeline = BatchPipeline(
-            self.engine, LocalStorage(s.storage_root), s.public_base, s.served_model_name
+            self.engine, create_storage(s), s.public_base, s.served_model_name
         )
         self.warmup_s = time.perf_counter() - t0
         log.info("engine %s ready in %.2f s (load %.2f s, warm-up %.2f s; native size %s)",
@@ -84,6 +128,14 @@ class WorkerRuntime:
     def _get_pipeline(self) -> BatchPipeline:
         assert self.pipeline is not None
         return self.pipeline
+
+    def drop_buffered(self) -> list[Entry]:
+        """Forget the buffered entries (their broker channel is gone; the broker
+        delivers their messages again). The running batch goes on."""
+        dropped = self.runner.drop_buffered()
+        for entry in dropped:
+            worker_state.task_ready(entry.req)
+        return dropped
 
     # -- consumer thread -----------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -97,8 +149,22 @@ class WorkerRuntime:
                 raise GenerationError(f"sampler {request.sampler.value!r} is not supported")
         except (ValidationError, GenerationError) as exc:
             self.reject_invalid(req, exc)
+            self.stats.record_outcome(states.FAILURE)
             return
-        if self._revoked_in_backend(req):
+        meta = req.task.backend.get_task_meta(req.id, cache=False)
+        if self._revoked_in_backend(req, meta):
+            self.stats.record_outcome(states.REVOKED)
+            return
+        if meta.get("status") in (states.SUCCESS, states.FAILURE):
+            # Delivered again after its result was stored (its ack was lost).
+            log.info("%s already finished (%s): acknowledged without running it again",
+                     req.id, meta.get("status"))
+            worker_state.task_ready(req)
+            req.acknowledge()
+            return
+        deliveries = self.ledger.received(req.id) if self.ledger is not None else Deliveries()
+        if deliveries.started >= self.settings.max_deliveries:
+            self._give_up(req, deliveries)
             return
         request = resolve_request(request, self.engine.native_size)
         job = Job(id=req.id, request=request)
@@ -106,15 +172,30 @@ class WorkerRuntime:
             req.id, {"hostname": req.hostname, "received_at": job.received_at},
             states.RECEIVED, request=req._context,
         )
-        self.runner.add(Entry(req, job, request.num_images),
-                        batch_key(request, self.settings.served_model_name),
-                        request.num_images)
+        key: Any = batch_key(request, self.settings.served_model_name)
+        if deliveries.started:
+            # It ran before and its worker was lost: it runs alone, so that if it
+            # is what kills workers it takes no other request down with it.
+            log.warning("%s ran in %d earlier deliveries whose worker was lost: it runs alone",
+                        req.id, deliveries.started)
+            key = (key, req.id)
+        self.runner.add(Entry(req, job, request.num_images, redelivered=deliveries.redelivered),
+                        key, request.num_images)
+
+    def _give_up(self, req: Request, deliveries: Deliveries) -> None:
+        error = GenerationError(
+            f"gave up after {deliveries.started} deliveries: the worker was lost each time "
+            "this request ran"
+        )
+        log.error("%s %s", req.id, error)
+        self.executor.fail(req, error)
 
     @staticmethod
-    def _revoked_in_backend(req: Request) -> bool:
+    def _revoked_in_backend(req: Request, meta: dict[str, Any] | None = None) -> bool:
         """A request revoked while this worker was not listening (e.g. before it
         started) is known only to the result backend: honour it there too."""
-        meta = req.task.backend.get_task_meta(req.id, cache=False)
+        if meta is None:
+            meta = req.task.backend.get_task_meta(req.id, cache=False)
         if meta.get("status") != states.REVOKED:
             return False
         worker_state.revoked.add(req.id)
@@ -129,15 +210,35 @@ class WorkerRuntime:
         req.send_event("task-failed", exception=repr(error), traceback="")
 
     # -- inspection ----------------------------------------------------------
+    def runner_snapshot(self) -> tuple[list[Entry], list[Entry]]:
+        return self.runner.snapshot()
+
+    @property
+    def device(self) -> str:
+        """``cuda`` or ``cpu``: where the engine runs (``cpu`` until it is loaded)."""
+        return str(getattr(self.engine, "device", "cpu")).split(":")[0]
+
+    def gpus(self) -> list[GpuStat]:
+        """NVML readings of this worker's GPUs; none on the CPU or without NVML."""
+        return visible_gpus() if self.device == "cuda" else []
+
+    def _identity(self) -> dict[str, str]:
+        return {"hostname": self.hostname, "engine": self.engine.name if self.engine else "",
+                "model": self.settings.served_model_name, "device": self.device}
+
     def describe(self) -> dict[str, Any]:
         buffered, running = self.runner.snapshot()
         return {
             "engine": self.engine.name if self.engine else None,
             "model": self.settings.served_model_name,
+            "device": self.device,
+            "gpus": [g.as_dict() for g in self.gpus()],
+            "metrics_port": self.settings.worker_metrics_port if self._metrics_server else None,
             "max_batch": self.runner.policy.max_batch,
             "max_wait_ms": self.runner.policy.max_wait * 1000.0,
             "buffered_requests": len(buffered),
             "running_requests": len(running),
+            "oom_image_limit": self.pipeline.image_limit if self.pipeline else None,
             "warmup_s": self.warmup_s,
             **self.stats.as_dict(),
         }

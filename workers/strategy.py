@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import signals
+from celery import signals, states
 from celery.app.task import Task
 from celery.utils.imports import symbol_by_name
 from celery.worker.request import create_request_cls
@@ -45,6 +45,7 @@ def batching_strategy(task: Task, app: Any, consumer: Any, **_: Any) -> Any:
                   body=body, headers=headers, decoded=decoded, utc=utc)
         log.debug("received %s", req.id)
         if (req.expires or req.id in revoked_tasks) and req.revoked():
+            runtime.stats.record_outcome(states.REVOKED)
             return
         signals.task_received.send(sender=consumer, request=req)
         if send_event is not None:

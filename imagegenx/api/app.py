@@ -10,9 +10,13 @@ from imagegenx.api.errors import register_error_handlers
 from imagegenx.api.files import bp as files_bp
 from imagegenx.api.health import bp as health_bp
 from imagegenx.api.images import bp as images_bp
+from imagegenx.api.metrics import bp as metrics_bp
 from imagegenx.api.openapi import bp as openapi_bp
+from imagegenx.api.playground import bp as playground_bp
+from imagegenx.api.ratelimit import build_limiter
 from imagegenx.api.services import build_services
 from imagegenx.api.task_status import bp as tasks_bp
+from imagegenx.api.workers import bp as workers_bp
 from imagegenx.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -23,10 +27,13 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
     app = Flask("imagegenx")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["imagegenx"] = build_services(settings, celery_app)
+    svc = build_services(settings, celery_app)
+    app.extensions["imagegenx"] = svc
     if not settings.key_digests():
         log.warning("no API keys configured (IMAGEGENX_API_KEYS): every request gets 401")
     register_error_handlers(app)
-    for bp in (images_bp, tasks_bp, files_bp, health_bp, openapi_bp):
+    svc.limiter = build_limiter(app, svc, images_bp, tasks_bp)
+    for bp in (images_bp, tasks_bp, files_bp, health_bp, openapi_bp, playground_bp, workers_bp,
+               metrics_bp):
         app.register_blueprint(bp)
     return app

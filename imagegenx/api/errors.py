@@ -4,8 +4,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, current_app, jsonify
+from flask_limiter.errors import RateLimitExceeded
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,28 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ValidationError)
     def _validation(exc: ValidationError):  # type: ignore[no-untyped-def]
         return jsonify({"error": "invalid request", "fields": field_errors(exc)}), 422
+
+    @app.errorhandler(RateLimitExceeded)
+    def _rate_limited(exc: RateLimitExceeded):  # type: ignore[no-untyped-def]
+        from imagegenx.api.ratelimit import retry_after_s
+
+        svc = current_app.extensions["imagegenx"]
+        wait = retry_after_s(svc.limiter)
+        resp = jsonify({"error": exc.description, "retry_after_s": wait})
+        resp.status_code = 429
+        resp.headers["Retry-After"] = str(wait)
+        return resp
+
+    @app.errorhandler(RedisError)
+    def _redis_down(exc: RedisError):  # type: ignore[no-untyped-def]
+        # Raised outside the views' own handling (e.g. by the rate limiter's
+        # storage): Redis is down or hung, which is a 503, never a 500.
+        log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
+        retry = current_app.extensions["imagegenx"].settings.retry_after_s
+        resp = jsonify({"error": f"queue unavailable: {type(exc).__name__}"})
+        resp.status_code = 503
+        resp.headers["Retry-After"] = str(retry)
+        return resp
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):  # type: ignore[no-untyped-def]

@@ -3,16 +3,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import request
+from flask import g, request
 
 from imagegenx.api.auth import match_key
 from imagegenx.api.errors import ApiError
 from imagegenx.api.services import services
 
 
+def caller_digest() -> str | None:
+    """Digest of the caller's API key if it is accepted (computed once per request).
+
+    The rate limiter keys on it too, so limits follow the key, not the address.
+    """
+    if "api_key_digest" not in g:
+        g.api_key_digest = match_key(request.headers.get("X-API-Key"), services().key_digests)
+    return g.api_key_digest  # type: ignore[no-any-return]
+
+
 def require_key() -> str:
     """Digest of the caller's API key, or 401."""
-    digest = match_key(request.headers.get("X-API-Key"), services().key_digests)
+    digest = caller_digest()
     if digest is None:
         raise ApiError(401, "missing or invalid API key (header X-API-Key)",
                        headers={"WWW-Authenticate": "X-API-Key"})

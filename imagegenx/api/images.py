@@ -1,4 +1,4 @@
-"""POST /api/v1/images: validate, enqueue, answer 202."""
+"""POST /api/v1/images: validate, check the queue depth, enqueue, answer 202."""
 from __future__ import annotations
 
 import secrets
@@ -23,11 +23,24 @@ def submit():  # type: ignore[no-untyped-def]
     body = json_body()
     svc = services()
     req = GenerateRequest.model_validate(body, context={"limits": svc.settings.limits})
+    if req.callback_url and not svc.settings.webhook_secret.get_secret_value():
+        raise ApiError(422, "invalid request", fields=[{
+            "field": "callback_url",
+            "reason": "webhooks are disabled on this server (no webhook secret is configured)"}])
     if req.seed is None:  # chosen here so a redelivered message draws the same image
         req = req.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - req.num_images)})
     task_id = str(uuid.uuid4())
+    retry_after = {"Retry-After": str(svc.settings.retry_after_s)}
     try:
-        svc.redis.set(svc.owner_key(task_id), digest, ex=svc.settings.result_expires_s)
+        limit = svc.settings.max_queue_depth
+        if limit:
+            # Messages not yet taken by a worker. Concurrent submissions may
+            # overshoot the limit by at most the number of API threads.
+            depth = svc.redis.llen(svc.settings.queue)
+            if depth >= limit:
+                raise ApiError(503, f"overloaded: {depth} requests are waiting (limit {limit}); "
+                               "retry later", headers=retry_after, queue_depth=depth)
+        svc.owners.record(task_id, digest)
         svc.celery.send_task(
             TASK_NAME,
             kwargs=req.model_dump(mode="json"),
@@ -38,7 +51,7 @@ def submit():  # type: ignore[no-untyped-def]
         )
     except (RedisError, OperationalError, ConnectionError) as exc:
         raise ApiError(503, f"queue unavailable: {type(exc).__name__}",
-                       headers={"Retry-After": "5"}) from exc
+                       headers=retry_after) from exc
     status_url = url_for("tasks.get_task", task_id=task_id, _external=True)
     assert req.seed is not None
     resp = jsonify(SubmitResponse(task_id=task_id, status_url=status_url, seed=req.seed).model_dump())

@@ -13,7 +13,9 @@ from pydantic.json_schema import models_json_schema
 
 from imagegenx import __version__
 from imagegenx.api.services import services
+from imagegenx.api.workers import WorkersResponse
 from imagegenx.schemas import (
+    MAX_SEED,
     ErrorResponse,
     GenerateRequest,
     Limits,
@@ -36,6 +38,29 @@ def _apply_limits(schema: dict[str, Any], limits: Limits) -> None:
     props["steps"]["maximum"] = limits.max_steps
     props["num_images"]["maximum"] = limits.max_num_images
     props["guidance_scale"]["maximum"] = limits.max_guidance
+    # Image i uses seed + i, which must stay a 32-bit seed: the largest seed
+    # allowed depends on num_images.
+    schema["allOf"] = [
+        {"if": {"properties": {"num_images": {"const": n}}, "required": ["num_images"]},
+         "then": {"properties": {"seed": {"anyOf": [{"type": "integer", "maximum": MAX_SEED - n + 1},
+                                                    {"type": "null"}]}}}}
+        for n in range(2, limits.max_num_images + 1)
+    ]
+    # Surrounding whitespace is stripped: a prompt needs a non-space character.
+    props["prompt"]["pattern"] = r"\S"
+    props["callback_url"]["anyOf"][0].update(
+        format="uri", pattern=r"^https?://[^\s/?#@]+",
+        description="http(s) URL POSTed the task's status when it finishes (signed, see "
+                    "webhooks.taskFinished). Private, loopback, link-local and cloud-metadata "
+                    "addresses are refused: literal ones here (422), names after resolution at "
+                    "delivery (webhook.state 'refused'), unless allow-listed by the server.",
+    )
+
+
+def _limited(description: str) -> dict[str, Any]:
+    """An error answer that tells the client when to come back."""
+    return {**_error(description), "headers": {"Retry-After": {
+        "description": "seconds to wait before retrying", "schema": {"type": "integer"}}}}
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -45,7 +70,8 @@ def _error(description: str) -> dict[str, Any]:
 
 def build_spec(limits: Limits) -> dict[str, Any]:
     _, defs = models_json_schema(
-        [(m, "validation") for m in (GenerateRequest, SubmitResponse, TaskStatus, ErrorResponse)],
+        [(m, "validation") for m in (GenerateRequest, SubmitResponse, TaskStatus, ErrorResponse)]
+        + [(WorkersResponse, "serialization")],
         ref_template=REF,
     )
     schemas = defs["$defs"]
@@ -77,7 +103,8 @@ def build_spec(limits: Limits) -> dict[str, Any]:
                     "401": _error("missing or invalid API key"),
                     "413": _error("body too large"),
                     "422": _error("invalid fields, each named with the reason"),
-                    "503": _error("queue unavailable"),
+                    "429": _limited("rate limit of this API key exceeded"),
+                    "503": _limited("queue full (max_queue_depth) or unavailable"),
                 },
             }},
             "/api/v1/tasks/{task_id}": {
@@ -86,12 +113,15 @@ def build_spec(limits: Limits) -> dict[str, Any]:
                         "security": secured,
                         "responses": {"200": status, "401": _error("missing or invalid API key"),
                                       "404": _error("no such task for this key"),
-                                      "503": _error("result backend unavailable")}},
+                                      "429": _limited("rate limit of this API key exceeded"),
+                                      "503": _limited("result backend unavailable")}},
                 "delete": {"summary": "Revoke a task", "operationId": "revokeTask",
                            "security": secured,
                            "responses": {"202": status, "401": _error("missing or invalid API key"),
                                          "404": _error("no such task for this key"),
-                                         "409": _error("task already finished")}},
+                                         "409": _error("task already finished"),
+                                         "429": _limited("rate limit of this API key exceeded"),
+                                         "503": _limited("broker unavailable")}},
             },
             "/api/v1/files/{key}": {"get": {
                 "summary": "A stored image", "operationId": "getFile",
@@ -100,13 +130,51 @@ def build_spec(limits: Limits) -> dict[str, Any]:
                 "responses": {"200": {"description": "PNG image",
                                       "content": {"image/png": {"schema": {"type": "string",
                                                                            "format": "binary"}}}},
+                              "302": {"description": "S3 storage: redirect to a freshly presigned URL"},
                               "404": _error("no such file")},
+            }},
+            "/api/v1/workers": {"get": {
+                "summary": "Live workers: GPU, buffered and running requests, batch statistics",
+                "description": "Workers that answer within workers_inspect_timeout_s; the others "
+                               "are absent.",
+                "operationId": "listWorkers",
+                "security": secured,
+                "responses": {"200": {"description": "the workers that answered",
+                                      "content": {"application/json": {"schema": {
+                                          "$ref": REF.format(model="WorkersResponse")}}}},
+                              "401": _error("missing or invalid API key"),
+                              "503": _error("broker unavailable")},
+            }},
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics: API requests and queue depth", "operationId": "metrics",
+                "responses": {"200": {"description": "Prometheus text format", "content": {
+                    "text/plain": {"schema": {"type": "string"}}}}},
             }},
             "/healthz": {"get": {
                 "summary": "Redis and worker reachability", "operationId": "health",
                 "responses": {"200": {"description": "healthy"}, "503": {"description": "degraded"}},
             }},
         },
+        "webhooks": {"taskFinished": {"post": {
+            "summary": "Sent to callback_url when the task ends in SUCCESS or FAILURE",
+            "description": "Body: the task's status (task_id, state, result, error). Verify "
+                           "X-ImageGenX-Signature = 'sha256=' + hex HMAC-SHA256(secret, "
+                           "X-ImageGenX-Timestamp + '.' + raw body) and refuse old timestamps. "
+                           "Retried with exponential backoff on network errors, 408, 425, 429 "
+                           "and 5xx; X-ImageGenX-Delivery (the task id) is the same on every "
+                           "attempt. Redirects are not followed.",
+            "parameters": [
+                {"name": "X-ImageGenX-Signature", "in": "header", "required": True,
+                 "schema": {"type": "string", "pattern": "^sha256=[0-9a-f]{64}$"}},
+                {"name": "X-ImageGenX-Timestamp", "in": "header", "required": True,
+                 "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+                {"name": "X-ImageGenX-Delivery", "in": "header", "required": True,
+                 "schema": {"type": "string"}},
+            ],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": REF.format(model="TaskStatus")}}}},
+            "responses": {"2XX": {"description": "received; any other answer is a failed attempt"}},
+        }}},
     }
 
 

@@ -11,7 +11,9 @@ import redis
 from celery import Celery
 from flask import current_app
 
+from imagegenx.ownership import TaskOwners
 from imagegenx.settings import Settings
+from imagegenx.webhooks import DeliveryRecord
 
 OWNER_PREFIX = "imagegenx:owner:"
 
@@ -22,9 +24,15 @@ class Services:
     celery: Celery
     redis: redis.Redis
     key_digests: frozenset[str]
+    limiter: Any = None  # flask_limiter.Limiter, set by create_app
+    owners: Any = None  # TaskOwners: Redis, plus the database of a db+ result backend
 
     def owner_key(self, task_id: str) -> str:
         return OWNER_PREFIX + task_id
+
+    @property
+    def webhooks(self) -> DeliveryRecord:
+        return DeliveryRecord(self.redis, self.settings.result_expires_s)
 
 
 def build_services(settings: Settings, celery_app: Celery | None = None) -> Services:
@@ -32,11 +40,14 @@ def build_services(settings: Settings, celery_app: Celery | None = None) -> Serv
         from tasks import create_celery_app
 
         celery_app = create_celery_app(settings)
+    # Short timeouts: with Redis down or hung, every endpoint answers 503 well
+    # within a second instead of holding a request thread.
     client = redis.Redis.from_url(
-        settings.broker_url, socket_connect_timeout=0.5, socket_timeout=1.0,
+        settings.broker_url, socket_connect_timeout=0.5, socket_timeout=0.5,
         health_check_interval=10,
     )
-    return Services(settings, celery_app, client, settings.key_digests())
+    owners = TaskOwners(client, settings.result_expires_s, settings.result_backend)
+    return Services(settings, celery_app, client, settings.key_digests(), owners=owners)
 
 
 def services() -> Services:

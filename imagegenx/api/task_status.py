@@ -5,6 +5,7 @@ import uuid
 from typing import Any
 
 from celery import states
+from celery.exceptions import BackendError
 from celery.result import AsyncResult
 from flask import Blueprint, jsonify
 from redis.exceptions import RedisError
@@ -24,17 +25,21 @@ def _owned(svc: Services, task_id: str, digest: str) -> AsyncResult:
     except ValueError:
         raise ApiError(404, "no such task") from None
     try:
-        owner = svc.redis.get(svc.owner_key(task_id))
-    except RedisError as exc:
-        raise ApiError(503, "queue unavailable", headers={"Retry-After": "5"}) from exc
-    if owner is None or owner.decode() != digest:
+        owner = svc.owners.owner(task_id)
+    except (RedisError, ConnectionError) as exc:  # ConnectionError: the ownership database
+        raise ApiError(503, "queue unavailable",
+                       headers={"Retry-After": str(svc.settings.retry_after_s)}) from exc
+    if owner is None or owner != digest:
         raise ApiError(404, "no such task")
     return AsyncResult(task_id, app=svc.celery)
 
 
 def describe(result: AsyncResult) -> dict[str, Any]:
-    state = result.state
-    info = result.info
+    # One read of the backend: ``result.state`` and ``result.info`` read it twice,
+    # and a task that moves on in between pairs a state with another state's info.
+    meta = result.backend.get_task_meta(result.id)
+    state = meta["status"]
+    info = meta.get("result")
     body: dict[str, Any] = {"task_id": result.id, "state": state, "progress": None,
                             "result": None, "error": None}
     if state == "PROGRESS" and isinstance(info, dict):
@@ -53,9 +58,12 @@ def get_task(task_id: str):  # type: ignore[no-untyped-def]
     svc = services()
     result = _owned(svc, task_id, require_key())
     try:
-        return jsonify(TaskStatus.model_validate(describe(result)).model_dump(mode="json"))
-    except RedisError as exc:
-        raise ApiError(503, "result backend unavailable", headers={"Retry-After": "5"}) from exc
+        body = describe(result)
+        body["webhook"] = svc.webhooks.get(task_id)
+        return jsonify(TaskStatus.model_validate(body).model_dump(mode="json"))
+    except (RedisError, BackendError) as exc:  # BackendError: a database backend that is down
+        raise ApiError(503, "result backend unavailable",
+                       headers={"Retry-After": str(svc.settings.retry_after_s)}) from exc
 
 
 @bp.delete("/tasks/<task_id>")

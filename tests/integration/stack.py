@@ -48,6 +48,11 @@ def stack_env(redis_base: str, tmp: Path, model: Path | None, api_port: int,
         "IMAGEGENX_PROGRESS_INTERVAL_S": "0",
         "IMAGEGENX_EXPECTED_BATCH_S": "30",
         "IMAGEGENX_VISIBILITY_TIMEOUT_S": "600",
+        # Tests poll fast with one key; the limits have their own tests.
+        "IMAGEGENX_RATE_LIMIT": "",
+        "IMAGEGENX_STATUS_RATE_LIMIT": "",
+        # No fixed port per worker; tests that scrape a worker pass a free one.
+        "IMAGEGENX_WORKER_METRICS_PORT": "0",
     }
     if model is not None:
         env["IMAGEGENX_MODEL"] = str(model)

@@ -55,6 +55,10 @@ def test_up_starts_the_whole_service_and_stops_it(redis_base: str, tmp_path: Pat
         assert requests.get(f"http://127.0.0.1:{flower_port}/", timeout=5).status_code == 401
         assert requests.get(f"http://127.0.0.1:{flower_port}/api/workers", auth=("ops", "secret"),
                             timeout=10).status_code == 200
+        # gunicorn's processes share their metrics through a directory `up` prepares.
+        metrics = requests.get(f"{base}/metrics", timeout=5).text
+        assert 'imagegenx_api_requests_total{endpoint="/api/v1/images",method="POST",status="202"} 1.0' in metrics
+        assert list((tmp_path / "var" / "prometheus-api").glob("*.db"))
     finally:
         os.killpg(proc.pid, signal.SIGTERM) if proc.poll() is None else None
         proc.wait(60)

@@ -19,7 +19,7 @@ KEY = "unit-test-key"
 @pytest.fixture(scope="module")
 def client(redis_base: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlaskClient]:
     settings = Settings(broker_url=f"{redis_base}/3", result_backend=f"{redis_base}/3",
-                        queue="unit-validation", api_keys=[KEY], max_size=512,
+                        queue="unit-validation", api_keys=[KEY], max_size=512, rate_limit="",
                         storage_root=tmp_path_factory.mktemp("files"))
     yield create_app(settings).test_client()
 

@@ -1,0 +1,91 @@
+"""The ``imagegenx.deliver_webhook`` task: POST a finished task's status to its
+``callback_url``, signed, retried with exponential backoff, every attempt recorded.
+
+It runs on its own queue (``webhook_queue``, default ``<queue>.webhooks``),
+which a bare ``celery -A tasks worker`` consumes along with the generation
+queue. Retries are Celery's own (``Task.retry`` with a countdown); the delivery
+record lives under ``imagegenx:webhook:<task id>`` in the broker's Redis and is
+shown by ``GET /api/v1/tasks/<id>`` as ``webhook``.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import Celery, Task
+
+from imagegenx.settings import Settings
+from imagegenx.webhooks import (
+    AllowList, DeliveryError, DeliveryRecord, WebhookRefused, backoff_s, encode_body, post,
+    signed_headers, vet,
+)
+from tasks.celery_app import app
+
+WEBHOOK_TASK = "imagegenx.deliver_webhook"
+log = logging.getLogger(__name__)
+
+_clients: dict[str, redis.Redis] = {}
+_clients_lock = threading.Lock()
+
+
+def delivery_record(settings: Settings) -> DeliveryRecord:
+    with _clients_lock:
+        client = _clients.get(settings.broker_url)
+        if client is None:
+            client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2,
+                                          socket_timeout=5, health_check_interval=10)
+            _clients[settings.broker_url] = client
+    return DeliveryRecord(client, settings.result_expires_s)
+
+
+def enqueue_delivery(celery_app: Celery, settings: Settings, task_id: str, url: str,
+                     payload: dict[str, Any]) -> None:
+    """Record the delivery as queued and send the delivery task."""
+    delivery_record(settings).queued(task_id)
+    celery_app.send_task(WEBHOOK_TASK, kwargs={"task_id": task_id, "url": url, "payload": payload},
+                         queue=settings.webhook_queue_name)
+
+
+@app.task(name=WEBHOOK_TASK, bind=True, acks_late=True, ignore_result=True)
+def deliver_webhook(self: Task, task_id: str, url: str, payload: dict[str, Any]) -> str:
+    settings: Settings = self.app.imagegenx_settings
+    record = delivery_record(settings)
+    attempt = self.request.retries + 1
+    secret = settings.webhook_secret.get_secret_value()
+    if not secret:
+        record.update(task_id, "refused", reason="no webhook secret is configured on the worker")
+        log.warning("webhook of %s refused: no webhook secret configured", task_id)
+        return "refused"
+    started = time.time()
+    t0 = time.perf_counter()
+    status: int | None = None
+    try:
+        target = vet(url, AllowList.parse(settings.webhook_allow_hosts))
+        body = encode_body(payload)
+        status = post(target, body, signed_headers(secret, body, task_id), settings.webhook_timeout_s)
+    except WebhookRefused as exc:
+        log.warning("webhook of %s refused: %s", task_id, exc)
+        record.update(task_id, "refused", reason=str(exc))
+        return "refused"
+    except DeliveryError as exc:
+        entry = {"at": started, "status_code": exc.status, "error": str(exc),
+                 "duration_ms": (time.perf_counter() - t0) * 1000.0}
+        if exc.retryable and attempt < settings.webhook_max_attempts:
+            delay = backoff_s(self.request.retries, settings.webhook_backoff_s,
+                              settings.webhook_backoff_max_s)
+            record.update(task_id, "retrying", entry, reason=str(exc))
+            log.info("webhook of %s: attempt %d failed (%s); retrying in %.1f s",
+                     task_id, attempt, exc, delay)
+            raise self.retry(countdown=delay, max_retries=settings.webhook_max_attempts) from None
+        reason = str(exc) if not exc.retryable else f"gave up after {attempt} attempts: {exc}"
+        record.update(task_id, "failed", entry, reason=reason)
+        log.warning("webhook of %s failed: %s", task_id, reason)
+        return "failed"
+    entry = {"at": started, "status_code": status, "error": None,
+             "duration_ms": (time.perf_counter() - t0) * 1000.0}
+    record.update(task_id, "delivered", entry)
+    log.info("webhook of %s delivered (attempt %d, status %d)", task_id, attempt, status)
+    return "delivered"
