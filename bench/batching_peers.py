@@ -51,7 +51,6 @@ import math
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -70,6 +69,7 @@ import numpy as np
 import redis
 from celery import Celery
 
+from bench.harness import stop_process_group
 from imagegenx.engine.synthetic import COST_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,13 +186,7 @@ def worker_process(system: System, log: Path, ready_timeout: float = 120.0) -> I
                 time.sleep(0.1)
             yield
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(10)
+            stop_process_group(proc)
 
 
 def tail(path: Path, chars: int = 3000) -> str:

@@ -75,13 +75,20 @@ def process(cmd: list[str], env: dict[str, str], log: Path, ready: str | None = 
                     time.sleep(0.1)
         yield proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
         fh.close()
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
+    """SIGTERM a child started with its own session (warm shutdown), SIGKILL after grace_s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 def celery_worker_cmd(app: str = "tasks", hostname: str = "bench@%h",
