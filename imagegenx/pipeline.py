@@ -141,10 +141,20 @@ class BatchPipeline:
                          if oom else _as_generation_error(exc))
                 return {jobs[0].id: Outcome(error=error)}
             log.warning("batch of %d failed (%r); retrying in halves", len(jobs), exc)
-            mid = len(jobs) // 2
-            outcomes = self.run(jobs[:mid], on_step)
-            outcomes.update(self.run(jobs[mid:], on_step))
-            return outcomes
+            # The traceback's frames hold the failed batch's tensors: drop them
+            # before the retry, or an out-of-memory error repeats at every split.
+            exc.__traceback__ = None
+        self._release_memory()
+        mid = len(jobs) // 2
+        outcomes = self.run(jobs[:mid], on_step)
+        outcomes.update(self.run(jobs[mid:], on_step))
+        return outcomes
+
+    def _release_memory(self) -> None:
+        """Give the engine a chance to free what a failed batch left (GPU cache)."""
+        release = getattr(self.engine, "release_memory", None)
+        if release is not None:
+            release()
 
     def _lower_limit(self, images: int) -> None:
         if self.image_limit is not None and images > self.image_limit:

@@ -8,6 +8,7 @@ text encoder and a scheduler itself.
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import threading
@@ -187,6 +188,12 @@ class DiffusionEngine:
             prompt_cache_size=prompt_cache_size,
             fast_path=fast_path,
         )
+
+    def release_memory(self) -> None:
+        """Free memory a failed batch left behind (called before a smaller retry)."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @property
     def native_size(self) -> tuple[int, int]:
