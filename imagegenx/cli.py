@@ -209,6 +209,33 @@ def generate(prompt: str, api_url: str, api_key: str | None, wait: bool, output:
         click.echo(str(path))
 
 
+BENCHMARKS = {
+    "overhead": "bench.queue_overhead",
+    "batching": "bench.batching_peers",
+    "load": "bench.load_test",
+    "gpu": "bench.gpu_benchmark",
+    "gpu-oom": "bench.gpu_oom",
+}
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              add_help_option=False)
+@click.argument("name", metavar="NAME", type=click.Choice(sorted(BENCHMARKS)))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(name: str, args: tuple[str, ...]) -> None:
+    """Run benchmark NAME: overhead, batching, load, gpu or gpu-oom (`imagegenx bench NAME --help`).
+
+    Each prints a table and writes JSON; see docs/BENCHMARKS.md.
+    """
+    import importlib
+
+    try:
+        module = importlib.import_module(BENCHMARKS[name])
+    except ImportError as exc:
+        raise click.ClickException(f"benchmark {name!r} is not installed: {exc}") from None
+    sys.exit(module.main(list(args)))
+
+
 @main.group()
 def model() -> None:
     """Create model folders."""

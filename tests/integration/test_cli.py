@@ -79,3 +79,11 @@ def test_model_init_writes_a_tiny_model_and_refuses_to_overwrite(tmp_path: Path)
 def test_model_init_rejects_an_unknown_architecture(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["model", "init", "--arch", "sdxl", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--arch" in result.output
+
+
+def test_bench_runs_a_benchmark_and_names_a_bad_choice() -> None:
+    runner = CliRunner()
+    res = runner.invoke(main, ["bench", "overhead", "--help"])
+    assert res.exit_code == 0 and "--duration" in res.output
+    bad = runner.invoke(main, ["bench", "nope"])
+    assert bad.exit_code == 2 and "NAME" in bad.output and "overhead" in bad.output
