@@ -64,13 +64,13 @@ def up(flower: bool, worker: bool) -> None:
 
     sup = Supervisor()
     try:
-        if not redis_answers(settings.broker_url):
+        if not redis_answers(settings.broker_url, sentinel_master=settings.sentinel_master):
             cmd = redis_command(settings.broker_url)
             if cmd is None:
                 raise click.ClickException(f"no Redis answers at {settings.broker_url}")
             sup.spawn("redis", cmd)
             for _ in range(50):
-                if redis_answers(settings.broker_url):
+                if redis_answers(settings.broker_url, sentinel_master=settings.sentinel_master):
                     break
                 time.sleep(0.1)
             else:

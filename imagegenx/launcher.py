@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import redis
 
+from imagegenx.redis_client import is_sentinel, redis_client
 from imagegenx.settings import Settings
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -25,10 +26,10 @@ class LaunchError(RuntimeError):
     """A process could not be started; the message says what to do."""
 
 
-def redis_answers(url: str, timeout: float = 0.5) -> bool:
+def redis_answers(url: str, timeout: float = 0.5, sentinel_master: str = "") -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=timeout,
-                                         socket_timeout=timeout).ping())
+        return bool(redis_client(url, sentinel_master, socket_connect_timeout=timeout,
+                                 socket_timeout=timeout).ping())
     except redis.RedisError:
         return False
 
@@ -37,7 +38,7 @@ def redis_command(url: str) -> list[str] | None:
     """Command that starts a throwaway Redis for ``url``, or None if not local."""
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
-    if host not in LOOPBACK:
+    if is_sentinel(url) or host not in LOOPBACK:
         return None
     binary = shutil.which("redis-server")
     if binary is None:

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = "redis://127.0.0.1:6379/0"
     queue: str = "imagegenx"
+    sentinel_master: str = Field(
+        default="", description="Redis Sentinel master name, for sentinel:// broker/backend URLs",
+    )
     result_expires_s: int = 86400
     visibility_timeout_s: int = 3600
 
@@ -248,6 +251,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
+        uses_sentinel = any(url.startswith("sentinel://")
+                            for url in (self.broker_url, self.result_backend))
+        if uses_sentinel and not self.sentinel_master:
+            raise ValueError("sentinel:// URLs need sentinel_master (the master's name)")
         if self.max_num_images > self.max_batch:
             raise ValueError("max_num_images must not exceed max_batch")
         if self.min_size > self.max_size:

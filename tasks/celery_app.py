@@ -41,6 +41,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         # timeouts keep a broker that stops answering from hanging a publish
         # or an ack (BRPOP waits 1 s, well within them).
         "broker_transport_options": {
+            **({"master_name": settings.sentinel_master} if settings.sentinel_master else {}),
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": restore_interval_s(settings),
             "unacked_restore_throttle": 1,
@@ -49,7 +50,10 @@ def celery_config(settings: Settings) -> dict[str, object]:
         },
         "redis_socket_connect_timeout": 2.0,
         "redis_socket_timeout": 10.0,
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_backend_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            **({"master_name": settings.sentinel_master} if settings.sentinel_master else {}),
+        },
         "broker_connection_retry_on_startup": True,
         # On a lost broker connection the running batch goes on and stores its
         # results; its acks go out once the consumer has reconnected (the

@@ -17,6 +17,7 @@ from typing import Any
 import redis
 from celery import Celery, Task
 
+from imagegenx.redis_client import redis_client
 from imagegenx.settings import Settings
 from imagegenx.webhooks import (
     AllowList, DeliveryError, DeliveryRecord, WebhookRefused, backoff_s, encode_body, post,
@@ -35,8 +36,9 @@ def delivery_record(settings: Settings) -> DeliveryRecord:
     with _clients_lock:
         client = _clients.get(settings.broker_url)
         if client is None:
-            client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2,
-                                          socket_timeout=5, health_check_interval=10)
+            client = redis_client(settings.broker_url, settings.sentinel_master,
+                                  socket_connect_timeout=2, socket_timeout=5,
+                                  health_check_interval=10)
             _clients[settings.broker_url] = client
     return DeliveryRecord(client, settings.result_expires_s)
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import redis
 
+from imagegenx.redis_client import is_redis, redis_client
+
 log = logging.getLogger(__name__)
 
 PREFIX = "imagegenx:deliveries:"
@@ -47,11 +49,12 @@ class DeliveryLedger:
         self.ttl_s = max(1, int(ttl_s))
 
     @classmethod
-    def from_url(cls, url: str, ttl_s: int) -> "DeliveryLedger | None":
-        if not url.startswith(("redis://", "rediss://", "unix://")):
+    def from_url(cls, url: str, ttl_s: int, sentinel_master: str = "") -> "DeliveryLedger | None":
+        if not is_redis(url):
             log.warning("delivery counting needs a Redis broker; %s is not one", url.split("://")[0])
             return None
-        return cls(redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=5.0), ttl_s)
+        client = redis_client(url, sentinel_master, socket_connect_timeout=2.0, socket_timeout=5.0)
+        return cls(client, ttl_s)
 
     @staticmethod
     def key(task_id: str) -> str:

@@ -55,7 +55,8 @@ class WorkerRuntime:
             self.metrics = WorkerMetrics()
             self.stats.metrics = self.metrics
             self.metrics.watch(self.runner_snapshot, self.gpus, self._identity)
-        self.ledger = DeliveryLedger.from_url(settings.broker_url, settings.result_expires_s)
+        self.ledger = DeliveryLedger.from_url(settings.broker_url, settings.result_expires_s,
+                                              settings.sentinel_master)
         self.executor = BatchExecutor(self._get_pipeline, settings.progress_interval_s, self.stats,
                                       ledger=self.ledger)
         self.runner: BatchRunner[Entry] = BatchRunner(

@@ -33,7 +33,8 @@ def build_limiter(app: Flask, svc: Services, submit_bp: Blueprint, status_bp: Bl
     own connection pool (same timeouts: a dead Redis answers 503 fast)."""
     limiter = Limiter(
         key_func=_key,
-        storage_uri=svc.settings.broker_url,
+        # The URI only selects Redis storage: the pool (Sentinel-aware) does the rest.
+        storage_uri="redis://",
         storage_options={"connection_pool": svc.redis.connection_pool},
         strategy=STRATEGY,
         key_prefix="imagegenx",

@@ -12,6 +12,7 @@ from celery import Celery
 from flask import current_app
 
 from imagegenx.ownership import TaskOwners
+from imagegenx.redis_client import redis_client
 from imagegenx.settings import Settings
 from imagegenx.webhooks import DeliveryRecord
 
@@ -42,9 +43,9 @@ def build_services(settings: Settings, celery_app: Celery | None = None) -> Serv
         celery_app = create_celery_app(settings)
     # Short timeouts: with Redis down or hung, every endpoint answers 503 well
     # within a second instead of holding a request thread.
-    client = redis.Redis.from_url(
-        settings.broker_url, socket_connect_timeout=0.5, socket_timeout=0.5,
-        health_check_interval=10,
+    client = redis_client(
+        settings.broker_url, settings.sentinel_master, socket_connect_timeout=0.5,
+        socket_timeout=0.5, health_check_interval=10,
     )
     owners = TaskOwners(client, settings.result_expires_s, settings.result_backend)
     return Services(settings, celery_app, client, settings.key_digests(), owners=owners)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis
 
+from imagegenx.redis_client import redis_client
 from imagegenx.settings import Settings
 from tests.service import ApiServer, Worker, free_port, start_worker
 
@@ -83,4 +83,4 @@ def running_stack(redis_base: str, tmp: Path, model: Path | None, name: str = "w
             yield Stack(settings, env, api, worker, celery, tmp)
     finally:
         worker.stop()
-        redis.Redis.from_url(env["IMAGEGENX_BROKER_URL"]).delete(env["IMAGEGENX_QUEUE"])
+        redis_client(settings.broker_url, settings.sentinel_master).delete(settings.queue)
