@@ -24,3 +24,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from imagegenx.engine.model_init import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No IMAGEGENX_* variable of the calling shell leaks into settings under test."""
+    for name in list(os.environ):
+        if name.startswith("IMAGEGENX_"):
+            monkeypatch.delenv(name)

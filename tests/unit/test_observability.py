@@ -18,12 +18,8 @@ from workers.metrics import WorkerMetrics
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("IMAGEGENX_"):
-            monkeypatch.delenv(name)
+def _no_service_env(clean_env: None) -> None:
+    """These tests read settings from the code defaults only."""
 
 
 # -- settings ------------------------------------------------------------------

@@ -13,12 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("IMAGEGENX_"):
-            monkeypatch.delenv(name)
+def _no_service_env(clean_env: None) -> None:
+    """These tests read settings from the code defaults only."""
 
 
 def test_defaults_yaml_matches_the_code_defaults() -> None:
