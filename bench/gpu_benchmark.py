@@ -27,7 +27,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -43,7 +42,9 @@ from typing import Any
 
 import requests
 
-from bench.harness import REPO, ResultCollector, free_port, machine, now_utc, percentiles
+from bench.harness import (
+    REPO, ResultCollector, free_port, machine, now_utc, percentiles, process,
+)
 
 KEY = "gpu-bench-key"
 PROMPT = "a photograph of an astronaut riding a horse, detailed, golden hour"
@@ -330,22 +331,9 @@ def part_c(model: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 # -- d, e: the whole service -------------------------------------------------------
 
-@contextmanager
-def proc(cmd: list[str], env: dict[str, str], logfile: Path) -> Iterator[subprocess.Popen[bytes]]:
-    fh = logfile.open("wb")
-    p = subprocess.Popen(cmd, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, cwd=REPO,
-                         stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield p
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
-        fh.close()
+def proc(cmd: list[str], env: dict[str, str], logfile: Path):  # type: ignore[no-untyped-def]
+    """A service process for parts d and e (a GPU worker gets 60 s to shut down warm)."""
+    return process(cmd, env, logfile, grace_s=60.0)
 
 
 def wait_text(logfile: Path, text: str, count: int, p: subprocess.Popen[bytes], timeout: float) -> float:

@@ -59,7 +59,8 @@ def wait_log(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: floa
 
 @contextmanager
 def process(cmd: list[str], env: dict[str, str], log: Path, ready: str | None = None,
-            ready_url: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+            ready_url: str | None = None,
+            grace_s: float = 30.0) -> Iterator[subprocess.Popen[bytes]]:
     fh = log.open("wb")
     proc = subprocess.Popen(cmd, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, cwd=REPO,
                             stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -75,7 +76,7 @@ def process(cmd: list[str], env: dict[str, str], log: Path, ready: str | None = 
                     time.sleep(0.1)
         yield proc
     finally:
-        stop_process_group(proc)
+        stop_process_group(proc, grace_s)
         fh.close()
 
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis
 import requests
 from werkzeug.serving import make_server
+
+from imagegenx.launcher import redis_answers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,17 +29,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def redis_ok(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.3).ping())
-    except redis.RedisError:
-        return False
-
-
 @contextmanager
 def redis_server() -> Iterator[str]:
     """The machine's Redis on 6379 if it answers, else a private one. Yields a base URL."""
-    if redis_ok("redis://127.0.0.1:6379/0"):
+    if redis_answers("redis://127.0.0.1:6379/0"):
         yield "redis://127.0.0.1:6379"
         return
     binary = shutil.which("redis-server")
@@ -50,7 +44,7 @@ def redis_server() -> Iterator[str]:
     url = f"redis://127.0.0.1:{port}"
     try:
         for _ in range(100):
-            if redis_ok(url + "/0"):
+            if redis_answers(url + "/0"):
                 break
             time.sleep(0.05)
         yield url

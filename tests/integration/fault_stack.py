@@ -17,9 +17,10 @@ from typing import Any
 import redis
 import requests
 
+from imagegenx.launcher import redis_answers
 from imagegenx.settings import Settings
 from tests.integration.stack import API_KEY, settings_from_env, stack_env
-from tests.service import ApiServer, Worker, free_port, redis_ok, start_worker
+from tests.service import ApiServer, Worker, free_port, start_worker
 
 HEADERS = {"X-API-Key": API_KEY}
 DONE = ("SUCCESS", "FAILURE", "REVOKED")
@@ -49,7 +50,7 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
-        while not redis_ok(self.base + "/0"):
+        while not redis_answers(self.base + "/0"):
             if time.monotonic() > deadline:
                 raise RuntimeError("private redis-server did not start")
             time.sleep(0.02)
