@@ -21,6 +21,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from imagegenx.engine.ldm_layout import folder_to_single_file
+from imagegenx.engine.single_file import check_single_file, is_single_file
 from imagegenx.engine.tokenizer import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -145,6 +147,51 @@ def _model_index() -> dict[str, Any]:
     }
 
 
+# Architecture name -> (UNet, VAE, text encoder) specs.
+ARCHS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
+    "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER),
+    "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER),
+}
+
+
+def component_configs(arch: str = "sd15") -> dict[str, dict[str, Any]]:
+    """The weightless diffusers config files of ``arch``: relative path -> JSON.
+
+    A single-file checkpoint carries weights only; diffusers builds the modules
+    from these. Keys not given take the classes' defaults, exactly as in the
+    folders written by ``save_pretrained``. No library versions are written, so
+    the shipped files stay valid across upgrades.
+    """
+    unet, vae, text = ARCHS[arch]
+    vocab, _ = clip_vocab_and_merges()
+    index = {k: v for k, v in _model_index().items() if k != "_diffusers_version"}
+    return {
+        "model_index.json": index,
+        "unet/config.json": {"_class_name": "UNet2DConditionModel", **unet},
+        "vae/config.json": {"_class_name": "AutoencoderKL", **vae},
+        "text_encoder/config.json": {
+            "architectures": ["CLIPTextModel"],
+            "model_type": "clip_text_model",
+            **text,
+            "bos_token_id": vocab[BOS_TOKEN],
+            "eos_token_id": vocab[EOS_TOKEN],
+            "pad_token_id": vocab[EOS_TOKEN],
+        },
+        "scheduler/scheduler_config.json": SD15_SCHEDULER,
+    }
+
+
+def write_config_folder(path: Path, arch: str = "sd15") -> Path:
+    """Write the config files of ``arch`` (no weights) under ``path``.
+
+    ``configs/sd15`` in the repository is this function's output for "sd15".
+    """
+    path = Path(path)
+    for rel, data in component_configs(arch).items():
+        _write_json(path / rel, data)
+    return path
+
+
 def _text_config(spec: dict[str, Any]) -> CLIPTextConfig:
     vocab, _ = clip_vocab_and_merges()
     return CLIPTextConfig(
@@ -217,13 +264,36 @@ def write_sd15_model(path: Path, seed: int = 0, dtype: torch.dtype = torch.float
     )
 
 
+def write_single_file_model(path: Path, arch: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight model of ``arch`` as one original-layout ``.safetensors`` file.
+
+    For testing the single-file loader, and its speed with the full SD1.5
+    size (fp16, ~2.1 GB). The diffusers folder is written first, beside
+    ``path``, then converted and removed.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path}: a single-file model must end in .safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}-", dir=path.parent) as staging:
+        folder = Path(staging) / "model"
+        if arch == "sd15":
+            write_sd15_model(folder, seed=seed)
+        else:
+            write_tiny_model(folder, seed=seed)
+        return folder_to_single_file(folder, path)
+
+
 def ensure_model(path: Path, seed: int = 0) -> Path:
     """Return ``path``, first writing the tiny model there if it holds no model.
 
     The model is written into a sibling temporary folder and renamed into
-    place, so concurrent workers never load a half-written folder.
+    place, so concurrent workers never load a half-written folder. A
+    single-file checkpoint is never written, only checked (it must exist).
     """
     path = Path(path)
+    if is_single_file(path):
+        return check_single_file(path)
     if (path / "model_index.json").is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
