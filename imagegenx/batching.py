@@ -5,7 +5,7 @@ drive it with a fake clock. No Celery, kombu or torch here.
 
 Rules:
 - Requests are grouped by a compatibility key (model, width, height, steps,
-  sampler); only requests with equal keys share a batch.
+  sampler, LoRA set); only requests with equal keys share a batch.
 - A key is ready when its buffered images reach ``max_batch``, or when its
   OLDEST buffered request has waited ``max_wait`` seconds. The deadline is
   always derived from the oldest item still buffered, so there is no timer to
@@ -33,6 +33,8 @@ class BatchKey:
     height: int
     steps: int
     sampler: str
+    # (name, weight) pairs sorted by name: the engine merges one LoRA set per batch.
+    loras: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass

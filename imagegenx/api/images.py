@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 from imagegenx.api.errors import ApiError
 from imagegenx.api.guards import json_body, require_key
 from imagegenx.api.services import services
+from imagegenx.lora_catalog import LoraCatalog
 from imagegenx.schemas import MAX_SEED, GenerateRequest, SubmitResponse
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1")
@@ -27,6 +28,11 @@ def submit():  # type: ignore[no-untyped-def]
         raise ApiError(422, "invalid request", fields=[{
             "field": "callback_url",
             "reason": "webhooks are disabled on this server (no webhook secret is configured)"}])
+    loras = LoraCatalog(svc.settings.lora_dir)
+    # The API host may not hold the LoRAs (the workers do): check only where the folder is.
+    unknown = loras.unknown_reason(req.lora_names()) if req.lora and loras.exists() else None
+    if unknown:
+        raise ApiError(422, "invalid request", fields=[{"field": "lora", "reason": unknown}])
     if req.seed is None:  # chosen here so a redelivered message draws the same image
         req = req.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - req.num_images)})
     task_id = str(uuid.uuid4())

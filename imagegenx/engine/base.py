@@ -1,7 +1,7 @@
 """The contract between the batching worker and any image engine.
 
 The worker hands an engine one *batch*: samples that share the settings the
-batching policy keys on (size, steps, sampler, model), while prompt, seed and
+batching policy keys on (size, steps, sampler, model, LoRAs), while prompt, seed and
 guidance vary per sample. Keeping this contract free of torch lets the worker,
 the API and the benchmarks use it without importing a deep-learning stack.
 """
@@ -33,6 +33,8 @@ class BatchSpec:
     steps: int
     sampler: str
     samples: tuple[Sample, ...] = field(default_factory=tuple)
+    # LoRAs merged into the model for this batch: (name, weight), sorted by name.
+    loras: tuple[tuple[str, float], ...] = ()
 
 
 # Called at every step boundary with (steps_done, steps_total): once before the

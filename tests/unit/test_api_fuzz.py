@@ -33,7 +33,9 @@ def fuzz_settings(redis_base: str, tmp_path_factory: pytest.TempPathFactory) -> 
     s = Settings(broker_url=f"{redis_base}/3", result_backend=f"{redis_base}/3", queue=QUEUE,
                  api_keys=[KEY], storage_root=tmp_path_factory.mktemp("fuzz-files"),
                  webhook_secret="fuzz-secret", rate_limit="", status_rate_limit="",
-                 workers_inspect_timeout_s=0.2)
+                 workers_inspect_timeout_s=0.2,
+                 # No LoRA folder: generated names are left to the worker, not refused here.
+                 lora_dir=tmp_path_factory.mktemp("fuzz-loras") / "absent")
     yield s
     redis.Redis.from_url(s.broker_url).delete(QUEUE)
 
