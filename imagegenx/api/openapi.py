@@ -6,7 +6,7 @@ fuzzers see the limits this server enforces.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from flask import Blueprint, jsonify
 from pydantic.json_schema import models_json_schema
@@ -19,6 +19,7 @@ from imagegenx.schemas import (
     ErrorResponse,
     GenerateRequest,
     Limits,
+    Postprocess,
     SubmitResponse,
     TaskStatus,
 )
@@ -46,6 +47,7 @@ def _apply_limits(schema: dict[str, Any], limits: Limits) -> None:
                                                     {"type": "null"}]}}}}
         for n in range(2, limits.max_num_images + 1)
     ]
+    schema["allOf"] += _upscale_rules(limits)
     # Surrounding whitespace is stripped: a prompt needs a non-space character.
     props["prompt"]["pattern"] = r"\S"
     props["callback_url"]["anyOf"][0].update(
@@ -55,6 +57,24 @@ def _apply_limits(schema: dict[str, Any], limits: Limits) -> None:
                     "addresses are refused: literal ones here (422), names after resolution at "
                     "delivery (webhook.state 'refused'), unless allow-listed by the server.",
     )
+
+
+def _upscale_rules(limits: Limits) -> list[dict[str, Any]]:
+    """An upscaled side may not pass max_upscaled_side: a factor that max_size
+    would break needs width and height set, small enough."""
+    rules = []
+    for factor in get_args(Postprocess.model_fields["upscale"].annotation):
+        cap = limits.max_upscaled_side // factor
+        if factor == 1 or cap >= limits.max_size:
+            continue
+        rules.append({
+            "if": {"properties": {"postprocess": {"properties": {"upscale": {"const": factor}},
+                                                  "required": ["upscale"]}},
+                   "required": ["postprocess"]},
+            "then": {"required": ["width", "height"],
+                     "properties": {n: {"type": "integer", "maximum": cap} for n in ("width", "height")}},
+        })
+    return rules
 
 
 def _limited(description: str) -> dict[str, Any]:
