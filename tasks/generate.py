@@ -20,7 +20,7 @@ class GenerateTask(Task):
     Strategy = "workers.strategy:batching_strategy"
     acks_late = True
     track_started = True
-    # The worker stores results itself, per request, from the batch thread.
+    # The worker stores results itself, per request, from its finishing thread.
     typing = False
 
 

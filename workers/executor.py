@@ -4,6 +4,11 @@ per-request results in the result backend, progress, revocation and acks.
 Each request gets its own STARTED / PROGRESS / SUCCESS or FAILURE or REVOKED
 state, its own task events (so Flower shows it with its own runtime) and is
 acknowledged only after its result is stored.
+
+The model thread runs the engine phase of a batch (with its progress and
+revocation checks) and hands the rest (rendering, storing, results, webhooks,
+acks) to the finishing thread (``workers.finisher``), so the next batch's
+engine run overlaps it.
 """
 from __future__ import annotations
 
@@ -23,8 +28,9 @@ from celery.worker.request import Request
 
 from imagegenx.batching import Batch
 from imagegenx.errors import GenerationError
-from imagegenx.pipeline import BatchPipeline, Job, Outcome
+from imagegenx.pipeline import BatchPipeline, Drawn, Job, Outcome
 from workers.callbacks import notify
+from workers.finisher import Finisher
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +94,8 @@ class BatchStats:
     def record_outcome(self, state: str, images: int = 0) -> None:
         """A request finished: SUCCESS (with its images), FAILURE or REVOKED.
 
-        Called from the consumer thread (invalid, revoked on arrival) and from
-        the batch thread.
+        Called from the consumer thread (invalid, revoked on arrival), the
+        model thread (revoked) and the finishing thread.
         """
         with self._lock:
             if state == states.SUCCESS:
@@ -117,6 +123,15 @@ class BatchStats:
         }
 
 
+@dataclass
+class DrawnBatch:
+    """A batch between its engine run and its reports."""
+
+    entries: list[Entry]
+    drawn: Drawn
+    t0: float  # perf_counter when the batch started
+
+
 def _summary(result: dict[str, Any]) -> str:
     urls = [im["url"] for im in result.get("images", [])]
     return f"{{'images': {urls!r}, 'batch': {result.get('batch')!r}}}"
@@ -132,14 +147,17 @@ class BatchExecutor:
         stats: BatchStats | None = None,
         ledger: Any = None,
         store_retry_s: float = STORE_RETRY_S,
+        finish_backlog: int = 1,
     ) -> None:
         self._pipeline = pipeline
         self.progress_interval_s = progress_interval_s
         self.stats = stats or BatchStats()
         self.ledger = ledger  # workers.deliveries.DeliveryLedger, or None
         self.store_retry_s = store_retry_s
+        self._finisher: Finisher[DrawnBatch] = Finisher(self._finish, backlog=finish_backlog)
 
     def __call__(self, batch: Batch[Entry]) -> None:
+        """On the model thread: the engine phase; the rest goes to the finisher."""
         entries = [e for e in batch.items if not self._revoked(e) and not self._finished_before(e)]
         if not entries:
             return
@@ -147,19 +165,43 @@ class BatchExecutor:
         self._accept(entries)
         if self.ledger is not None:
             self.ledger.started(e.req.id for e in entries)
+        jobs = [e.job for e in entries]
         try:
-            outcomes = self._pipeline().run([e.job for e in entries], self._step_callback(entries))
+            drawn = self._pipeline().draw(jobs, self._step_callback(entries))
+        except Exception as exc:  # noqa: BLE001 - never leave a request PENDING
+            log.exception("batch failed outside the pipeline")
+            drawn = Drawn.failed(jobs, GenerationError(f"{type(exc).__name__}: {exc}"))
+        self._finisher.submit(DrawnBatch(entries, drawn, t0))
+
+    def finishing(self) -> list[Entry]:
+        """Requests drawn and not yet reported (still unacknowledged)."""
+        return [e for d in self._finisher.items() for e in d.entries]
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every drawn batch is stored, reported and acknowledged."""
+        return self._finisher.drain(timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Finish the drawn batches, then stop the finishing thread (batches
+        handed over later are finished in the caller's thread)."""
+        return self._finisher.close(timeout)
+
+    def _finish(self, d: DrawnBatch) -> None:
+        """On the finishing thread: render, store, record and report each request."""
+        entries = d.entries
+        try:
+            outcomes = self._pipeline().finish(d.drawn)
         except Exception as exc:  # noqa: BLE001 - never leave a request PENDING
             log.exception("batch failed outside the pipeline")
             error = GenerationError(f"{type(exc).__name__}: {exc}")
             outcomes = {e.job.id: Outcome(error=error) for e in entries}
-        elapsed = time.perf_counter() - t0
-        self.stats.record(sum(e.images for e in entries), len(entries), elapsed)
-        engine_runs = {o.result.batch.id: o.result.timings.get("engine_s")
-                       for o in outcomes.values() if o.result is not None}
-        for seconds in engine_runs.values():
-            if seconds is not None:
+        try:
+            self.stats.record(sum(e.images for e in entries), len(entries),
+                              time.perf_counter() - d.t0)
+            for seconds in d.drawn.engine_runs().values():
                 self.stats.record_engine(seconds)
+        except Exception:  # noqa: BLE001 - statistics must not keep results from being reported
+            log.exception("could not record the statistics of a batch")
         for entry in entries:
             outcome = outcomes.get(entry.job.id) or Outcome(error=GenerationError("no outcome"))
             try:

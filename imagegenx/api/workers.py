@@ -63,6 +63,7 @@ class WorkerInfo(BaseModel):
     model: str
     buffered_requests: int = Field(description="received, waiting for a batch")
     running_requests: int = Field(description="in the batch that is running")
+    finishing_requests: int = Field(0, description="drawn, being stored and reported")
     metrics_port: int | None = Field(description="port of the worker's Prometheus metrics, if served")
     batching: BatchingStats
 
@@ -73,7 +74,7 @@ class WorkersResponse(BaseModel):
 
 
 _LIVE = ("engine", "model", "device", "gpus", "metrics_port", "buffered_requests",
-         "running_requests")
+         "running_requests", "finishing_requests")
 
 
 def worker_info(hostname: str, reply: dict[str, Any]) -> WorkerInfo:
@@ -86,6 +87,7 @@ def worker_info(hostname: str, reply: dict[str, Any]) -> WorkerInfo:
         model=reply.get("model") or "",
         buffered_requests=reply.get("buffered_requests", 0),
         running_requests=reply.get("running_requests", 0),
+        finishing_requests=reply.get("finishing_requests", 0),
         metrics_port=reply.get("metrics_port"),
         batching=BatchingStats.model_validate({k: v for k, v in reply.items() if k not in _LIVE}),
     )
