@@ -40,6 +40,17 @@ def api_env(env: dict[str, str], settings: Settings) -> dict[str, str]:
     return {**env, "PROMETHEUS_MULTIPROC_DIR": str(directory.resolve())}
 
 
+def _ensure_model(path: Path) -> None:
+    """``ensure_model``, with a bad single-file model reported as a one-line error."""
+    from imagegenx.engine.model_init import ensure_model
+    from imagegenx.engine.single_file import ModelLoadError
+
+    try:
+        ensure_model(path)
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @main.command()
 @click.option("--flower/--no-flower", default=True, help="Also start the Flower dashboard.")
 @click.option("--worker/--no-worker", default=True, help="Also start one worker.")
@@ -76,11 +87,10 @@ def up(flower: bool, worker: bool) -> None:
             else:
                 raise click.ClickException("redis-server did not start")
         if worker and settings.engine == "diffusion":
-            from imagegenx.engine.model_init import ensure_model
             from imagegenx.engine.quiet import silence_library_progress
 
             silence_library_progress()
-            ensure_model(settings.model)
+            _ensure_model(settings.model)
         sup.spawn("api", api_command(settings), api_env(env, settings))
         if worker:
             sup.spawn("worker", worker_command(), env)
@@ -115,11 +125,10 @@ def worker(gpus: str, loglevel: str) -> None:
         raise click.BadParameter(str(exc), param_hint="'--gpus'") from None
     settings = load_settings()
     if settings.engine == "diffusion":
-        from imagegenx.engine.model_init import ensure_model
         from imagegenx.engine.quiet import silence_library_progress
 
         silence_library_progress()
-        ensure_model(settings.model)  # once here, not raced by the workers
+        _ensure_model(settings.model)  # once here, not raced by the workers
     env = dict(os.environ)
     sup = Supervisor()
     for index in indices:
@@ -249,20 +258,36 @@ def model() -> None:
               help="Architecture to write: tiny, or the full SD1.5 architecture.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--force", is_flag=True, help="Overwrite a model already at PATH.")
-def model_init(path: Path, arch: str, seed: int, force: bool) -> None:
-    """Write a diffusers-layout model folder with random weights to PATH."""
-    from imagegenx.engine.model_init import write_sd15_model, write_tiny_model
+@click.option("--single-file", is_flag=True,
+              help="Write one original-layout .safetensors checkpoint to PATH instead of a folder.")
+def model_init(path: Path, arch: str, seed: int, force: bool, single_file: bool) -> None:
+    """Write a diffusers-layout model folder (or a single file) with random weights to PATH."""
+    from imagegenx.engine.model_init import write_sd15_model, write_single_file_model, write_tiny_model
     from imagegenx.engine.quiet import silence_library_progress
 
     silence_library_progress()
-    if (path / "model_index.json").exists() and not force:
+    if single_file and path.suffix.lower() != ".safetensors":
+        raise click.BadParameter("with --single-file, PATH must end in .safetensors", param_hint="PATH")
+    if ((path / "model_index.json").exists() or (single_file and path.exists())) and not force:
         raise click.UsageError(f"{path} already holds a model (use --force to overwrite)")
     t0 = time.perf_counter()
-    if arch == "sd15":
+    if single_file:
+        write_single_file_model(path, arch=arch, seed=seed)
+    elif arch == "sd15":
         write_sd15_model(path)
     else:
         write_tiny_model(path, seed=seed)
     click.echo(f"wrote {arch} model to {path} in {time.perf_counter() - t0:.1f} s")
+
+
+def _add_optimize_commands() -> None:
+    """`imagegenx optimize ...` lives in the optimize package (imports only click here)."""
+    from optimize.cli import optimize
+
+    main.add_command(optimize)
+
+
+_add_optimize_commands()
 
 
 if __name__ == "__main__":

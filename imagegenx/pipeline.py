@@ -4,6 +4,10 @@ Independent of Celery: the worker's executor supplies the jobs and the
 callbacks; this module plans the engine batch, maps samples back to requests,
 post-processes, stores files and isolates failures (a request that makes its
 batch fail is found by bisection, so it alone fails).
+
+A batch runs in two phases so that the GPU need not wait for the CPU work:
+``draw`` (engine only; the thread that owns the model) and ``finish``
+(rendering, storing, results; any thread). ``run`` does both.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from imagegenx.errors import GenerationError
 from imagegenx.postprocess import render
 from imagegenx.schemas import MAX_SEED, BatchInfo, GenerateRequest, GenerateResult, ImageResult
 from imagegenx.storage import Storage
+from imagegenx.upscale import LanczosUpscaler, Upscaler
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,8 @@ def resolve_request(request: GenerateRequest, native_size: tuple[int, int]) -> G
 def batch_key(request: GenerateRequest, model: str) -> BatchKey:
     """Compatibility key of a resolved request."""
     assert request.width is not None and request.height is not None
-    return BatchKey(model, request.width, request.height, request.steps, request.sampler.value)
+    return BatchKey(model, request.width, request.height, request.steps, request.sampler.value,
+                    request.lora_set())
 
 
 @dataclass
@@ -83,6 +89,41 @@ class Outcome:
     dropped: bool = False
 
 
+@dataclass
+class Drawing:
+    """A job's images from one engine run, not yet rendered or stored."""
+
+    job: Job
+    images: list[Image.Image]
+    batch: BatchInfo
+    started: float  # wall-clock time the engine run started
+    engine_s: float
+    upscaled: bool = False  # already enlarged on the engine's device (postprocess.upscale)
+
+
+@dataclass
+class Drawn:
+    """The engine phase of a batch: per job its images, or already its final
+    outcome (an error, or dropped). Jobs keep the order they were given in."""
+
+    jobs: list[Job]
+    drawings: dict[str, Drawing] = field(default_factory=dict)
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, jobs: list[Job], error: Exception) -> "Drawn":
+        """Every job failed with ``error`` (the engine phase itself broke)."""
+        return cls(jobs, outcomes={job.id: Outcome(error=error) for job in jobs})
+
+    def merge(self, other: "Drawn") -> None:
+        self.drawings.update(other.drawings)
+        self.outcomes.update(other.outcomes)
+
+    def engine_runs(self) -> dict[str, float]:
+        """Engine seconds per engine run that produced images (a bisected batch has several)."""
+        return {d.batch.id: d.engine_s for d in self.drawings.values()}
+
+
 def plan(jobs: list[Job]) -> tuple[BatchSpec, list[tuple[int, int]]]:
     """The engine batch for ``jobs`` and, per sample, (job index, image index)."""
     first = jobs[0].request
@@ -94,15 +135,20 @@ def plan(jobs: list[Job]) -> tuple[BatchSpec, list[tuple[int, int]]]:
             samples.append(Sample(r.prompt, seed, r.guidance_scale, r.negative_prompt))
             owners.append((j, i))
     assert first.width is not None and first.height is not None
-    spec = BatchSpec(first.width, first.height, first.steps, first.sampler.value, tuple(samples))
+    spec = BatchSpec(first.width, first.height, first.steps, first.sampler.value, tuple(samples),
+                     loras=first.lora_set())
     return spec, owners
 
 
 class BatchPipeline:
     """Runs batches on one engine and stores their outputs."""
 
-    def __init__(self, engine: Engine, storage: Storage, public_url: str, model_name: str) -> None:
+    def __init__(self, engine: Engine, storage: Storage, public_url: str, model_name: str,
+                 upscaler: Upscaler | None = None) -> None:
         self.engine = engine
+        # postprocess.upscale: a model on the engine's device runs right after the
+        # engine (model thread), Lanczos with the rendering (finisher thread).
+        self.upscaler: Upscaler = upscaler or LanczosUpscaler(render_pool())
         self.storage = storage
         self.public_url = public_url.rstrip("/")
         self.model_name = model_name
@@ -117,19 +163,24 @@ class BatchPipeline:
         return f"{self.public_url}/api/v1/files/{key}"
 
     def run(self, jobs: list[Job], on_step: JobStepCallback | None = None) -> dict[str, Outcome]:
-        """Run ``jobs`` as one batch; on failure bisect so only the culprit fails.
+        """Draw and finish ``jobs`` in the calling thread."""
+        return self.finish(self.draw(jobs, on_step))
+
+    def draw(self, jobs: list[Job], on_step: JobStepCallback | None = None) -> Drawn:
+        """Run ``jobs`` through the engine as one batch; on failure bisect so
+        only the culprit fails.
 
         After an out-of-memory error the pipeline remembers a lower image limit
         and cuts later batches to fit it, so one OOM does not repeat on every batch.
         """
         images = _images(jobs)
         if len(jobs) > 1 and self.image_limit is not None and images > self.image_limit:
-            outcomes: dict[str, Outcome] = {}
+            drawn = Drawn(jobs)
             for part in _fit(jobs, self.image_limit):
-                outcomes.update(self.run(part, on_step))
-            return outcomes
+                drawn.merge(self.draw(part, on_step))
+            return drawn
         try:
-            return self._run_once(jobs, on_step)
+            return self._draw_once(jobs, on_step)
         except Exception as exc:  # noqa: BLE001 - isolate, then report per job
             oom = is_out_of_memory(exc)
             if oom:
@@ -139,16 +190,17 @@ class BatchPipeline:
                 error = (GenerationError(f"out of memory with {images} images in one batch "
                                          f"({type(exc).__name__}: {exc})")
                          if oom else _as_generation_error(exc))
-                return {jobs[0].id: Outcome(error=error)}
+                return Drawn.failed(jobs, error)
             log.warning("batch of %d failed (%r); retrying in halves", len(jobs), exc)
             # The traceback's frames hold the failed batch's tensors: drop them
             # before the retry, or an out-of-memory error repeats at every split.
             exc.__traceback__ = None
         self._release_memory()
         mid = len(jobs) // 2
-        outcomes = self.run(jobs[:mid], on_step)
-        outcomes.update(self.run(jobs[mid:], on_step))
-        return outcomes
+        drawn = Drawn(jobs)
+        drawn.merge(self.draw(jobs[:mid], on_step))
+        drawn.merge(self.draw(jobs[mid:], on_step))
+        return drawn
 
     def _release_memory(self) -> None:
         """Give the engine a chance to free what a failed batch left (GPU cache)."""
@@ -165,7 +217,7 @@ class BatchPipeline:
             log.warning("out of memory with %d images: batches are cut to at most %d images "
                         "from now on", images, limit)
 
-    def _run_once(self, jobs: list[Job], on_step: JobStepCallback | None) -> dict[str, Outcome]:
+    def _draw_once(self, jobs: list[Job], on_step: JobStepCallback | None) -> Drawn:
         spec, owners = plan(jobs)
         batch_id = uuid.uuid4().hex
         dropped_jobs: set[str] = set()
@@ -190,36 +242,106 @@ class BatchPipeline:
         for (j, _), image in zip(owners, images):
             per_job[j].append(image)
 
-        outcomes: dict[str, Outcome] = {}
+        drawn = Drawn(jobs)
         info = BatchInfo(id=batch_id, size=len(owners), requests=len(jobs))
-        pool = render_pool()
-        rendered = {
-            job.id: [pool.submit(render, im, job.request.postprocess) for im in imgs]
-            for job, imgs in zip(jobs, per_job)
-            if job.id not in dropped_jobs and all(im is not None for im in imgs)
-        }
         for job, imgs in zip(jobs, per_job):
-            if job.id not in rendered:
-                outcomes[job.id] = Outcome(dropped=True)
+            if job.id in dropped_jobs or any(im is None for im in imgs):
+                drawn.outcomes[job.id] = Outcome(dropped=True)
+            else:
+                drawn.drawings[job.id] = Drawing(job, [im for im in imgs if im is not None],
+                                                 info, started, t_engine)
+        if self.upscaler.runs_on_device:
+            self._upscale_on_device(drawn)
+        return drawn
+
+    def _upscale_on_device(self, drawn: Drawn) -> None:
+        """Enlarge every image of the batch that asks for it in one upscaler call.
+
+        A failure fails the jobs that asked for upscaling; the engine does not
+        run again for them (their pictures exist, only the enlargement broke).
+        """
+        wanted = [d for d in drawn.drawings.values() if d.job.request.postprocess.upscale != 1]
+        if not wanted:
+            return
+        images = [im for d in wanted for im in d.images]
+        factors = [d.job.request.postprocess.upscale for d in wanted for _ in d.images]
+        try:
+            enlarged = self.upscaler.upscale(images, factors)
+        except Exception as exc:  # noqa: BLE001 - those jobs fail, the others go on
+            oom = is_out_of_memory(exc)
+            log.error("upscaling %d images failed: %r", len(images), exc)
+            exc.__traceback__ = None  # its frames hold the batch's tensors
+            error = GenerationError(f"upscaling failed{' (out of memory)' if oom else ''}: "
+                                    f"{type(exc).__name__}: {exc}")
+            for d in wanted:
+                del drawn.drawings[d.job.id]
+                drawn.outcomes[d.job.id] = Outcome(error=error)
+            self._release_memory()
+            return
+        start = 0
+        for d in wanted:
+            d.images, d.upscaled = enlarged[start:start + len(d.images)], True
+            start += len(d.images)
+
+    def finish(self, drawn: Drawn) -> dict[str, Outcome]:
+        """Render and store the drawn images and build each job's result.
+
+        A job whose images cannot be rendered or stored fails alone; the engine
+        never runs again for it.
+        """
+        pool = render_pool()
+        prepared: dict[str, tuple[list[Image.Image], list[Future[tuple[bytes, bytes]]], float]] = {}
+        failed: dict[str, Outcome] = {}
+        for job_id, d in drawn.drawings.items():  # every render starts before the first store
+            t0 = time.perf_counter()
+            try:
+                images = d.images if d.upscaled else self._prepare_images(d.job, d.images)
+                futures = [pool.submit(render, im, d.job.request.postprocess) for im in images]
+            except Exception as exc:  # noqa: BLE001 - this job fails, the others go on
+                failed[job_id] = _finish_failed(d.job, exc)
                 continue
-            t1 = time.perf_counter()
-            results = self._store(job, imgs, rendered[job.id])  # type: ignore[arg-type]
-            timings = {
-                "queued_s": max(0.0, started - job.received_at),
-                "engine_s": t_engine,
-                "postprocess_s": time.perf_counter() - t1,
-            }
-            outcomes[job.id] = Outcome(
-                result=GenerateResult(
-                    images=results,
-                    batch=info,
-                    timings=timings,
-                    model=self.model_name,
-                    sampler=job.request.sampler,
-                    steps=job.request.steps,
-                )
-            )
+            prepared[job_id] = (images, futures, time.perf_counter() - t0)
+        outcomes: dict[str, Outcome] = {}
+        for job in drawn.jobs:
+            if job.id in prepared:
+                images, futures, prepare_s = prepared[job.id]
+                outcomes[job.id] = self._finish_one(drawn.drawings[job.id], images, futures,
+                                                    prepare_s)
+            else:
+                outcomes[job.id] = (drawn.outcomes.get(job.id) or failed.get(job.id)
+                                    or Outcome(error=GenerationError("no images drawn")))
         return outcomes
+
+    def _prepare_images(self, job: Job, images: list[Image.Image]) -> list[Image.Image]:
+        """Images as they are rendered and stored: enlarged with the CPU upscaler
+        when the request asks for it. Runs in ``finish``'s thread."""
+        factor = job.request.postprocess.upscale
+        if factor == 1:
+            return images
+        return self.upscaler.upscale(images, [factor] * len(images))
+
+    def _finish_one(self, d: Drawing, images: list[Image.Image],
+                    rendered: list[Future[tuple[bytes, bytes]]], prepare_s: float) -> Outcome:
+        t1 = time.perf_counter()
+        try:
+            results = self._store(d.job, images, rendered)
+        except Exception as exc:  # noqa: BLE001 - this job fails, the others go on
+            return _finish_failed(d.job, exc)
+        timings = {
+            "queued_s": max(0.0, d.started - d.job.received_at),
+            "engine_s": d.engine_s,
+            "postprocess_s": prepare_s + time.perf_counter() - t1,
+        }
+        return Outcome(
+            result=GenerateResult(
+                images=results,
+                batch=d.batch,
+                timings=timings,
+                model=self.model_name,
+                sampler=d.job.request.sampler,
+                steps=d.job.request.steps,
+            )
+        )
 
     def _store(self, job: Job, images: list[Image.Image],
                rendered: list[Future[tuple[bytes, bytes]]] | None = None) -> list[ImageResult]:
@@ -268,6 +390,11 @@ def _fit(jobs: list[Job], limit: int) -> list[list[Job]]:
             parts.append([job])
             size = n
     return parts
+
+
+def _finish_failed(job: Job, exc: Exception) -> Outcome:
+    log.error("request %s: its images could not be rendered or stored", job.id, exc_info=exc)
+    return Outcome(error=_as_generation_error(exc))
 
 
 def _as_generation_error(exc: Exception) -> GenerationError:

@@ -6,21 +6,29 @@ Bump SCHEMA_VERSION whenever a field changes meaning.
 """
 from __future__ import annotations
 
+import re
 from enum import Enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION = 1
 MAX_SEED = 2**32 - 1
 CALLBACK_URL_MAX = 2048
+MAX_LORAS = 4
+LORA_WEIGHT_MAX = 2.0  # |lora_weight| at most this
+# A LoRA name is a folder name in lora_dir: no path separators, no leading dot.
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+LORA_NAME = re.compile(LORA_NAME_PATTERN)
 
 
 class Sampler(str, Enum):
@@ -61,8 +69,12 @@ class Postprocess(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     thumbnail: int = Field(default=128, ge=16, le=512, description="longest side, px")
+    upscale: Literal[1, 2, 4] = Field(
+        default=1, description="enlarge the image this many times (1: as drawn); "
+                               "the result's sides are bounded by the server's max_upscaled_side",
+    )
 
-    _numbers = field_validator("thumbnail", mode="before")(_not_bool)
+    _numbers = field_validator("thumbnail", "upscale", mode="before")(_not_bool)
     watermark: Watermark | None = None
 
 
@@ -75,6 +87,7 @@ class Limits(BaseModel):
     max_steps: int = 100
     max_num_images: int = 4
     max_guidance: float = 30.0
+    max_upscaled_side: int = 4096
     # Host names and CIDRs a callback_url may point at although not public.
     callback_allow_hosts: tuple[str, ...] = ()
 
@@ -83,6 +96,24 @@ def _limits(info: ValidationInfo) -> Limits:
     ctx = info.context or {}
     limits = ctx.get("limits")
     return limits if isinstance(limits, Limits) else Limits()
+
+
+LoraName = Annotated[str, Field(pattern=LORA_NAME_PATTERN)]
+LoraWeight = Annotated[float, Field(ge=-LORA_WEIGHT_MAX, le=LORA_WEIGHT_MAX)]
+
+
+def _lora_weight_rules(schema: dict[str, Any]) -> None:
+    """Publish the rule a property schema cannot state: a list of weights is as long as lora."""
+    def exactly(n: int) -> dict[str, Any]:
+        return {"type": "array", "minItems": n, "maxItems": n}
+
+    schema["anyOf"] = [
+        {"properties": {"lora_weight": {"type": "number"}}},
+        {"properties": {"lora": {"type": "null"}, "lora_weight": exactly(0)}},
+        {"properties": {"lora": {"type": "string"}, "lora_weight": exactly(1)}, "required": ["lora"]},
+        *({"properties": {"lora": exactly(n), "lora_weight": exactly(n)}, "required": ["lora"]}
+          for n in range(MAX_LORAS + 1)),
+    ]
 
 
 def check_callback_url(url: str, allow_hosts: tuple[str, ...] = ()) -> str:
@@ -103,7 +134,8 @@ def check_callback_url(url: str, allow_hosts: tuple[str, ...] = ()) -> str:
 class GenerateRequest(BaseModel):
     """What a user asks for. Bounds come from `Limits` in the validation context."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True,
+                              json_schema_extra=_lora_weight_rules)
 
     prompt: str = Field(min_length=1)
     negative_prompt: str = ""
@@ -117,6 +149,11 @@ class GenerateRequest(BaseModel):
     postprocess: Postprocess = Field(default_factory=Postprocess)
     callback_url: str | None = Field(default=None, max_length=CALLBACK_URL_MAX)
     timeout_s: float | None = Field(default=None, gt=0, le=86400)
+    lora: LoraName | Annotated[list[LoraName], Field(max_length=MAX_LORAS,
+                                                     json_schema_extra={"uniqueItems": True})] | None = Field(
+        default=None, description=f"a LoRA name from the server's lora_dir, or a list of up to {MAX_LORAS}")
+    lora_weight: LoraWeight | Annotated[list[LoraWeight], Field(max_length=MAX_LORAS)] = Field(
+        default=1.0, description="LoRA strength: one number for all, or a list matching lora; 0 leaves one out")
 
     _numbers = field_validator("width", "height", "steps", "guidance_scale", "seed", "num_images",
                                "timeout_s", mode="before")(_not_bool)
@@ -179,6 +216,28 @@ class GenerateRequest(BaseModel):
     def _callback(cls, v: str | None, info: ValidationInfo) -> str | None:
         return None if v is None else check_callback_url(v, _limits(info).callback_allow_hosts)
 
+    @field_validator("postprocess")
+    @classmethod
+    def _upscaled_size(cls, v: Postprocess, info: ValidationInfo) -> Postprocess:
+        """Bound the upscaled image, whose memory grows with the factor squared.
+
+        An unset width or height (the model's native size, unknown here) counts
+        as max_size, so nothing accepted here can exceed the bound in the worker.
+        """
+        if v.upscale == 1 or not {"width", "height"} <= info.data.keys():
+            return v  # nothing to bound, or a bad size already reported
+        lim = _limits(info)
+        w, h = (info.data[k] or lim.max_size for k in ("width", "height"))
+        if max(w, h) * v.upscale <= lim.max_upscaled_side:
+            return v
+        unset = (" (an unset width or height counts as max_size, "
+                 f"{lim.max_size})") if None in (info.data["width"], info.data["height"]) else ""
+        reason = (f"x{v.upscale} of {w}x{h} gives {w * v.upscale}x{h * v.upscale}; the largest "
+                  f"side allowed is {lim.max_upscaled_side}{unset}")
+        raise ValidationError.from_exception_data("Postprocess", [{
+            "type": PydanticCustomError("upscaled_size", reason), "loc": ("upscale",),
+            "input": v.upscale}])
+
     @model_validator(mode="after")
     def _seed_range(self) -> "GenerateRequest":
         if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
@@ -190,6 +249,55 @@ class GenerateRequest(BaseModel):
         if self.seed is None:
             raise ValueError("seed is not set")
         return [self.seed + i for i in range(self.num_images)]
+
+    # LoRA fields are checked before type coercion, so that every reason names
+    # the field itself (not a branch of its union type) and says what is wrong.
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora(cls, v: object) -> object:
+        if v is None:
+            return v
+        names = [v] if isinstance(v, str) else v
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError("must be a LoRA name or a list of names")
+        if len(names) > MAX_LORAS:
+            raise ValueError(f"at most {MAX_LORAS} LoRAs")
+        for name in names:
+            if not LORA_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a LoRA name: 1 to 64 of A-Z a-z 0-9 . _ -, "
+                                 "starting with a letter or digit")
+        if len(set(names)) < len(names):
+            raise ValueError("a LoRA is named twice")
+        return v
+
+    @field_validator("lora_weight", mode="before")
+    @classmethod
+    def _lora_weight(cls, v: object, info: ValidationInfo) -> object:
+        for w in v if isinstance(v, list) else [v]:
+            if isinstance(w, bool) or not isinstance(w, (int, float)):
+                raise ValueError("must be a number or a list of numbers")
+            if not -LORA_WEIGHT_MAX <= w <= LORA_WEIGHT_MAX:
+                raise ValueError(f"must be between {-LORA_WEIGHT_MAX:g} and {LORA_WEIGHT_MAX:g}")
+        if isinstance(v, list) and "lora" in info.data:  # absent: lora itself was invalid
+            count = len(cls._names(info.data["lora"]))
+            if len(v) != count:
+                raise ValueError(f"lists {len(v)} weights but lora names {count} LoRAs: give one "
+                                 "number for all or one per name")
+        return v
+
+    @staticmethod
+    def _names(lora: str | list[str] | None) -> list[str]:
+        return [] if lora is None else [lora] if isinstance(lora, str) else list(lora)
+
+    def lora_names(self) -> list[str]:
+        return self._names(self.lora)
+
+    def lora_set(self) -> tuple[tuple[str, float], ...]:
+        """The LoRAs to merge with their weights, sorted by name, zero weights left
+        out: equal sets draw equal images, so batching keys on this."""
+        names = self.lora_names()
+        weights = self.lora_weight if isinstance(self.lora_weight, list) else [self.lora_weight] * len(names)
+        return tuple(sorted((n, float(w)) for n, w in zip(names, weights) if w != 0))
 
 
 class ImageResult(BaseModel):

@@ -79,7 +79,17 @@ class Settings(BaseSettings):
     # Engine
     engine: Literal["diffusion", "synthetic"] = "diffusion"
     model: Path = Path("var/models/tiny")
+    # Not "model_config": pydantic reserves that name.
+    model_config_dir: Path = Field(
+        default=Path("configs/sd15"),
+        description="component configs for a single-file .safetensors model; a relative path missing "
+                    "from the working directory is taken from the repository root",
+    )
     model_name: str = ""
+    lora_dir: Path = Field(
+        default=Path("var/loras"),
+        description="one subfolder per named LoRA (name = folder name) holding its .safetensors file",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     synthetic_cost: Literal["zero", "sd15-h200"] = "zero"
@@ -92,6 +102,15 @@ class Settings(BaseSettings):
     batch_buckets: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [1, 2, 4, 8, 16, 32],
         description="batch sizes (images) the UNet is captured at; a batch runs padded to the next one",
+    )
+    # UNet backend: PyTorch, or a TensorRT engine built by `imagegenx optimize build` (CUDA only).
+    unet_backend: Literal["torch", "trt"] = Field(
+        default="torch", description="torch, or trt: the UNet runs as the TensorRT engine trt_engine",
+    )
+    trt_engine: str = Field(default="", description="TensorRT engine file of the UNet (unet_backend trt)")
+    upscaler_model: str = Field(
+        default="", description="super-resolution weights (.pth, .safetensors) for postprocess.upscale, "
+                                "run on the engine's device (extra 'upscale'); empty: Lanczos",
     )
 
     # Storage and API
@@ -164,6 +183,7 @@ class Settings(BaseSettings):
     max_steps: int = 100
     max_num_images: int = 4
     max_guidance: float = 30.0
+    max_upscaled_side: int = Field(default=4096, ge=64, description="longest side of an upscaled image, px")
 
     @classmethod
     def settings_customise_sources(
@@ -259,6 +279,9 @@ class Settings(BaseSettings):
             raise ValueError("max_num_images must not exceed max_batch")
         if self.min_size > self.max_size:
             raise ValueError("min_size must not exceed max_size")
+        if self.unet_backend == "trt" and not self.trt_engine:
+            raise ValueError("unet_backend trt needs trt_engine (IMAGEGENX_TRT_ENGINE), "
+                             "an engine file from `imagegenx optimize build`")
         if self.storage_backend == "s3" and not self.s3_bucket:
             raise ValueError("storage_backend s3 needs s3_bucket (IMAGEGENX_S3_BUCKET)")
         if self.result_backend.startswith("db+") and _celery_version() < (5, 7):
@@ -300,6 +323,7 @@ class Settings(BaseSettings):
             max_steps=self.max_steps,
             max_num_images=self.max_num_images,
             max_guidance=self.max_guidance,
+            max_upscaled_side=self.max_upscaled_side,
             callback_allow_hosts=tuple(self.webhook_allow_hosts),
         )
 
@@ -309,7 +333,7 @@ class Settings(BaseSettings):
 
     @property
     def served_model_name(self) -> str:
-        return self.model_name or self.model.name
+        return self.model_name or (self.model.stem if self.model.suffix.lower() == ".safetensors" else self.model.name)
 
     @property
     def webhook_queue_name(self) -> str:

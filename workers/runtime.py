@@ -19,7 +19,9 @@ from imagegenx.batching import BatchPolicy
 from imagegenx.engine import Engine, create_engine
 from imagegenx.errors import GenerationError
 from imagegenx.gpu import GpuStat, visible_gpus
-from imagegenx.pipeline import BatchPipeline, Job, batch_key, resolve_request
+from imagegenx.lora_catalog import LoraCatalog
+from imagegenx.pipeline import BatchPipeline, Job, batch_key, render_pool, resolve_request
+from imagegenx.upscale import load_upscaler
 from imagegenx.schemas import GenerateRequest
 from imagegenx.settings import Settings
 from imagegenx.storage import create_storage
@@ -83,12 +85,14 @@ class WorkerRuntime:
 
     def stop(self, requeue: Callable[[list[Entry]], None] | None = None) -> list[Entry]:
         """Take no more batches, hand the buffered entries to ``requeue`` at once,
-        then let the running batch finish. Returns the buffered entries."""
+        then let the running batch finish, and every drawn batch be stored,
+        reported and acknowledged. Returns the buffered entries."""
         global _current
         leftovers = self.runner.close()
         if requeue is not None:
             requeue(leftovers)
         self.runner.join()
+        self.executor.close()
         if self.leases is not None:
             self.leases.stop()
         if _current is self:
@@ -98,7 +102,7 @@ class WorkerRuntime:
 
     def _held(self) -> list[Entry]:
         buffered, running = self.runner.snapshot()
-        return buffered + running
+        return buffered + running + self.executor.finishing()
 
     def _stop_metrics(self) -> None:
         if self._metrics_server is not None:
@@ -112,14 +116,19 @@ class WorkerRuntime:
         self.engine = create_engine(s.engine, s.model, s.device, s.dtype, s.synthetic_cost,
                                     compile=s.compile, cuda_graphs=s.cuda_graphs,
                                     batch_buckets=s.batch_buckets,
-                                    synthetic_faults=s.synthetic_faults)
+                                    synthetic_faults=s.synthetic_faults,
+                                    model_config_dir=s.model_config_dir,
+                                    lora_dir=s.lora_dir,
+                                    unet_backend=s.unet_backend, trt_engine=s.trt_engine)
         t_loaded = time.perf_counter()
         # Compile and capture (GPU fast path) now, before the worker takes work.
         warmup = getattr(self.engine, "warmup", None)
         if callable(warmup):
             warmup()
         self.pipeline = BatchPipeline(
-            self.engine, create_storage(s), s.public_base, s.served_model_name
+            self.engine, create_storage(s), s.public_base, s.served_model_name,
+            upscaler=load_upscaler(s.upscaler_model, getattr(self.engine, "device", s.device),
+                                   getattr(self.engine, "dtype", s.dtype), executor=render_pool()),
         )
         self.warmup_s = time.perf_counter() - t0
         log.info("engine %s ready in %.2f s (load %.2f s, warm-up %.2f s; native size %s)",
@@ -148,6 +157,7 @@ class WorkerRuntime:
             )
             if request.sampler.value not in self.engine.samplers:
                 raise GenerationError(f"sampler {request.sampler.value!r} is not supported")
+            LoraCatalog(self.settings.lora_dir).require(request.lora_names())
         except (ValidationError, GenerationError) as exc:
             self.reject_invalid(req, exc)
             self.stats.record_outcome(states.FAILURE)
@@ -239,6 +249,7 @@ class WorkerRuntime:
             "max_wait_ms": self.runner.policy.max_wait * 1000.0,
             "buffered_requests": len(buffered),
             "running_requests": len(running),
+            "finishing_requests": len(self.executor.finishing()),
             "oom_image_limit": self.pipeline.image_limit if self.pipeline else None,
             "warmup_s": self.warmup_s,
             **self.stats.as_dict(),

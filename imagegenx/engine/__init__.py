@@ -31,14 +31,23 @@ def create_engine(
     cuda_graphs: bool = False,
     batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32),
     synthetic_faults: str = "",
+    model_config_dir: Path = Path("configs/sd15"),
+    lora_dir: Path | None = None,
+    unet_backend: str = "torch",
+    trt_engine: str | Path = "",
 ) -> Engine:
     """Build the configured engine. The diffusion engine loads (and, for the
-    embedded default, first writes) the model folder.
+    embedded default, first writes) the model folder, or loads a single-file
+    ``.safetensors`` checkpoint with the component configs in ``model_config_dir``.
 
     ``compile``, ``cuda_graphs`` and ``batch_buckets`` configure the GPU fast
     path (``imagegenx.engine.fastpath``); on the CPU they are ignored. The
     fast path is prepared by the engine's ``warmup()``. ``synthetic_faults``
-    configures the synthetic engine's fault injection (a testing aid)."""
+    configures the synthetic engine's fault injection (a testing aid).
+    ``lora_dir`` holds the named LoRAs the diffusion engine merges per batch
+    (the synthetic engine draws no model and ignores them).
+    ``unet_backend`` "trt" runs the UNet as the TensorRT engine ``trt_engine``
+    (``optimize.trt_backend``; then there is no torch fast path and no LoRAs)."""
     if kind == "synthetic":
         from imagegenx.engine.synthetic import SyntheticEngine
 
@@ -47,12 +56,30 @@ def create_engine(
         from imagegenx.engine.diffusion import DiffusionEngine
         from imagegenx.engine.model_init import ensure_model
         from imagegenx.engine.quiet import silence_library_progress
+        from imagegenx.engine.single_file import is_single_file, load_single_file_engine
 
         from imagegenx.engine.fastpath import FastPathOptions
 
         silence_library_progress()
         device, dtype = resolve_device(device, dtype)
+        if unet_backend == "trt":
+            from optimize.trt_backend import check_trt_backend
+
+            check_trt_backend(device, trt_engine)  # before loading: a clear error naming the setting
+            compile = cuda_graphs = False
+        elif unet_backend != "torch":
+            raise ValueError(f"unknown unet_backend {unet_backend!r}; expected torch or trt")
         fast = (FastPathOptions(compile=compile, cuda_graphs=cuda_graphs, buckets=tuple(batch_buckets))
                 if compile or cuda_graphs else None)
-        return DiffusionEngine.load(ensure_model(Path(model)), device=device, dtype=dtype, fast_path=fast)
+        if is_single_file(Path(model)):
+            engine = load_single_file_engine(Path(model), model_config_dir, device=device, dtype=dtype,
+                                             fast_path=fast, lora_dir=lora_dir)
+        else:
+            engine = DiffusionEngine.load(ensure_model(Path(model)), device=device, dtype=dtype, fast_path=fast,
+                                          lora_dir=lora_dir)
+        if unet_backend == "trt":
+            from optimize.trt_backend import attach_trt_unet
+
+            attach_trt_unet(engine, trt_engine)
+        return engine
     raise ValueError(f"unknown engine {kind!r}")

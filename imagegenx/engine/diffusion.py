@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from imagegenx.engine.base import BatchSpec, StepCallback
 from imagegenx.engine.fastpath import FastPath, FastPathOptions, cfg_unet_eager, optimise_modules
+from imagegenx.engine.lora import EngineLoras
 from imagegenx.engine.samplers import (
     SAMPLERS,
     SchedulerConfig,
@@ -45,13 +46,16 @@ class PromptCache:
     Serving traffic repeats prompts (and almost always the empty negative
     prompt), so the text encoder runs once per distinct string. Each prompt is
     encoded on its own, never batched with others, so its embedding does not
-    depend on which prompts happened to be encoded with it.
+    depend on which prompts happened to be encoded with it. ``scope`` names the
+    text encoder's current weights (its merged LoRAs) and is part of the key.
     """
 
-    def __init__(self, encode: Callable[[str], torch.Tensor], maxsize: int = 256) -> None:
+    def __init__(self, encode: Callable[[str], torch.Tensor], maxsize: int = 256,
+                 scope: Callable[[], Hashable] = lambda: ()) -> None:
         self._encode = encode
         self._maxsize = maxsize
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._scope = scope
+        self._entries: OrderedDict[tuple[Hashable, str], torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -60,17 +64,18 @@ class PromptCache:
         return len(self._entries)
 
     def get(self, prompt: str) -> torch.Tensor:
+        key = (self._scope(), prompt)
         with self._lock:
-            cached = self._entries.get(prompt)
+            cached = self._entries.get(key)
             if cached is not None:
-                self._entries.move_to_end(prompt)
+                self._entries.move_to_end(key)
                 self.hits += 1
                 return cached
         value = self._encode(prompt)
         with self._lock:
             self.misses += 1
-            self._entries[prompt] = value
-            self._entries.move_to_end(prompt)
+            self._entries[key] = value
+            self._entries.move_to_end(key)
             while len(self._entries) > self._maxsize:
                 self._entries.popitem(last=False)
         return value
@@ -126,6 +131,7 @@ class DiffusionEngine:
         name: str = "sd",
         prompt_cache_size: int = 256,
         fast_path: FastPathOptions | None = None,
+        lora_dir: Path | str | None = None,
     ) -> None:
         self.name = name
         self.unet = unet
@@ -136,7 +142,10 @@ class DiffusionEngine:
         self.device = device
         self.dtype = dtype
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.prompt_cache = PromptCache(self._encode_prompt, maxsize=prompt_cache_size)
+        # LoRAs are merged into these modules' weights in place (see lora.py).
+        self.loras = EngineLoras(lora_dir, unet=unet, text_encoder=text_encoder)
+        self.prompt_cache = PromptCache(self._encode_prompt, maxsize=prompt_cache_size,
+                                        scope=lambda: self.loras.text_scope)
         # The fast path (fastpath.py) is for CUDA; on the CPU the modules run eagerly.
         if fast_path is not None and not (device.type == "cuda" or fast_path.allow_cpu):
             fast_path = None
@@ -158,6 +167,7 @@ class DiffusionEngine:
         name: str | None = None,
         prompt_cache_size: int = 256,
         fast_path: FastPathOptions | None = None,
+        lora_dir: Path | str | None = None,
     ) -> DiffusionEngine:
         """Load a diffusers SD-layout folder from local files only."""
         model_dir = Path(model_dir)
@@ -187,6 +197,7 @@ class DiffusionEngine:
             name=name or model_dir.name,
             prompt_cache_size=prompt_cache_size,
             fast_path=fast_path,
+            lora_dir=lora_dir,
         )
 
     def release_memory(self) -> None:
@@ -294,6 +305,7 @@ class DiffusionEngine:
         if not samples:
             return results
         fast = self._fast_ready()
+        self.loras.use(spec.loras)  # merged in place: compiled code and CUDA graphs stay valid
         with torch.inference_mode():
             scheduler = make_scheduler(spec.sampler, self.scheduler_config)
             scheduler.set_timesteps(spec.steps, device=self.device)
