@@ -11,14 +11,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagegenx.errors import GenerationError
+from imagegenx.errors import BatchSetupError
 from imagegenx.schemas import LORA_NAME
 
 # The file name diffusers' save_lora_weights writes; preferred when a folder holds several.
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
-class LoraNotFound(GenerationError):
+class LoraNotFound(BatchSetupError):
     """A requested LoRA name has no weights file in lora_dir."""
 
 
@@ -51,8 +51,18 @@ class LoraCatalog:
         return files[0]
 
     def unknown_reason(self, names: Iterable[str]) -> str | None:
-        """Why some of ``names`` cannot be used (naming the available ones), or None."""
-        available = self.names()
+        """Why some of ``names`` cannot be used (naming the available ones), or None.
+
+        Looks at the folder only when a name is asked for; an unreadable folder
+        is a reason too (LoraNotFound, not an OSError, reaches the caller).
+        """
+        names = list(names)
+        if not names:
+            return None
+        try:
+            available = self.names()
+        except OSError as exc:
+            return f"cannot read lora_dir {self.root}: {exc.strerror or exc}"
         missing = [n for n in names if n not in available]
         if not missing:
             return None

@@ -25,7 +25,7 @@ from PIL import Image
 
 from imagegenx.batching import BatchKey
 from imagegenx.engine.base import BatchSpec, Engine, Sample
-from imagegenx.errors import GenerationError
+from imagegenx.errors import BatchSetupError, GenerationError
 from imagegenx.postprocess import render
 from imagegenx.schemas import MAX_SEED, BatchInfo, GenerateRequest, GenerateResult, ImageResult
 from imagegenx.storage import Storage
@@ -181,6 +181,10 @@ class BatchPipeline:
             return drawn
         try:
             return self._draw_once(jobs, on_step)
+        except BatchSetupError as exc:  # shared by every job: no bisection, no image limit
+            log.error("batch of %d failed in its setup: %s", len(jobs), exc)
+            exc.__traceback__ = None
+            return Drawn.failed(jobs, exc)
         except Exception as exc:  # noqa: BLE001 - isolate, then report per job
             oom = is_out_of_memory(exc)
             if oom:
@@ -255,28 +259,36 @@ class BatchPipeline:
         return drawn
 
     def _upscale_on_device(self, drawn: Drawn) -> None:
-        """Enlarge every image of the batch that asks for it in one upscaler call.
+        """Enlarge every image of the batch that asks for it, in one upscaler call."""
+        wanted = [d for d in drawn.drawings.values() if d.job.request.postprocess.upscale != 1]
+        if wanted:
+            self._upscale_drawings(drawn, wanted)
 
-        A failure fails the jobs that asked for upscaling; the engine does not
+    def _upscale_drawings(self, drawn: Drawn, wanted: list[Drawing]) -> None:
+        """Enlarge ``wanted`` in one call; after running out of memory, once per request.
+
+        A failure fails the requests that asked for upscaling; the engine does not
         run again for them (their pictures exist, only the enlargement broke).
         """
-        wanted = [d for d in drawn.drawings.values() if d.job.request.postprocess.upscale != 1]
-        if not wanted:
-            return
         images = [im for d in wanted for im in d.images]
         factors = [d.job.request.postprocess.upscale for d in wanted for _ in d.images]
         try:
             enlarged = self.upscaler.upscale(images, factors)
         except Exception as exc:  # noqa: BLE001 - those jobs fail, the others go on
             oom = is_out_of_memory(exc)
-            log.error("upscaling %d images failed: %r", len(images), exc)
             exc.__traceback__ = None  # its frames hold the batch's tensors
+            self._release_memory()
+            if oom and len(wanted) > 1:
+                log.warning("upscaling %d images ran out of memory: once per request", len(images))
+                for d in wanted:
+                    self._upscale_drawings(drawn, [d])
+                return
+            log.error("upscaling %d images failed: %r", len(images), exc)
             error = GenerationError(f"upscaling failed{' (out of memory)' if oom else ''}: "
                                     f"{type(exc).__name__}: {exc}")
             for d in wanted:
                 del drawn.drawings[d.job.id]
                 drawn.outcomes[d.job.id] = Outcome(error=error)
-            self._release_memory()
             return
         start = 0
         for d in wanted:

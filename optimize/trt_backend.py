@@ -70,16 +70,6 @@ class TrtUNet(UNetStandIn):
         self.profile = BatchProfile(lo[0], opt[0], hi[0])
         self.sample_shape = tuple(hi[1:])
 
-    @classmethod
-    def load(cls, engine_path: str | Path, *, config: Any, device: str | torch.device) -> TrtUNet:
-        path = check_trt_backend(device, engine_path)
-        return cls(path, config, torch.device(device))
-
-
-def attach_trt_unet(engine: Any, engine_path: str | Path) -> None:
-    """Serve ``engine``'s UNet from the TensorRT engine at ``engine_path``."""
-    swap_unet(engine, TrtUNet.load(engine_path, config=engine.unet.config, device=engine.device))
-
     def run(self, sample: torch.Tensor, timestep: torch.Tensor,
             encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         rows = sample.shape[0]
@@ -102,3 +92,13 @@ def attach_trt_unet(engine: Any, engine_path: str | Path) -> None:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
         return out
+
+    @classmethod
+    def load(cls, engine_path: str | Path, *, config: Any, device: str | torch.device) -> TrtUNet:
+        path = check_trt_backend(device, engine_path)
+        return cls(path, config, torch.device(device))
+
+
+def attach_trt_unet(engine: Any, engine_path: str | Path) -> None:
+    """Serve ``engine``'s UNet from the TensorRT engine at ``engine_path``."""
+    swap_unet(engine, TrtUNet.load(engine_path, config=engine.unet.config, device=engine.device))

@@ -204,6 +204,9 @@ class BatchExecutor:
             log.exception("could not record the statistics of a batch")
         for entry in entries:
             outcome = outcomes.get(entry.job.id) or Outcome(error=GenerationError("no outcome"))
+            # Revoked while its drawn batch waited for this thread: REVOKED, not a result.
+            if not outcome.dropped and entry.req.id in worker_state.revoked and self._revoked(entry):
+                continue
             try:
                 self._report(entry, outcome)
             except Exception:  # noqa: BLE001 - one request's report must not stop the others

@@ -30,7 +30,7 @@ def submit():  # type: ignore[no-untyped-def]
             "reason": "webhooks are disabled on this server (no webhook secret is configured)"}])
     loras = LoraCatalog(svc.settings.lora_dir)
     # The API host may not hold the LoRAs (the workers do): check only where the folder is.
-    unknown = loras.unknown_reason(req.lora_names()) if req.lora and loras.exists() else None
+    unknown = loras.unknown_reason(req.lora_names()) if req.lora_names() and loras.exists() else None
     if unknown:
         raise ApiError(422, "invalid request", fields=[{"field": "lora", "reason": unknown}])
     if req.seed is None:  # chosen here so a redelivered message draws the same image

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from imagegenx.errors import GenerationError
+from imagegenx.errors import BatchSetupError
 from imagegenx.lora_catalog import LoraCatalog, LoraNotFound
 
 COMPONENTS = ("unet", "text_encoder")
@@ -35,7 +35,7 @@ FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v")}
 LoraSet = tuple[tuple[str, float], ...]
 
 
-class LoraError(GenerationError):
+class LoraError(BatchSetupError):
     """A LoRA file that cannot be read or does not fit the served model."""
 
 
@@ -310,7 +310,11 @@ class EngineLoras:
             return self.merger.activate([])
         if self.library is None:
             raise LoraNotFound("this engine has no lora_dir: LoRAs are not available")
-        return self.merger.activate([(self.library.get(name), w) for name, w in wanted])
+        try:
+            return self.merger.activate([(self.library.get(name), w) for name, w in wanted])
+        except torch.OutOfMemoryError as exc:  # the merger has restored the base weights
+            exc.__traceback__ = None  # its frames hold the deltas being merged
+            raise LoraError(f"out of memory merging LoRAs {[n for n, _ in wanted]}: {exc}") from None
 
     @property
     def text_scope(self) -> tuple[Any, ...]:

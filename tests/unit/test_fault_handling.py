@@ -107,3 +107,28 @@ def test_runner_hands_back_its_buffer_while_the_batch_runs() -> None:
     runner.join(5)
     assert not runner.alive
     assert ran == [["a"]]
+
+
+def test_batch_setup_error_fails_the_batch_at_once_without_bisection(tmp_path: Path) -> None:
+    """A failure of what the whole batch shares (its LoRA set) is not the fault of
+    one request and not a matter of size: one engine call, every request fails,
+    and no image limit is learnt, even when it was out of memory."""
+    from imagegenx.errors import BatchSetupError
+    from imagegenx.pipeline import BatchPipeline, Job
+    from imagegenx.schemas import GenerateRequest
+    from imagegenx.storage import LocalStorage
+
+    class SetupFails:
+        name, native_size, samplers = "setup", (64, 64), ("euler",)
+        calls = 0
+
+        def generate(self, spec, on_step=None):  # type: ignore[no-untyped-def]
+            SetupFails.calls += 1
+            raise BatchSetupError("out of memory merging LoRAs ['style']")
+
+    pipe = BatchPipeline(SetupFails(), LocalStorage(tmp_path), "http://x", "m")  # type: ignore[arg-type]
+    jobs = [Job(id=f"j{i}", request=GenerateRequest(prompt="p", seed=i, width=64, height=64)) for i in range(4)]
+    out = pipe.run(jobs)
+    assert SetupFails.calls == 1
+    assert all("merging LoRAs" in str(o.error) for o in out.values())
+    assert pipe.image_limit is None

@@ -249,3 +249,38 @@ def test_a_broken_finish_still_reports_every_request() -> None:
     assert backend.states == {"j0": "FAILURE", "j1": "FAILURE"}
     assert all(e.req.acked for e in batch.items)  # type: ignore[attr-defined]
     executor.close(5)
+
+
+def test_a_request_revoked_while_its_batch_waits_to_be_finished_ends_revoked() -> None:
+    from celery.worker import state as worker_state
+
+    events = Events()
+    pipeline = BatchPipeline(RecordingEngine(events), Storage(events), "http://x", "m")  # type: ignore[arg-type]
+    backend = Backend(events)
+
+    class Revocable(FakeRequest):
+        def revoked(self) -> bool:  # as Celery's Request does: mark REVOKED, then ack
+            if self.id not in worker_state.revoked:
+                return False
+            self.task.backend.store_result(self.id, None, "REVOKED")
+            self.acknowledge()
+            return True
+
+    executor = BatchExecutor(lambda: pipeline, progress_interval_s=60.0)
+    batch_jobs = jobs("a", "b", prefix="rv-")
+    entries = [Entry(Revocable(j.id, backend), j, 1) for j in batch_jobs]  # type: ignore[arg-type]
+    finish = pipeline.finish
+
+    def revoke_first_then_finish(drawn: Any) -> Any:  # the revoke arrives after the engine ran
+        worker_state.revoked.add("rv-0")
+        return finish(drawn)
+
+    pipeline.finish = revoke_first_then_finish  # type: ignore[method-assign]
+    try:
+        executor(Batch("k", [Pending(e, "k", 1, 0.0) for e in entries]))
+        assert executor.close(10)
+    finally:
+        worker_state.revoked.discard("rv-0")
+    assert backend.states == {"rv-0": "REVOKED", "rv-1": "SUCCESS"}
+    assert all(e.req.acked for e in entries)  # type: ignore[attr-defined]
+    assert executor.stats.revoked == 1 and executor.stats.succeeded == 1

@@ -111,3 +111,16 @@ def test_plan_carries_the_set_into_the_engine_batch() -> None:
     spec, _ = plan([Job("a", resolved(lora=["ink", "anime"], lora_weight=[-0.5, 1]))])
     assert spec.loras == (("anime", 1.0), ("ink", -0.5))
     assert plan([Job("b", resolved())])[0].loras == ()
+
+
+def test_catalog_reads_the_folder_only_for_named_loras_and_reports_unreadable_ones(tmp_path: Path) -> None:
+    from imagegenx.lora_catalog import LoraCatalog, LoraNotFound
+
+    class Unreadable(LoraCatalog):
+        def names(self) -> list[str]:
+            raise PermissionError(13, "Permission denied")
+
+    catalog = Unreadable(tmp_path)
+    catalog.require([])  # no LoRA named: the folder is not read
+    with pytest.raises(LoraNotFound, match="cannot read lora_dir .*Permission denied"):
+        catalog.require(["style"])

@@ -190,3 +190,13 @@ def test_backends_refuse_what_cannot_run_here(tmp_path: Path) -> None:
 def test_skip_reason_is_the_documented_one() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert TRT_MISSING_REASON in readme
+
+
+def test_trt_unet_runs_its_own_engine_call() -> None:
+    """TrtUNet must override the stand-in's run (a mis-indented run would leave
+    every batch raising NotImplementedError, unseen without TensorRT)."""
+    from optimize.trt_backend import TrtUNet
+    from optimize.unet_standin import UNetStandIn
+
+    assert issubclass(TrtUNet, UNetStandIn)
+    assert TrtUNet.run is not UNetStandIn.run and "run" in vars(TrtUNet)

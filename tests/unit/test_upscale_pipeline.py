@@ -90,3 +90,23 @@ def test_settings_choose_lanczos_by_default() -> None:
 def test_request_rejects_other_factors(upscale: int) -> None:
     with pytest.raises(ValueError, match="upscale"):
         GenerateRequest(prompt="x", postprocess={"upscale": upscale})
+
+
+def test_device_upscaler_out_of_memory_retries_once_per_request(tmp_path: Path) -> None:
+    class OutOfMemoryError(RuntimeError):
+        """Matched by name, like torch's."""
+
+    class Tight(DeviceUpscaler):
+        def upscale(self, images: Sequence[Image.Image], factors: Sequence[int]) -> list[Image.Image]:
+            if len(images) > 2:
+                self.calls.append(list(factors))
+                raise OutOfMemoryError("CUDA out of memory")
+            return super().upscale(images, factors)
+
+    up = Tight()
+    pipe = BatchPipeline(SyntheticEngine(), LocalStorage(tmp_path), "http://x", "m", upscaler=up)
+    out = pipe.run([job("a", 2, images=2), job("b", 4), job("c", 2, images=3)])
+    assert up.calls == [[2, 2, 4, 2, 2, 2], [2, 2], [4], [2, 2, 2]]
+    assert [im.width for im in out["a"].result.images] == [128, 128]
+    assert [im.width for im in out["b"].result.images] == [256]
+    assert out["c"].result is None and "out of memory" in str(out["c"].error)
