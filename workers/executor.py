@@ -205,8 +205,9 @@ class BatchExecutor:
         for entry in entries:
             outcome = outcomes.get(entry.job.id) or Outcome(error=GenerationError("no outcome"))
             # Revoked while its drawn batch waited for this thread: REVOKED, not a result.
-            if not outcome.dropped and entry.req.id in worker_state.revoked and self._revoked(entry):
-                continue
+            if not outcome.dropped and entry.req.id in worker_state.revoked:
+                if entry.req._already_revoked or self._revoked(entry):  # REVOKED stays
+                    continue
             try:
                 self._report(entry, outcome)
             except Exception:  # noqa: BLE001 - one request's report must not stop the others
@@ -262,6 +263,7 @@ class BatchExecutor:
 
     def _step_callback(self, entries: list[Entry]) -> Callable[[int, int], list[str]]:
         live = {e.job.id: e for e in entries}
+        gone: list[str] = []  # revoked so far: a retried part of the batch drops them again
         last = [0.0]
         progress_failed = [False]
 
@@ -269,6 +271,7 @@ class BatchExecutor:
             dropped = [jid for jid, e in live.items() if e.req.id in worker_state.revoked]
             for jid in dropped:
                 self._revoked(live.pop(jid))
+            gone.extend(dropped)
             now = time.monotonic()
             if step < total and now - last[0] >= self.progress_interval_s:
                 last[0] = now
@@ -282,7 +285,7 @@ class BatchExecutor:
                     if not progress_failed[0]:
                         log.warning("could not store progress (step %d/%d): %r", step, total, exc)
                     progress_failed[0] = True
-            return dropped
+            return list(gone)
 
         return on_step
 

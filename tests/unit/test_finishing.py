@@ -284,3 +284,46 @@ def test_a_request_revoked_while_its_batch_waits_to_be_finished_ends_revoked() -
     assert backend.states == {"rv-0": "REVOKED", "rv-1": "SUCCESS"}
     assert all(e.req.acked for e in entries)  # type: ignore[attr-defined]
     assert executor.stats.revoked == 1 and executor.stats.succeeded == 1
+
+
+def test_a_request_revoked_mid_run_stays_revoked_when_its_batch_is_retried_in_halves() -> None:
+    """A batch that fails after one of its requests was revoked is bisected; the
+    retry must drop that request again, not draw it and store SUCCESS over REVOKED."""
+    from celery.worker import state as worker_state
+
+    events = Events()
+    backend = Backend(events)
+
+    class RevokeThenFail(RecordingEngine):
+        def generate(self, spec: BatchSpec, on_step: StepCallback | None = None) -> list[Image.Image | None]:
+            self.calls += 1
+            if self.calls == 1:
+                assert on_step is not None
+                on_step(0, 2)
+                worker_state.revoked.add("rb-0")  # the user revokes during the first step
+                assert list(on_step(1, 2)) == [0]
+                raise RuntimeError("CUDA error: unspecified launch failure")
+            return self.inner.generate(spec, on_step)
+
+    class Revocable(FakeRequest):
+        def revoked(self) -> bool:
+            if self.id not in worker_state.revoked:
+                return False
+            self._already_revoked = True
+            self.task.backend.store_result(self.id, None, "REVOKED")
+            self.acknowledge()
+            return True
+
+    engine = RevokeThenFail(events)
+    storage = Storage(events)
+    pipeline = BatchPipeline(engine, storage, "http://x", "m")  # type: ignore[arg-type]
+    executor = BatchExecutor(lambda: pipeline, progress_interval_s=60.0)
+    entries = [Entry(Revocable(j.id, backend), j, 1) for j in jobs("a", "b", prefix="rb-")]  # type: ignore[arg-type]
+    try:
+        executor(Batch("k", [Pending(e, "k", 1, 0.0) for e in entries]))
+        assert executor.close(10)
+    finally:
+        worker_state.revoked.discard("rb-0")
+    assert backend.states == {"rb-0": "REVOKED", "rb-1": "SUCCESS"}
+    assert executor.stats.revoked == 1 and executor.stats.succeeded == 1
+    assert not any(key.startswith("rb-0/") for key in storage.files)  # not drawn again
