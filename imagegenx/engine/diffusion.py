@@ -15,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Sequence
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -36,6 +37,13 @@ from imagegenx.engine.samplers import (
 from imagegenx.engine.tokenizer import MAX_LENGTH
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def torch_dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of a ``dtype`` setting value (fp32, fp16, bf16)."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {tuple(DTYPES)}")
+    return DTYPES[name]
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +179,7 @@ class DiffusionEngine:
     ) -> DiffusionEngine:
         """Load a diffusers SD-layout folder from local files only."""
         model_dir = Path(model_dir)
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; expected one of {tuple(DTYPES)}")
-        torch_dtype = DTYPES[dtype]
-        dev = torch.device(device)
+        torch_dtype = torch_dtype_of(dtype)
         where = {"pretrained_model_name_or_path": str(model_dir), "local_files_only": True}
         lazy = {"low_cpu_mem_usage": is_accelerate_available()}
         unet = UNet2DConditionModel.from_pretrained(**where, **lazy, subfolder="unet", torch_dtype=torch_dtype)
@@ -184,21 +189,32 @@ class DiffusionEngine:
         tokenizer = CLIPTokenizer.from_pretrained(**where, subfolder="tokenizer")
         if tokenizer.model_max_length > MAX_LENGTH:  # configs without a limit load as "infinite"
             tokenizer.model_max_length = MAX_LENGTH
-        for module in (unet, vae, text_encoder):
-            module.to(dev).eval().requires_grad_(False)
-        return cls(
+        return cls.on_device(
             unet=unet,
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             scheduler_config=load_scheduler_config(model_dir),
-            device=dev,
+            device=device,
             dtype=torch_dtype,
             name=name or model_dir.name,
             prompt_cache_size=prompt_cache_size,
             fast_path=fast_path,
             lora_dir=lora_dir,
         )
+
+    @classmethod
+    def on_device(cls, *, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                  device: str, **options: Any) -> DiffusionEngine:
+        """The engine over freshly loaded modules, moved to ``device`` for inference.
+
+        Shared by every loader (folder, single file), so they place and freeze
+        the modules the same way.
+        """
+        dev = torch.device(device)
+        for module in (unet, vae, text_encoder):
+            module.to(dev).eval().requires_grad_(False)
+        return cls(unet=unet, vae=vae, text_encoder=text_encoder, device=dev, **options)
 
     def release_memory(self) -> None:
         """Free memory a failed batch left behind (called before a smaller retry)."""

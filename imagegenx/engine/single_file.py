@@ -205,23 +205,19 @@ def load_single_file_engine(
     lora_dir: Path | str | None = None,
 ) -> DiffusionEngine:
     """A DiffusionEngine over a single-file checkpoint; the counterpart of ``DiffusionEngine.load``."""
-    from imagegenx.engine.diffusion import DTYPES, DiffusionEngine
+    from imagegenx.engine.diffusion import DiffusionEngine, torch_dtype_of
     from imagegenx.engine.samplers import load_scheduler_config
 
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {tuple(DTYPES)}")
-    parts = load_components(path, config_dir, DTYPES[dtype])
-    dev = torch.device(device)
-    for key in ("unet", "vae", "text_encoder"):
-        parts[key].to(dev).eval().requires_grad_(False)
-    return DiffusionEngine(
+    torch_dtype = torch_dtype_of(dtype)
+    parts = load_components(path, config_dir, torch_dtype)
+    return DiffusionEngine.on_device(
         unet=parts["unet"],
         vae=parts["vae"],
         text_encoder=parts["text_encoder"],
         tokenizer=parts["tokenizer"],
         scheduler_config=load_scheduler_config(parts["config_dir"]),
-        device=dev,
-        dtype=DTYPES[dtype],
+        device=device,
+        dtype=torch_dtype,
         name=name or Path(path).stem,
         prompt_cache_size=prompt_cache_size,
         fast_path=fast_path,
