@@ -204,6 +204,21 @@ class FakeRequest:
         self.task.backend.events.add("ack", self.id)
 
 
+class RevocableRequest(FakeRequest):
+    """Revoked once its id is in the worker's revoked set, as Celery's Request:
+    marks REVOKED, acknowledges, and remembers it."""
+
+    def revoked(self) -> bool:
+        from celery.worker import state as worker_state
+
+        if self.id not in worker_state.revoked:
+            return False
+        self._already_revoked = True
+        self.task.backend.store_result(self.id, None, "REVOKED")
+        self.acknowledge()
+        return True
+
+
 def batch_of(batch_jobs: list[Job], backend: Backend) -> Batch[Entry]:
     entries = [Entry(FakeRequest(j.id, backend), j, 1) for j in batch_jobs]  # type: ignore[arg-type]
     return Batch("k", [Pending(e, "k", 1, 0.0) for e in entries])
@@ -258,17 +273,9 @@ def test_a_request_revoked_while_its_batch_waits_to_be_finished_ends_revoked() -
     pipeline = BatchPipeline(RecordingEngine(events), Storage(events), "http://x", "m")  # type: ignore[arg-type]
     backend = Backend(events)
 
-    class Revocable(FakeRequest):
-        def revoked(self) -> bool:  # as Celery's Request does: mark REVOKED, then ack
-            if self.id not in worker_state.revoked:
-                return False
-            self.task.backend.store_result(self.id, None, "REVOKED")
-            self.acknowledge()
-            return True
-
     executor = BatchExecutor(lambda: pipeline, progress_interval_s=60.0)
     batch_jobs = jobs("a", "b", prefix="rv-")
-    entries = [Entry(Revocable(j.id, backend), j, 1) for j in batch_jobs]  # type: ignore[arg-type]
+    entries = [Entry(RevocableRequest(j.id, backend), j, 1) for j in batch_jobs]  # type: ignore[arg-type]
     finish = pipeline.finish
 
     def revoke_first_then_finish(drawn: Any) -> Any:  # the revoke arrives after the engine ran
@@ -305,20 +312,11 @@ def test_a_request_revoked_mid_run_stays_revoked_when_its_batch_is_retried_in_ha
                 raise RuntimeError("CUDA error: unspecified launch failure")
             return self.inner.generate(spec, on_step)
 
-    class Revocable(FakeRequest):
-        def revoked(self) -> bool:
-            if self.id not in worker_state.revoked:
-                return False
-            self._already_revoked = True
-            self.task.backend.store_result(self.id, None, "REVOKED")
-            self.acknowledge()
-            return True
-
     engine = RevokeThenFail(events)
     storage = Storage(events)
     pipeline = BatchPipeline(engine, storage, "http://x", "m")  # type: ignore[arg-type]
     executor = BatchExecutor(lambda: pipeline, progress_interval_s=60.0)
-    entries = [Entry(Revocable(j.id, backend), j, 1) for j in jobs("a", "b", prefix="rb-")]  # type: ignore[arg-type]
+    entries = [Entry(RevocableRequest(j.id, backend), j, 1) for j in jobs("a", "b", prefix="rb-")]  # type: ignore[arg-type]
     try:
         executor(Batch("k", [Pending(e, "k", 1, 0.0) for e in entries]))
         assert executor.close(10)
