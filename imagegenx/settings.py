@@ -27,6 +27,7 @@ from imagegenx.batching import prefetch_window
 from imagegenx.schemas import Limits
 
 CONFIG_ENV = "IMAGEGENX_CONFIG"
+_LIMITS = Limits()
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?)*")
 
@@ -176,14 +177,15 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=5.0, gt=0, le=60,
                                      description="longest one attempt may take (connect and answer)")
 
-    # Request bounds
-    max_prompt_chars: int = 1000
-    min_size: int = 64
-    max_size: int = 1024
-    max_steps: int = 100
-    max_num_images: int = 4
-    max_guidance: float = 30.0
-    max_upscaled_side: int = Field(default=4096, ge=64, description="longest side of an upscaled image, px")
+    # Request bounds (passed to request validation as `limits`; their defaults live there)
+    max_prompt_chars: int = _LIMITS.max_prompt_chars
+    min_size: int = _LIMITS.min_size
+    max_size: int = _LIMITS.max_size
+    max_steps: int = _LIMITS.max_steps
+    max_num_images: int = _LIMITS.max_num_images
+    max_guidance: float = _LIMITS.max_guidance
+    max_upscaled_side: int = Field(default=_LIMITS.max_upscaled_side, ge=64,
+                                   description="longest side of an upscaled image, px")
 
     @classmethod
     def settings_customise_sources(
