@@ -10,7 +10,7 @@ by the tests, so a score measures the model, not the scorer.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -137,4 +137,4 @@ def accuracy(scores: Iterable[Score]) -> dict[str, float]:
     return out
 
 
-__all__ = ["Reading", "Score", "accuracy", "asdict", "read", "score"]
+__all__ = ["Reading", "Score", "accuracy", "read", "score"]
