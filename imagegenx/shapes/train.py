@@ -16,10 +16,12 @@ import json
 import math
 import logging
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +63,9 @@ class TrainConfig:
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting: faster convergence on easy timesteps
     ema: float = 0.999
     log_every: int = 200
+    # Write the EMA model to ``out`` this often during UNet training (None: only at the end),
+    # so a long run leaves a usable model behind if it is cut short.
+    snapshot_minutes: float | None = None
 
 
 class CaptionTable:
@@ -147,14 +152,16 @@ def train_vae(table: CaptionTable, c: TrainConfig,
     return vae, scale, total
 
 
-def train_unet(table: CaptionTable, vae: AutoencoderKL, c: TrainConfig,
-               gen: torch.Generator) -> tuple[UNet2DConditionModel, CLIPTextModel, int]:
+def train_unet(table: CaptionTable, vae: AutoencoderKL, c: TrainConfig, gen: torch.Generator,
+               snapshot: Callable[[UNet2DConditionModel, CLIPTextModel, int], None] | None = None,
+               ) -> tuple[UNet2DConditionModel, CLIPTextModel, int]:
     """Epsilon prediction with SD1.5's noise schedule; UNet and text encoder learn together.
 
     Runs ``unet_steps`` steps with warm-up and cosine decay of the learning rate
     (with ``unet_minutes``, the step count that fits that budget, measured on the
     first steps); the returned modules are exponential moving averages of the
-    weights, as is usual for diffusion.
+    weights, as is usual for diffusion. ``snapshot`` is called with them every
+    ``snapshot_minutes``.
     """
     dev = torch.device(c.device)
     unet = UNet2DConditionModel(**cfg.UNET).to(dev).train()
@@ -163,14 +170,14 @@ def train_unet(table: CaptionTable, vae: AutoencoderKL, c: TrainConfig,
     for m in (ema_unet, ema_text):
         m.requires_grad_(False)
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=c.unet_lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=c.unet_lr, weight_decay=0.01, fused=dev.type == "cuda")
     noise_sched = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER.items()
                                    if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")})
     alphas = noise_sched.alphas_cumprod.to(dev)
     scale = vae.config.scaling_factor
     amp = _autocast(dev)
     total = c.unet_steps
-    t0 = time.perf_counter()
+    t0 = last_snapshot = time.perf_counter()
     step = 0
     while step < total:
         step += 1
@@ -201,7 +208,11 @@ def train_unet(table: CaptionTable, vae: AutoencoderKL, c: TrainConfig,
             for src, dst in ((unet, ema_unet), (text, ema_text)):
                 torch._foreach_lerp_(list(dst.parameters()), list(src.parameters()), 1 - decay)
         if step % c.log_every == 0:
-            log.info("unet step %d loss %.4f %.0f s", step, loss.item(), time.perf_counter() - t0)
+            log.info("unet step %d/%d loss %.4f %.0f s", step, total, loss.item(), time.perf_counter() - t0)
+        if (snapshot is not None and c.snapshot_minutes is not None and step < total
+                and time.perf_counter() - last_snapshot >= 60 * c.snapshot_minutes):
+            snapshot(ema_unet, ema_text, step)
+            last_snapshot = time.perf_counter()
     return ema_unet, ema_text, step
 
 
@@ -221,15 +232,27 @@ def _autocast(dev: torch.device):
 
 def save(out: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, text: CLIPTextModel,
          meta: dict[str, object]) -> Path:
-    """The diffusers SD pipeline layout, fp16 safetensors."""
-    out.mkdir(parents=True, exist_ok=True)
+    """The diffusers SD pipeline layout, fp16 safetensors; the modules are left as they were.
+
+    Written next to ``out`` and then swapped in, so a reader (or a run cut short
+    while saving) never sees half a model.
+    """
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text)):
-        torch.nn.Module.to(module, device="cpu", dtype=torch.float16).save_pretrained(
-            out / name, safe_serialization=True)
-    write_clip_tokenizer(out / "tokenizer")
-    _write_json(out / "scheduler" / "scheduler_config.json", SD15_SCHEDULER)
-    _write_json(out / "model_index.json", _model_index())
-    (out / "training.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        half = torch.nn.Module.to(copy.deepcopy(module), device="cpu", dtype=torch.float16)
+        half.save_pretrained(tmp / name, safe_serialization=True)
+    write_clip_tokenizer(tmp / "tokenizer")
+    _write_json(tmp / "scheduler" / "scheduler_config.json", SD15_SCHEDULER)
+    _write_json(tmp / "model_index.json", _model_index())
+    (tmp / "training.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -246,14 +269,23 @@ def train(c: TrainConfig) -> Path:
     t0 = time.perf_counter()
     vae, scale, vae_steps = train_vae(table, c, gen)
     t_vae = time.perf_counter() - t0
-    unet, text, steps = train_unet(table, vae, c, gen)
-    meta = {"seed": c.seed, "batch": c.batch, "vae_steps": vae_steps, "unet_steps": steps,
-            "vae_s": round(t_vae, 1), "unet_s": round(time.perf_counter() - t0 - t_vae, 1),
-            "latent_scale": scale, "training_captions": len(table.texts),
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "held_out_triplets": sorted(held_out_triplets())}
-    log.info("trained: %s", meta)
-    return save(c.out, unet, vae, text, meta)
+
+    def meta(steps: int, finished: bool) -> dict[str, object]:
+        return {"seed": c.seed, "batch": c.batch, "vae_steps": vae_steps, "unet_steps": steps,
+                "finished": finished, "vae_s": round(t_vae, 1),
+                "unet_s": round(time.perf_counter() - t0 - t_vae, 1),
+                "latent_scale": scale, "training_captions": len(table.texts),
+                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                "held_out_triplets": sorted(held_out_triplets())}
+
+    def snapshot(unet: UNet2DConditionModel, text: CLIPTextModel, step: int) -> None:
+        save(c.out, unet, vae, text, meta(step, finished=False))
+        log.info("snapshot at unet step %d written to %s", step, c.out)
+
+    unet, text, steps = train_unet(table, vae, c, gen, snapshot)
+    done = meta(steps, finished=True)
+    log.info("trained: %s", done)
+    return save(c.out, unet, vae, text, done)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -268,13 +300,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-steps", type=int, default=TrainConfig.unet_steps)
     p.add_argument("--unet-minutes", type=float, default=None,
                    help="instead of --unet-steps: as many steps as fit in this time (measured)")
+    p.add_argument("--snapshot-minutes", type=float, default=None,
+                   help="also write the model (marked unfinished) this often during UNet training")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is available (use --device cpu for a smoke run)")
     out = train(TrainConfig(out=args.out, seed=args.seed, device=args.device, batch=args.batch,
                             vae_steps=args.vae_steps, vae_minutes=args.vae_minutes, unet_steps=args.unet_steps,
-                            unet_minutes=args.unet_minutes))
+                            unet_minutes=args.unet_minutes, snapshot_minutes=args.snapshot_minutes))
     print(out)
 
 
