@@ -25,6 +25,7 @@ from typing_extensions import Annotated
 
 from imagegenx.batching import prefetch_window
 from imagegenx.schemas import Limits
+from imagegenx.shapes.model_files import SHAPES_MODEL_SETTING
 
 CONFIG_ENV = "IMAGEGENX_CONFIG"
 _LIMITS = Limits()
@@ -79,7 +80,11 @@ class Settings(BaseSettings):
 
     # Engine
     engine: Literal["diffusion", "synthetic"] = "diffusion"
-    model: Path = Path("var/models/tiny")
+    model: Path = Field(
+        default=SHAPES_MODEL_SETTING,
+        description="diffusers model folder or single-file checkpoint; default: the shipped shapes model "
+                    "(a relative imagegenx/... path missing from the working directory is taken from the package)",
+    )
     # Not "model_config": pydantic reserves that name.
     model_config_dir: Path = Field(
         default=Path("configs/sd15"),

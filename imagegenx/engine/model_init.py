@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from imagegenx.engine.ldm_layout import folder_to_single_file
-from imagegenx.engine.single_file import check_single_file, is_single_file
+from imagegenx.engine.single_file import ModelLoadError, check_single_file, is_single_file
 from imagegenx.engine.tokenizer import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -31,6 +31,7 @@ from imagegenx.engine.tokenizer import (
     clip_vocab_and_merges,
     write_clip_tokenizer,
 )
+from imagegenx.shapes.model_files import SHAPES_MODEL, SHAPES_MODEL_SETTING, packaged
 
 # SD1.5's noise schedule (its published scheduler/scheduler_config.json).
 SD15_SCHEDULER: dict[str, Any] = {
@@ -285,17 +286,22 @@ def write_single_file_model(path: Path, arch: str = "tiny", seed: int = 0) -> Pa
 
 
 def ensure_model(path: Path, seed: int = 0) -> Path:
-    """Return ``path``, first writing the tiny model there if it holds no model.
+    """Return ``path`` (``packaged``), first writing the tiny model there if it holds no model.
 
     The model is written into a sibling temporary folder and renamed into
     place, so concurrent workers never load a half-written folder. A
-    single-file checkpoint is never written, only checked (it must exist).
+    single-file checkpoint is never written, only checked (it must exist),
+    and neither is the shipped shapes model: a stand-in there would hide a
+    broken installation.
     """
-    path = Path(path)
+    asked, path = Path(path), packaged(Path(path))
     if is_single_file(path):
         return check_single_file(path)
     if (path / "model_index.json").is_file():
         return path
+    if path.resolve() == SHAPES_MODEL.resolve() or asked == SHAPES_MODEL_SETTING:
+        raise ModelLoadError(f"the shipped shapes model is missing from this installation ({path}): "
+                             "reinstall imagegenx, or set IMAGEGENX_MODEL to another model")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:

@@ -3,4 +3,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SHAPES_MODEL = Path(__file__).resolve().parent.parent / "engine" / "assets" / "shapes"
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+SHAPES_MODEL = PACKAGE_DIR / "engine" / "assets" / "shapes"
+# The ``model`` setting's default: relative, so a settings file can name it; see ``packaged``.
+SHAPES_MODEL_SETTING = Path(PACKAGE_DIR.name) / SHAPES_MODEL.relative_to(PACKAGE_DIR)
+
+
+def packaged(path: Path) -> Path:
+    """``path``, or, when it is relative, missing from the working directory and names a
+    file of the installed package (``imagegenx/...``), that file: the default works from
+    any directory and in any install."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    candidate = (PACKAGE_DIR.parent / path).resolve()
+    if candidate.is_relative_to(PACKAGE_DIR) and candidate.exists():
+        return candidate
+    return path
