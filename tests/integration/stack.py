@@ -1,6 +1,7 @@
 """A whole service for one test module: API over HTTP + a real worker process."""
 from __future__ import annotations
 
+import io
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -8,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import requests
+from PIL import Image
 
 from imagegenx.redis_client import redis_client
 from imagegenx.settings import Settings
@@ -33,6 +36,19 @@ class Stack:
     @property
     def headers(self) -> dict[str, str]:
         return {"X-API-Key": API_KEY}
+
+    def submit(self, body: dict[str, Any]) -> str:
+        """POST a generation request; its task id (the request must be accepted)."""
+        r = requests.post(f"{self.base}/api/v1/images", json=body, headers=self.headers, timeout=10)
+        assert r.status_code == 202, r.text
+        return r.json()["task_id"]
+
+
+def served_rgb(url: str) -> Image.Image:
+    """A result image as the API serves it (must be a PNG), in RGB."""
+    r = requests.get(url, timeout=10)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "image/png", r.status_code
+    return Image.open(io.BytesIO(r.content)).convert("RGB")
 
 
 def stack_env(redis_base: str, tmp: Path, model: Path | None, api_port: int,

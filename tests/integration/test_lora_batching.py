@@ -5,7 +5,6 @@ never do, although they arrive together and would otherwise fit one batch.
 """
 from __future__ import annotations
 
-import io
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,10 +14,9 @@ import numpy as np
 import pytest
 import requests
 from celery.result import AsyncResult
-from PIL import Image
 
 from tests.integration.lora_files import write_lora
-from tests.integration.stack import API_KEY, Stack, running_stack
+from tests.integration.stack import API_KEY, Stack, running_stack, served_rgb
 from tests.service import wait_task
 
 pytestmark = pytest.mark.integration
@@ -34,16 +32,8 @@ def stack(redis_base: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFa
         yield s
 
 
-def submit(stack: Stack, body: dict) -> str:
-    r = requests.post(f"{stack.base}/api/v1/images", json=body, headers=stack.headers, timeout=10)
-    assert r.status_code == 202, r.text
-    return r.json()["task_id"]
-
-
 def pixels(url: str) -> np.ndarray:
-    r = requests.get(url, timeout=10)
-    assert r.status_code == 200
-    return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=np.int16)
+    return np.asarray(served_rgb(url), dtype=np.int16)
 
 
 def test_same_set_shares_a_batch_different_sets_never_do(stack: Stack) -> None:
@@ -51,7 +41,7 @@ def test_same_set_shares_a_batch_different_sets_never_do(stack: Stack) -> None:
     bodies = [{**common, "seed": 1, "lora": "style"}, {**common, "seed": 1},
               {**common, "seed": 2, "lora": ["style"], "lora_weight": [1.0]}, {**common, "seed": 2}]
     with ThreadPoolExecutor(4) as pool:
-        ids = list(pool.map(lambda b: submit(stack, b), bodies))
+        ids = list(pool.map(stack.submit, bodies))
         results = list(pool.map(lambda t: wait_task(stack.base, t, API_KEY, 120), ids))
     assert [r["state"] for r in results] == ["SUCCESS"] * 4, results
     batches = [r["result"]["batch"] for r in results]
