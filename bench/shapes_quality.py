@@ -22,6 +22,14 @@ from bench.harness import machine, now_utc
 TARGETS = {"colours": 0.90, "shape": 0.80, "cpu_image_s": 1.0}
 
 
+def _shown(path: Path) -> str:
+    """A model path as reports show it: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the embedded shapes model)")
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             images += [im for im in engine.generate(spec) if im is not None]
         return images
 
-    report: dict[str, Any] = {"when": now_utc(), "machine": machine(), "model": str(model),
+    report: dict[str, Any] = {"when": now_utc(), "machine": machine(), "model": _shown(model),
                               "device": args.device, "steps": args.steps, "guidance": args.guidance,
                               "sampler": args.sampler, "targets": TARGETS, "sets": {}}
     sheet: list[Image.Image] = []
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         report["cpu_image_s"] = {"median": statistics.median(times), "min": min(times), "max": max(times),
                                  "runs": len(times), "threads": args.threads}
 
-    print(f"shapes model {model} on {args.device}: {args.steps} steps, CFG {args.guidance}, {args.sampler}")
+    print(f"shapes model {_shown(model)} on {args.device}: {args.steps} steps, CFG {args.guidance}, {args.sampler}")
     print(f"{'set':<10}{'prompts':>8}{'colours':>9}{'colour':>8}{'backgr.':>8}{'shape':>7}{'size':>7}"
           f"{'position':>9}{'all':>6}")
     for name, s in report["sets"].items():
