@@ -37,6 +37,7 @@ class BackendOptions:
     quant_states: dict[str, Path] = field(default_factory=dict)  # recipe -> `optimize quantize` output
     calibration: Path | None = None
     calib_prompts: int = 8
+    calib_prompt_file: Path | None = None  # default: the shipped general calibration prompts
     calib_steps: int = 8
     trt_engine: Path | None = None
     exporter: str = "auto"
@@ -92,7 +93,7 @@ def _fake_quant_engine(opts: BackendOptions, recipe: str) -> DiffusionEngine:
     if opts.calibration is not None:
         calib = CalibrationSet.load(opts.calibration)
     else:
-        prompts = load_prompts()[: opts.calib_prompts]
+        prompts = load_prompts(opts.calib_prompt_file)[: opts.calib_prompts]
         calib = capture(engine, prompts, steps=opts.calib_steps, every=1, batch_size=4)
     quantize_unet(engine.unet, calib, recipe)
     return engine

@@ -13,17 +13,21 @@ from typing import Any
 
 import click
 
-from optimize.choices import BACKENDS, COMPONENTS, EXPORTERS, RECIPES
+from optimize.choices import BACKENDS, COMPONENTS, EXPORTERS, PROMPT_SETS, RECIPES
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 model_option = click.option(
     "--model", type=click.Path(path_type=Path),
-    help="diffusers model folder or .safetensors checkpoint (default: IMAGEGENX_MODEL; the tiny model "
-         "is written there if missing).")
+    help="diffusers model folder or .safetensors checkpoint (default: IMAGEGENX_MODEL, the shipped shapes "
+         "model unless set).")
 device_option = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                              help="auto: CUDA when available, else the CPU.")
+prompt_set_option = click.option(
+    "--prompt-set", type=click.Choice(PROMPT_SETS), default="shapes", show_default=True,
+    help="Shipped prompts to use without --prompts: shapes (the shipped shapes model's grammar) or general "
+         "(SD1.5-style prompts).")
 
 
 def _model_dir(model: Path | None) -> Path:
@@ -123,7 +127,8 @@ def export(model: Path | None, out_dir: Path, components: tuple[str, ...], dtype
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("var/calibration/unet-inputs.pt"), show_default=True, help="Calibration file to write.")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Prompt file, one a line (default: the shipped optimize/calibration_prompts.txt).")
+              help="Prompt file, one a line (default: the --prompt-set's shipped calibration file).")
+@prompt_set_option
 @click.option("--num-prompts", type=click.IntRange(min=1), help="Use the first N prompts (default: all).")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--sampler", default="euler", show_default=True, help="euler, euler_a, ddim or dpmpp_2m.")
@@ -134,15 +139,16 @@ def export(model: Path | None, out_dir: Path, components: tuple[str, ...], dtype
 @click.option("--seed", type=int, default=0, show_default=True, help="Prompt i uses seed + i.")
 @device_option
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
-def calibrate(model: Path | None, out: Path, prompts_file: Path | None, num_prompts: int | None, steps: int,
-              sampler: str, every: int, batch: int, guidance: float, seed: int, device: str, dtype: str) -> None:
+def calibrate(model: Path | None, out: Path, prompts_file: Path | None, prompt_set: str, num_prompts: int | None,
+              steps: int, sampler: str, every: int, batch: int, guidance: float, seed: int, device: str,
+              dtype: str) -> None:
     """Record the UNet's inputs along real denoising trajectories of the calibration prompts."""
     from imagegenx.engine.samplers import SAMPLERS
-    from optimize.calibration import capture, load_prompts
+    from optimize.calibration import PROMPT_FILES, capture, load_prompts
 
     if sampler not in SAMPLERS:
         raise click.BadParameter(f"{sampler!r} is not one of {', '.join(SAMPLERS)}", param_hint="'--sampler'")
-    prompts = load_prompts(prompts_file)[:num_prompts]
+    prompts = load_prompts(prompts_file or PROMPT_FILES[prompt_set])[:num_prompts]
     engine = _load_engine(model, device, dtype)
     t0 = time.perf_counter()
     calib = capture(engine, prompts, steps=steps, sampler=sampler, every=every, batch_size=batch,
@@ -255,7 +261,9 @@ def build(onnx_path: Path, out: Path | None, buckets: str | None, opt_images: in
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed + i.")
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Images per engine batch.")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Prompt file, one a line (default: eight held-out prompts).")
+              help="Prompt file, one a line (default: --prompt-set's evaluation prompts, none of them used "
+                   "for calibration).")
+@prompt_set_option
 @click.option("--onnx-unet", type=click.Path(dir_okay=False, path_type=Path),
               help="UNet graph for backend onnx (default: exported now).")
 @click.option("--exporter", type=click.Choice(EXPORTERS), default="auto", show_default=True,
@@ -274,7 +282,7 @@ def build(onnx_path: Path, out: Path | None, buckets: str | None, opt_images: in
 @click.option("--scorer", help="module:function scoring images and prompts, e.g. a colour/shape classifier.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write JSON here.")
 def verify(backend_a: str, backend_b: str, model: Path | None, device: str, num_images: int, steps: int,
-           sampler: str, guidance: float, seed: int, batch: int, prompts_file: Path | None,
+           sampler: str, guidance: float, seed: int, batch: int, prompts_file: Path | None, prompt_set: str,
            onnx_unet: Path | None, exporter: str, int8_state: Path | None, fp8_state: Path | None,
            calib_path: Path | None, calib_prompts: int, calib_steps: int, trt_engine: Path | None,
            scorer: str | None, json_path: Path | None) -> None:
@@ -286,9 +294,9 @@ def verify(backend_a: str, backend_b: str, model: Path | None, device: str, num_
     """
     from imagegenx.engine.samplers import SAMPLERS
     from optimize.backends import BackendError, BackendOptions, make_engine, release
-    from optimize.calibration import load_prompts
+    from optimize.calibration import PROMPT_FILES, load_prompts
     from optimize.quality import load_scorer
-    from optimize.verify import EVAL_PROMPTS, RunSettings, VerifyReport, compare_images, format_table, \
+    from optimize.verify import RunSettings, VerifyReport, compare_images, evaluation_set, format_table, \
         prompts_for, run_backend, to_json
 
     if sampler not in SAMPLERS:
@@ -296,10 +304,19 @@ def verify(backend_a: str, backend_b: str, model: Path | None, device: str, num_
     score_fn = None
     if scorer:
         try:
-            score_fn = load_scorer(scorer)
+            loaded = load_scorer(scorer)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="'--scorer'") from None
-    prompts = prompts_for(num_images, load_prompts(prompts_file) if prompts_file else EVAL_PROMPTS)
+
+        def score_fn(images: Any, texts: Any) -> Any:
+            try:
+                return loaded(images, texts)
+            except ValueError as exc:  # e.g. prompts the scorer cannot read
+                raise click.BadParameter(str(exc), param_hint="'--scorer'") from None
+    if prompts_file:
+        prompts = prompts_for(num_images, load_prompts(prompts_file))
+    else:
+        prompts = evaluation_set(prompt_set, num_images)
     resolved, _ = _resolve(device)
     run = RunSettings(num_images=num_images, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
                       batch=batch)
@@ -308,6 +325,7 @@ def verify(backend_a: str, backend_b: str, model: Path | None, device: str, num_
         opts = BackendOptions(model=_model_dir(model), device=resolved, onnx_unet=onnx_unet,
                               quant_states={k: v for k, v in (("int8", int8_state), ("fp8", fp8_state)) if v},
                               calibration=calib_path, calib_prompts=calib_prompts, calib_steps=calib_steps,
+                              calib_prompt_file=PROMPT_FILES[prompt_set],
                               trt_engine=trt_engine, exporter=exporter, workdir=Path(workdir))
         for name in (backend_a, backend_b):
             try:

@@ -90,6 +90,16 @@ def prompts_for(n: int, prompts: Sequence[str] = EVAL_PROMPTS) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
+def evaluation_set(name: str, n: int) -> list[str]:
+    """``n`` evaluation prompts of a prompt set: for ``shapes`` the shapes benchmark's held-out
+    prompts (never in training or in the shapes calibration file), else ``EVAL_PROMPTS``."""
+    if name == "shapes":
+        from imagegenx.shapes.captions import evaluation_prompts
+
+        return evaluation_prompts(n, held_out=True)
+    return prompts_for(n)
+
+
 def _sync(engine: DiffusionEngine) -> None:
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)

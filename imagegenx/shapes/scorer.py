@@ -9,7 +9,7 @@ by the tests, so a score measures the model, not the scorer.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +17,7 @@ from PIL import Image
 
 import torch
 
-from imagegenx.shapes.captions import COLOURS, POSITIONS, SHAPES, SIZES, Scene
+from imagegenx.shapes.captions import COLOURS, POSITIONS, SHAPES, SIZES, Scene, parse
 from imagegenx.shapes.render import SQUARE_HALF_SIDE, TRIANGLE_CIRCUMRADIUS, coverage
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
@@ -137,4 +137,14 @@ def accuracy(scores: Iterable[Score]) -> dict[str, float]:
     return out
 
 
-__all__ = ["Reading", "Score", "accuracy", "read", "score"]
+def prompt_accuracy(images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, float]:
+    """``accuracy`` of pictures against their prompts: the ``imagegenx optimize verify --scorer``
+    hook. Prompts outside the shapes grammar are left out; with none inside it, a ValueError."""
+    pairs = [(im, parse(p)) for im, p in zip(images, prompts, strict=True)]
+    scores = [score(im, scene) for im, scene in pairs if scene is not None]
+    if not scores:
+        raise ValueError("no prompt is in the shapes grammar ('a red circle on a blue background')")
+    return accuracy(scores)
+
+
+__all__ = ["Reading", "Score", "accuracy", "prompt_accuracy", "read", "score"]

@@ -14,10 +14,12 @@ from pydantic import ValidationError
 
 from imagegenx.cli import main
 from imagegenx.settings import Settings
-from optimize.calibration import load_prompts
+from imagegenx.shapes.captions import evaluation_prompts, held_out_triplets, parse
+from optimize.calibration import PROMPT_FILES, load_prompts
 from optimize.export import EXTERNAL_DATA_THRESHOLD, needs_external_data
 from optimize.quality import load_scorer, max_abs_diff, psnr, ssim
 from optimize.quantize import SKIPPED_LAYERS, is_skipped
+from optimize.verify import EVAL_PROMPTS, evaluation_set
 from optimize.trt_common import (
     TRT_MISSING_REASON,
     BatchOutsideProfile,
@@ -117,6 +119,19 @@ def test_shipped_calibration_prompts_are_many_and_varied() -> None:
     assert len(prompts) >= 64
     assert len(set(prompts)) == len(prompts)
     assert len({p.split()[1] for p in prompts if len(p.split()) > 1}) > 30  # not one template
+
+
+def test_shapes_calibration_prompts_are_training_captions_apart_from_the_evaluation_set() -> None:
+    prompts = load_prompts(PROMPT_FILES["shapes"])
+    assert prompts == evaluation_prompts(80, held_out=False, seed=2024)  # regenerated as its header says
+    assert len(set(prompts)) == len(prompts) >= 64
+    scenes = [parse(p) for p in prompts]
+    assert all(s is not None and s.triplet not in held_out_triplets() for s in scenes)
+    assert len({s.triplet for s in scenes if s is not None}) > 40
+    evaluation = evaluation_set("shapes", 200)
+    assert evaluation == evaluation_prompts(200, held_out=True)
+    assert not set(evaluation) & set(prompts)
+    assert evaluation_set("general", 3) == list(EVAL_PROMPTS[:3])
 
 
 # Image metrics ----------------------------------------------------------------------------

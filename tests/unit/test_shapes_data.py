@@ -20,7 +20,7 @@ from imagegenx.shapes.captions import (
     random_scene,
 )
 from imagegenx.shapes.render import render
-from imagegenx.shapes.scorer import accuracy, read, score
+from imagegenx.shapes.scorer import accuracy, prompt_accuracy, read, score
 
 
 def pictures(n: int, seed: int) -> tuple[list[Image.Image], list[Scene]]:
@@ -88,3 +88,16 @@ def test_a_picture_without_a_shape_gets_no_shape() -> None:
     assert r.background == "blue" and r.shape is None and r.colour is None
     s = score(flat, Scene("red", "circle", "blue"))
     assert s.background and not s.colour and not s.shape
+
+
+def test_prompt_accuracy_is_the_verify_scorer_hook() -> None:
+    images, scenes = pictures(12, seed=4)
+    prompts = [caption(s) for s in scenes]
+    wrong = Scene(scenes[0].background, scenes[0].shape, scenes[0].colour)  # colours swapped
+    acc = prompt_accuracy([*images, images[0], images[1]], [*prompts, caption(wrong), "a photo of a cat"])
+    assert acc["colour"] == acc["background"] == acc["colours"] == 12 / 13  # the cat is left out
+    assert acc["shape"] == 1.0
+    with pytest.raises(ValueError, match="shapes grammar"):
+        prompt_accuracy(images[:1], ["a photo of a cat"])
+    with pytest.raises(ValueError):
+        prompt_accuracy(images[:2], prompts[:1])  # one prompt per image
