@@ -1,5 +1,6 @@
-"""ONNX export of the tiny model's UNet, VAE decoder and text encoder, run by
-onnxruntime on the CPU against PyTorch on the same inputs.
+"""ONNX export of the UNet, VAE decoder and text encoder of the tiny model (random
+weights) and of the shipped shapes model (trained), run by onnxruntime on the CPU
+against PyTorch on the same inputs.
 
 Tolerances are those of ``optimize.onnx_check`` (fp32: max|onnx - torch| <=
 1e-4 + 1e-3 x max|torch|). The graphs are exported at batch 2 and checked at
@@ -16,13 +17,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from imagegenx.engine.diffusion import DiffusionEngine  # noqa: E402
+from imagegenx.shapes.model_files import SHAPES_MODEL  # noqa: E402
 from optimize.export import COMPONENTS, SPECS, export_components  # noqa: E402
 from optimize.onnx_check import compare  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model: Path) -> DiffusionEngine:
-    return DiffusionEngine.load(tiny_model, device="cpu", dtype="fp32")
+@pytest.fixture(scope="module", params=["tiny", "shapes"])
+def engine(request: pytest.FixtureRequest, tiny_model: Path) -> DiffusionEngine:
+    return DiffusionEngine.load(tiny_model if request.param == "tiny" else SHAPES_MODEL, device="cpu", dtype="fp32")
 
 
 def _batch_dims(path: Path) -> list[str]:
