@@ -209,9 +209,13 @@ def train_unet(table: CaptionTable, vae: AutoencoderKL, c: TrainConfig, gen: tor
                 torch._foreach_lerp_(list(dst.parameters()), list(src.parameters()), 1 - decay)
         if step % c.log_every == 0:
             log.info("unet step %d/%d loss %.4f %.0f s", step, total, loss.item(), time.perf_counter() - t0)
-        if (snapshot is not None and c.snapshot_minutes is not None and step < total
+        timing = c.unet_minutes is not None and step <= 100  # _fit_budget times these steps
+        if (snapshot is not None and c.snapshot_minutes is not None and step < total and not timing
                 and time.perf_counter() - last_snapshot >= 60 * c.snapshot_minutes):
-            snapshot(ema_unet, ema_text, step)
+            try:
+                snapshot(ema_unet, ema_text, step)
+            except OSError as exc:  # e.g. a full disk: the run goes on, the final save may still work
+                log.warning("snapshot at unet step %d failed: %s", step, exc)
             last_snapshot = time.perf_counter()
     return ema_unet, ema_text, step
 
@@ -235,7 +239,7 @@ def save(out: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, text: CLIPTe
     """The diffusers SD pipeline layout, fp16 safetensors; the modules are left as they were.
 
     Written next to ``out`` and then swapped in, so a reader (or a run cut short
-    while saving) never sees half a model.
+    while saving) sees the old model or the new one, never half of one.
     """
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -288,25 +292,56 @@ def train(c: TrainConfig) -> Path:
     return save(c.out, unet, vae, text, done)
 
 
+def _number(kind: type, low: float, strict: bool) -> Callable[[str], float]:
+    """An argparse type: a ``kind`` above ``low`` (or at least ``low`` unless ``strict``)."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (value > low if strict else value >= low):  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {low}, got {text}")
+        return value
+    return parse
+
+
+def check_out(out: Path) -> str | None:
+    """Why ``out`` must not be trained into, or None: saving replaces the folder, so it
+    must be new, empty, or an earlier model (it has model_index.json)."""
+    out = out.resolve()
+    if out == out.parent:
+        return f"{out} is a file system root"
+    if out.exists() and not out.is_dir():
+        return f"{out} is a file"
+    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
+        return f"{out} holds other files (not a model folder); saving would replace them"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True, help="folder to write the model to")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder to write the model to: new, empty, or an earlier model (it is replaced)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--batch", type=int, default=TrainConfig.batch)
-    p.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
-    p.add_argument("--vae-minutes", type=float, default=None,
+    p.add_argument("--batch", type=_number(int, 1, strict=False), default=TrainConfig.batch)
+    p.add_argument("--vae-steps", type=_number(int, 1, strict=False), default=TrainConfig.vae_steps)
+    p.add_argument("--vae-minutes", type=_number(float, 0, strict=True), default=None,
                    help="instead of --vae-steps: as many steps as fit in this time (measured)")
-    p.add_argument("--unet-steps", type=int, default=TrainConfig.unet_steps)
-    p.add_argument("--unet-minutes", type=float, default=None,
+    p.add_argument("--unet-steps", type=_number(int, 1, strict=False), default=TrainConfig.unet_steps)
+    p.add_argument("--unet-minutes", type=_number(float, 0, strict=True), default=None,
                    help="instead of --unet-steps: as many steps as fit in this time (measured)")
-    p.add_argument("--snapshot-minutes", type=float, default=None,
-                   help="also write the model (marked unfinished) this often during UNet training")
+    p.add_argument("--snapshot-minutes", type=_number(float, 0, strict=False), default=None,
+                   help="also write the model (marked unfinished) this often during UNet training "
+                        "(0: after every step)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is available (use --device cpu for a smoke run)")
-    out = train(TrainConfig(out=args.out, seed=args.seed, device=args.device, batch=args.batch,
+    problem = check_out(args.out)
+    if problem:
+        p.error(f"--out: {problem}")
+    out = train(TrainConfig(out=args.out.resolve(), seed=args.seed, device=args.device, batch=args.batch,
                             vae_steps=args.vae_steps, vae_minutes=args.vae_minutes, unet_steps=args.unet_steps,
                             unet_minutes=args.unet_minutes, snapshot_minutes=args.snapshot_minutes))
     print(out)
