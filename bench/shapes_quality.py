@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     from imagegenx.engine.base import BatchSpec, Sample
     from imagegenx.engine.diffusion import DiffusionEngine
     from imagegenx.shapes.captions import evaluation_prompts, parse
-    from imagegenx.shapes.model_files import SHAPES_MODEL
+    from imagegenx.shapes.model_files import SHAPES_MODEL, packaged
     from imagegenx.shapes.scorer import accuracy, score
 
-    model = args.model or SHAPES_MODEL
+    model = packaged(args.model) if args.model else SHAPES_MODEL
     dtype = "fp32" if args.device == "cpu" else "fp16"
     torch.set_num_threads(args.threads)
     engine = DiffusionEngine.load(model, device=args.device, dtype=dtype)

@@ -33,16 +33,22 @@ prompt_set_option = click.option(
 def _model_dir(model: Path | None) -> Path:
     from imagegenx.engine.model_init import ensure_model
     from imagegenx.engine.quiet import silence_library_progress
+    from imagegenx.engine.single_file import ModelLoadError
+    from imagegenx.shapes.model_files import packaged
 
     silence_library_progress()
     if model is not None:
+        model = packaged(model)
         if not ((model / "model_index.json").is_file() or (model.is_file() and model.suffix == ".safetensors")):
             raise click.BadParameter(f"{model} is neither a diffusers model folder (no model_index.json) "
                                      "nor a .safetensors checkpoint", param_hint="'--model'")
         return model
     from imagegenx.cli import load_settings
 
-    return ensure_model(load_settings().model)
+    try:
+        return ensure_model(load_settings().model)
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _resolve(device: str, dtype: str = "auto") -> tuple[str, str]:

@@ -1,10 +1,11 @@
 """Write Stable Diffusion 1.5-layout model folders with random weights.
 
-The service ships without downloaded weights, so it embeds a *tiny* model with
-exactly SD1.5's component classes and folder layout: the whole engine path
-(tokenizer, text encoder, UNet, scheduler, VAE) runs for real on a laptop CPU
-in well under a second per image, and a real checkpoint can later be dropped
-in by pointing the engine at another folder. ``write_sd15_model`` writes the
+No weights can be downloaded where the tests run, so a *tiny* model with exactly
+SD1.5's component classes and folder layout (random weights) is written for
+them: the whole engine path (tokenizer, text encoder, UNet, scheduler, VAE)
+runs for real on a laptop CPU in well under a second per image. The default
+model that draws real pictures is the shipped, trained shapes model
+(``imagegenx.shapes``). ``write_sd15_model`` writes the
 full-size architecture (random weights) for load and throughput tests on GPUs.
 """
 from __future__ import annotations
@@ -300,6 +301,9 @@ def ensure_model(path: Path, seed: int = 0) -> Path:
     if (path / "model_index.json").is_file():
         return path
     if path.resolve() == SHAPES_MODEL.resolve() or asked == SHAPES_MODEL_SETTING:
+        if path.exists() and path.resolve() != SHAPES_MODEL.resolve():
+            raise ModelLoadError(f"{path} in the working directory holds no model and hides the shipped shapes "
+                                 "model: remove it, or set IMAGEGENX_MODEL to another model")
         raise ModelLoadError(f"the shipped shapes model is missing from this installation ({path}): "
                              "reinstall imagegenx, or set IMAGEGENX_MODEL to another model")
     path.parent.mkdir(parents=True, exist_ok=True)

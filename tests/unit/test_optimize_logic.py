@@ -191,6 +191,13 @@ def test_build_errors_name_the_option(tmp_path: Path) -> None:
         assert result.exit_code == 1 and "TensorRT cannot be imported" in result.output
 
 
+def test_a_bad_model_setting_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGEGENX_MODEL", str(tmp_path / "absent.safetensors"))
+    result = CliRunner().invoke(main, ["optimize", "calibrate", "--device", "cpu", "-o", str(tmp_path / "c.pt")])
+    assert result.exit_code == 1 and "absent.safetensors" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_backends_refuse_what_cannot_run_here(tmp_path: Path) -> None:
     from optimize.backends import BackendError, BackendOptions, make_engine
 

@@ -30,6 +30,8 @@ def test_only_package_files_are_taken_from_the_package(tmp_path: Path, monkeypat
     assert packaged(Path("configs/sd15")) == Path("configs/sd15")  # beside the package, not in it
     (tmp_path / "imagegenx/engine/assets/shapes").mkdir(parents=True)
     assert packaged(Path("imagegenx/engine/assets/shapes")) == Path("imagegenx/engine/assets/shapes")
+    with pytest.raises(ModelLoadError, match="working directory holds no model and hides the shipped"):
+        model_init.ensure_model(Path("imagegenx/engine/assets/shapes"))
 
 
 def test_it_is_a_finished_fp16_diffusers_folder_within_the_size_budget() -> None:
