@@ -138,13 +138,14 @@ def accuracy(scores: Iterable[Score]) -> dict[str, float]:
 
 
 def prompt_accuracy(images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, float]:
-    """``accuracy`` of pictures against their prompts: the ``imagegenx optimize verify --scorer``
-    hook. Prompts outside the shapes grammar are left out; with none inside it, a ValueError."""
+    """``accuracy`` of pictures against their prompts, and how many were scored: the
+    ``imagegenx optimize verify --scorer`` hook. Prompts outside the shapes grammar are
+    left out (``scored`` says how many were not); with none inside it, a ValueError."""
     pairs = [(im, parse(p)) for im, p in zip(images, prompts, strict=True)]
     scores = [score(im, scene) for im, scene in pairs if scene is not None]
     if not scores:
         raise ValueError("no prompt is in the shapes grammar ('a red circle on a blue background')")
-    return accuracy(scores)
+    return {**accuracy(scores), "scored": float(len(scores))}
 
 
 __all__ = ["Reading", "Score", "accuracy", "prompt_accuracy", "read", "score"]

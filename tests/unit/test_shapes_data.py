@@ -96,6 +96,7 @@ def test_prompt_accuracy_is_the_verify_scorer_hook() -> None:
     wrong = Scene(scenes[0].background, scenes[0].shape, scenes[0].colour)  # colours swapped
     acc = prompt_accuracy([*images, images[0], images[1]], [*prompts, caption(wrong), "a photo of a cat"])
     assert acc["colour"] == acc["background"] == acc["colours"] == 12 / 13  # the cat is left out
+    assert acc["scored"] == 13
     assert acc["shape"] == 1.0
     with pytest.raises(ValueError, match="shapes grammar"):
         prompt_accuracy(images[:1], ["a photo of a cat"])
