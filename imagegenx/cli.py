@@ -253,7 +253,7 @@ def model() -> None:
 @model.command("init")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--tiny", "arch", flag_value="tiny", default=True,
-              help="A tiny model of the SD1.5 classes (CPU tests, the embedded default).")
+              help="A tiny model of the SD1.5 classes, random weights (CPU tests).")
 @click.option("--arch", "arch", type=click.Choice(["tiny", "sd15"]),
               help="Architecture to write: tiny, or the full SD1.5 architecture.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")

@@ -36,8 +36,8 @@ def create_engine(
     unet_backend: str = "torch",
     trt_engine: str | Path = "",
 ) -> Engine:
-    """Build the configured engine. The diffusion engine loads (and, for the
-    embedded default, first writes) the model folder, or loads a single-file
+    """Build the configured engine. The diffusion engine loads the model folder
+    (``ensure_model``: a missing folder gets the tiny model), or loads a single-file
     ``.safetensors`` checkpoint with the component configs in ``model_config_dir``.
 
     ``compile``, ``cuda_graphs`` and ``batch_buckets`` configure the GPU fast
