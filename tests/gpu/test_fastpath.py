@@ -29,7 +29,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from imagegenx.engine.base import BatchSpec, Sample  # noqa: E402
 from imagegenx.engine.diffusion import DiffusionEngine  # noqa: E402
 from imagegenx.engine.fastpath import DEFAULT_BUCKETS, FastPathOptions  # noqa: E402
-from imagegenx.engine.model_init import write_tiny_model  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -48,11 +47,9 @@ measured: dict[str, dict[str, float]] = {}
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_dir(tiny_model: Path) -> Path:
     given = os.environ.get("IMAGEGENX_GPU_TEST_MODEL")
-    if given:
-        return Path(given)
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+    return Path(given) if given else tiny_model
 
 
 @pytest.fixture(scope="module")

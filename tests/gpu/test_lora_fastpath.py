@@ -23,7 +23,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from imagegenx.engine.base import BatchSpec, Sample  # noqa: E402
 from imagegenx.engine.diffusion import DiffusionEngine  # noqa: E402
 from imagegenx.engine.fastpath import FastPathOptions  # noqa: E402
-from imagegenx.engine.model_init import write_tiny_model  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -40,32 +39,27 @@ BOTH = (("detail", -0.7), ("style", 0.6))
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
-
-@pytest.fixture(scope="module")
-def lora_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def lora_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.integration.lora_files import write_lora
 
     root = tmp_path_factory.mktemp("loras")
-    write_lora(model_dir, root / "style", seed=1)  # UNet and text encoder
-    write_lora(model_dir, root / "detail", seed=2, unet_rank=2, unet_alpha=2.0, text_rank=None)
+    write_lora(tiny_model, root / "style", seed=1)  # UNet and text encoder
+    write_lora(tiny_model, root / "detail", seed=2, unet_rank=2, unet_alpha=2.0, text_rank=None)
     return root
 
 
 @pytest.fixture(scope="module")
-def fast(model_dir: Path, lora_dir: Path) -> DiffusionEngine:
+def fast(tiny_model: Path, lora_dir: Path) -> DiffusionEngine:
     # Three samples run padded in bucket 4; fewer buckets keep the warm-up short.
-    engine = DiffusionEngine.load(model_dir, device="cuda", dtype=DTYPE,
+    engine = DiffusionEngine.load(tiny_model, device="cuda", dtype=DTYPE,
                                   fast_path=FastPathOptions(buckets=(1, 2, 4)), lora_dir=lora_dir)
     engine.warmup()
     return engine
 
 
 @pytest.fixture(scope="module")
-def eager(model_dir: Path, lora_dir: Path) -> DiffusionEngine:
-    return DiffusionEngine.load(model_dir, device="cuda", dtype=DTYPE, lora_dir=lora_dir)
+def eager(tiny_model: Path, lora_dir: Path) -> DiffusionEngine:
+    return DiffusionEngine.load(tiny_model, device="cuda", dtype=DTYPE, lora_dir=lora_dir)
 
 
 def draw(engine: DiffusionEngine, loras: tuple[tuple[str, float], ...]) -> np.ndarray:

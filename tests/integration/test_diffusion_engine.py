@@ -49,13 +49,8 @@ OTHERS = (
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir: Path) -> DiffusionEngine:
-    return DiffusionEngine.load(model_dir, device="cpu", dtype="fp32")
+def engine(tiny_model: Path) -> DiffusionEngine:
+    return DiffusionEngine.load(tiny_model, device="cpu", dtype="fp32")
 
 
 def spec(sampler: str, *samples: Sample, width: int = 64, height: int = 64) -> BatchSpec:
@@ -76,14 +71,14 @@ def assert_same_image(a: Image.Image | None, b: Image.Image | None) -> None:
 # --- the model folder -------------------------------------------------------------
 
 
-def test_tiny_model_is_deterministic_per_seed(model_dir: Path, tmp_path: Path) -> None:
+def test_tiny_model_is_deterministic_per_seed(tiny_model: Path, tmp_path: Path) -> None:
     again = write_tiny_model(tmp_path / "again", seed=0)
     other = write_tiny_model(tmp_path / "other", seed=1)
-    weights = sorted(p.relative_to(model_dir) for p in model_dir.rglob("*.safetensors"))
+    weights = sorted(p.relative_to(tiny_model) for p in tiny_model.rglob("*.safetensors"))
     assert [p.parts[0] for p in weights] == ["text_encoder", "unet", "vae"]
     for rel in weights:
-        assert (model_dir / rel).read_bytes() == (again / rel).read_bytes()
-        assert (model_dir / rel).read_bytes() != (other / rel).read_bytes()
+        assert (tiny_model / rel).read_bytes() == (again / rel).read_bytes()
+        assert (tiny_model / rel).read_bytes() != (other / rel).read_bytes()
 
 
 def test_ensure_model_writes_once(tmp_path: Path) -> None:
@@ -95,8 +90,8 @@ def test_ensure_model_writes_once(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name != "default"]  # no staging left over
 
 
-def test_diffusers_pipeline_loads_the_folder(model_dir: Path) -> None:
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True, safety_checker=None)
+def test_diffusers_pipeline_loads_the_folder(tiny_model: Path) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, local_files_only=True, safety_checker=None)
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"
     assert type(pipe.vae).__name__ == "AutoencoderKL"
     assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
@@ -230,12 +225,12 @@ def test_rejects_invalid_specs(engine: DiffusionEngine, bad: BatchSpec) -> None:
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_matches_diffusers_pipeline(engine: DiffusionEngine, model_dir: Path, sampler: str) -> None:
+def test_matches_diffusers_pipeline(engine: DiffusionEngine, tiny_model: Path, sampler: str) -> None:
     """Our loop equals StableDiffusionPipeline for one sample: same components,
     scheduler, seeded CPU generator (used for the start noise and, for euler_a,
     the ancestral noise), guidance and steps. Tolerance: 1/255 in [0, 1] units
     after rounding both to uint8 (same float ops, so it is exact here)."""
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, local_files_only=True, safety_checker=None)
     pipe.scheduler = make_scheduler(sampler, engine.scheduler_config)
     pipe.set_progress_bar_config(disable=True)
     sample = Sample("a photo of a cat", seed=1234, guidance_scale=6.0)

@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from imagegenx.engine.base import BatchSpec, Sample  # noqa: E402
 from imagegenx.engine.diffusion import DiffusionEngine  # noqa: E402
 from imagegenx.engine.lora import LoraLibrary, LoraMerger  # noqa: E402
-from imagegenx.engine.model_init import write_tiny_model  # noqa: E402
 from imagegenx.engine.samplers import make_scheduler  # noqa: E402
 from imagegenx.errors import GenerationError  # noqa: E402
 from imagegenx.lora_catalog import LoraCatalog, LoraNotFound  # noqa: E402
@@ -40,23 +39,18 @@ CAT = Sample("a photo of a cat", seed=42, guidance_scale=7.5)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
-
-@pytest.fixture(scope="module")
-def lora_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def lora_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("loras")
     # "style": UNet (alpha 8, rank 4: scale 2, from the file's metadata) and text encoder.
-    style = write_lora(model_dir, root / "style", seed=1, unet_rank=4, unet_alpha=8.0, text_rank=2, text_alpha=2.0)
+    style = write_lora(tiny_model, root / "style", seed=1, unet_rank=4, unet_alpha=8.0, text_rank=2, text_alpha=2.0)
     write_kohya(style, root / "style-kohya", unet_alpha=8.0, text_alpha=2.0)
-    write_lora(model_dir, root / "detail", seed=2, unet_rank=2, unet_alpha=2.0, text_rank=None)  # UNet only
+    write_lora(tiny_model, root / "detail", seed=2, unet_rank=2, unet_alpha=2.0, text_rank=None)  # UNet only
     return root
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir: Path, lora_dir: Path) -> DiffusionEngine:
-    return DiffusionEngine.load(model_dir, device="cpu", dtype="fp32", lora_dir=lora_dir)
+def engine(tiny_model: Path, lora_dir: Path) -> DiffusionEngine:
+    return DiffusionEngine.load(tiny_model, device="cpu", dtype="fp32", lora_dir=lora_dir)
 
 
 def draw(engine: DiffusionEngine, *loras: tuple[str, float], sample: Sample = CAT) -> np.ndarray:
@@ -85,10 +79,10 @@ def test_kohya_file_gives_the_same_image(engine: DiffusionEngine) -> None:
     assert np.array_equal(draw(engine, ("style-kohya", 1.0)), draw(engine, ("style", 1.0)))
 
 
-def test_matches_diffusers_lora_path(engine: DiffusionEngine, model_dir: Path, lora_dir: Path) -> None:
+def test_matches_diffusers_lora_path(engine: DiffusionEngine, tiny_model: Path, lora_dir: Path) -> None:
     """Two LoRAs with weights 0.7 and -0.5: diffusers' load_lora_weights + set_adapters
     (peft layers on the UNet and the text encoder) against our in-place merge."""
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, local_files_only=True, safety_checker=None)
     pipe.scheduler = make_scheduler("euler", engine.scheduler_config)
     pipe.set_progress_bar_config(disable=True)
     for name in ("style", "detail"):
@@ -133,11 +127,11 @@ def test_prompt_cache_keys_on_text_encoder_loras(engine: DiffusionEngine) -> Non
     assert engine.prompt_cache.misses == misses + 2
 
 
-def test_fused_projections_get_the_update(model_dir: Path, lora_dir: Path) -> None:
+def test_fused_projections_get_the_update(tiny_model: Path, lora_dir: Path) -> None:
     """The GPU fast path fuses to_q/to_k/to_v (fastpath.optimise_modules): the
     merge must reach the fused weights, and restore them exactly."""
-    plain = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", local_files_only=True).eval()
-    fused = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", local_files_only=True).eval()
+    plain = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet", local_files_only=True).eval()
+    fused = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet", local_files_only=True).eval()
     fused.fuse_qkv_projections()
     before = weights(fused)
     detail = LoraLibrary(LoraCatalog(lora_dir)).get("detail")  # UNet only: to_qkv and to_kv
@@ -179,12 +173,12 @@ def test_unfit_lora_changes_nothing(engine: DiffusionEngine, lora_dir: Path, tmp
     assert engine.loras.merger.active == ()
 
 
-def test_library_reads_a_replaced_file_again(model_dir: Path, tmp_path: Path) -> None:
+def test_library_reads_a_replaced_file_again(tiny_model: Path, tmp_path: Path) -> None:
     root = tmp_path / "loras"
-    path = write_lora(model_dir, root / "one", seed=7, text_rank=None)
+    path = write_lora(tiny_model, root / "one", seed=7, text_rank=None)
     library = LoraLibrary(LoraCatalog(root), capacity=1)
     first = library.get("one")
     assert library.get("one") is first and library.loads == 1
-    write_lora(model_dir, root / "one", seed=8, text_rank=None)
+    write_lora(tiny_model, root / "one", seed=8, text_rank=None)
     os.utime(path, ns=(1, first.stamp[1] + 1))
     assert library.get("one") is not first and library.loads == 2

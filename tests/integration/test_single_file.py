@@ -33,7 +33,6 @@ from imagegenx.engine.model_init import (  # noqa: E402
     _write_model,
     ensure_model,
     write_config_folder,
-    write_tiny_model,
 )
 from imagegenx.engine.single_file import ModelLoadError, load_single_file_engine  # noqa: E402
 from imagegenx.settings import Settings  # noqa: E402
@@ -46,18 +45,13 @@ SAMPLES = (
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
-
-@pytest.fixture(scope="module")
 def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_config_folder(tmp_path_factory.mktemp("configs") / "tiny", "tiny")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return folder_to_single_file(folder, tmp_path_factory.mktemp("single") / "tiny.safetensors")
+def checkpoint(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return folder_to_single_file(tiny_model, tmp_path_factory.mktemp("single") / "tiny.safetensors")
 
 
 def images(engine: DiffusionEngine, sampler: str) -> list[np.ndarray]:
@@ -73,7 +67,7 @@ def load_error(path: Path, config_dir: Path) -> str:
     return message
 
 
-def test_file_uses_the_original_layout(folder: Path, checkpoint: Path) -> None:
+def test_file_uses_the_original_layout(tiny_model: Path, checkpoint: Path) -> None:
     with safe_open(str(checkpoint), framework="pt") as f:
         keys = set(f.keys())
         q_weight = f.get_slice("first_stage_model.decoder.mid.attn_1.q.weight").get_shape()
@@ -85,13 +79,13 @@ def test_file_uses_the_original_layout(folder: Path, checkpoint: Path) -> None:
     assert len(q_weight) == 4  # a 1x1 convolution, as in LDM
     prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
     assert all(k.startswith(prefixes) for k in keys)
-    in_folder = sum(len(load_file(p)) for p in folder.rglob("*.safetensors"))
+    in_folder = sum(len(load_file(p)) for p in tiny_model.rglob("*.safetensors"))
     assert len(keys) == in_folder + 1  # + position_ids
 
 
-def test_modules_hold_the_folder_weights(folder: Path, config_dir: Path, checkpoint: Path) -> None:
+def test_modules_hold_the_folder_weights(tiny_model: Path, config_dir: Path, checkpoint: Path) -> None:
     single = load_single_file_engine(checkpoint, config_dir)
-    loaded = DiffusionEngine.load(folder)
+    loaded = DiffusionEngine.load(tiny_model)
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(single, name).state_dict(), getattr(loaded, name).state_dict()
         assert a.keys() == b.keys(), name
@@ -123,11 +117,11 @@ def test_sd15_structure_round_trips(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_same_images_as_the_folder(folder: Path, config_dir: Path, checkpoint: Path, dtype: str) -> None:
+def test_same_images_as_the_folder(tiny_model: Path, config_dir: Path, checkpoint: Path, dtype: str) -> None:
     single = create_engine("diffusion", checkpoint, "cpu", dtype, model_config_dir=config_dir)
     assert isinstance(single, DiffusionEngine)
     assert single.unet.dtype == single.vae.dtype == single.text_encoder.dtype == single.dtype
-    loaded = DiffusionEngine.load(folder, dtype=dtype)
+    loaded = DiffusionEngine.load(tiny_model, dtype=dtype)
     for a, b in zip(images(single, "euler_a"), images(loaded, "euler_a"), strict=True):
         assert np.array_equal(a, b), f"max difference {np.abs(a.astype(int) - b).max()}"
 

@@ -48,13 +48,11 @@ def test_bucket_setting_reads_a_comma_list(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def engines(tiny_model: Path):  # type: ignore[no-untyped-def]
     from imagegenx.engine.diffusion import DiffusionEngine
-    from imagegenx.engine.model_init import write_tiny_model
 
-    model: Path = write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-    eager = DiffusionEngine.load(model, "cpu", "fp32")
-    padded = DiffusionEngine.load(model, "cpu", "fp32", fast_path=FastPathOptions(
+    eager = DiffusionEngine.load(tiny_model, "cpu", "fp32")
+    padded = DiffusionEngine.load(tiny_model, "cpu", "fp32", fast_path=FastPathOptions(
         compile=False, cuda_graphs=False, buckets=(1, 2, 4), allow_cpu=True))
     return eager, padded
 
