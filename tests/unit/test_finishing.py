@@ -219,8 +219,8 @@ class RevocableRequest(FakeRequest):
         return True
 
 
-def batch_of(batch_jobs: list[Job], backend: Backend) -> Batch[Entry]:
-    entries = [Entry(FakeRequest(j.id, backend), j, 1) for j in batch_jobs]  # type: ignore[arg-type]
+def batch_of(batch_jobs: list[Job], backend: Backend, request: type[FakeRequest] = FakeRequest) -> Batch[Entry]:
+    entries = [Entry(request(j.id, backend), j, 1) for j in batch_jobs]  # type: ignore[arg-type]
     return Batch("k", [Pending(e, "k", 1, 0.0) for e in entries])
 
 
@@ -274,8 +274,7 @@ def test_a_request_revoked_while_its_batch_waits_to_be_finished_ends_revoked() -
     backend = Backend(events)
 
     executor = BatchExecutor(lambda: pipeline, progress_interval_s=60.0)
-    batch_jobs = jobs("a", "b", prefix="rv-")
-    entries = [Entry(RevocableRequest(j.id, backend), j, 1) for j in batch_jobs]  # type: ignore[arg-type]
+    batch = batch_of(jobs("a", "b", prefix="rv-"), backend, RevocableRequest)
     finish = pipeline.finish
 
     def revoke_first_then_finish(drawn: Any) -> Any:  # the revoke arrives after the engine ran
@@ -284,12 +283,12 @@ def test_a_request_revoked_while_its_batch_waits_to_be_finished_ends_revoked() -
 
     pipeline.finish = revoke_first_then_finish  # type: ignore[method-assign]
     try:
-        executor(Batch("k", [Pending(e, "k", 1, 0.0) for e in entries]))
+        executor(batch)
         assert executor.close(10)
     finally:
         worker_state.revoked.discard("rv-0")
     assert backend.states == {"rv-0": "REVOKED", "rv-1": "SUCCESS"}
-    assert all(e.req.acked for e in entries)  # type: ignore[attr-defined]
+    assert all(e.req.acked for e in batch.items)  # type: ignore[attr-defined]
     assert executor.stats.revoked == 1 and executor.stats.succeeded == 1
 
 
@@ -316,9 +315,8 @@ def test_a_request_revoked_mid_run_stays_revoked_when_its_batch_is_retried_in_ha
     storage = Storage(events)
     pipeline = BatchPipeline(engine, storage, "http://x", "m")  # type: ignore[arg-type]
     executor = BatchExecutor(lambda: pipeline, progress_interval_s=60.0)
-    entries = [Entry(RevocableRequest(j.id, backend), j, 1) for j in jobs("a", "b", prefix="rb-")]  # type: ignore[arg-type]
     try:
-        executor(Batch("k", [Pending(e, "k", 1, 0.0) for e in entries]))
+        executor(batch_of(jobs("a", "b", prefix="rb-"), backend, RevocableRequest))
         assert executor.close(10)
     finally:
         worker_state.revoked.discard("rb-0")
