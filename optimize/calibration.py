@@ -20,13 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from optimize.choices import PROMPT_FILES
+
 if TYPE_CHECKING:
     from imagegenx.engine.diffusion import DiffusionEngine
 
-PROMPTS_PATH = Path(__file__).with_name("calibration_prompts.txt")
-SHAPES_PROMPTS_PATH = Path(__file__).with_name("calibration_prompts_shapes.txt")
-# The shipped calibration file of each prompt set (optimize.choices.PROMPT_SETS).
-PROMPT_FILES: dict[str, Path] = {"shapes": SHAPES_PROMPTS_PATH, "general": PROMPTS_PATH}
+PROMPTS_PATH = PROMPT_FILES["general"]
 FORMAT_VERSION = 1
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from optimize.choices import BACKENDS, COMPONENTS, EXPORTERS, PROMPT_SETS, RECIPES
+from optimize.choices import BACKENDS, COMPONENTS, EXPORTERS, PROMPT_FILES, PROMPT_SETS, RECIPES
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -150,7 +150,7 @@ def calibrate(model: Path | None, out: Path, prompts_file: Path | None, prompt_s
               dtype: str) -> None:
     """Record the UNet's inputs along real denoising trajectories of the calibration prompts."""
     from imagegenx.engine.samplers import SAMPLERS
-    from optimize.calibration import PROMPT_FILES, capture, load_prompts
+    from optimize.calibration import capture, load_prompts
 
     if sampler not in SAMPLERS:
         raise click.BadParameter(f"{sampler!r} is not one of {', '.join(SAMPLERS)}", param_hint="'--sampler'")
@@ -300,7 +300,7 @@ def verify(backend_a: str, backend_b: str, model: Path | None, device: str, num_
     """
     from imagegenx.engine.samplers import SAMPLERS
     from optimize.backends import BackendError, BackendOptions, make_engine, release
-    from optimize.calibration import PROMPT_FILES, load_prompts
+    from optimize.calibration import load_prompts
     from optimize.quality import load_scorer
     from optimize.verify import RunSettings, VerifyReport, compare_images, evaluation_set, format_table, \
         prompts_for, run_backend, to_json

@@ -19,7 +19,8 @@ pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is no
 from imagegenx.engine.diffusion import DiffusionEngine  # noqa: E402
 from imagegenx.shapes.model_files import SHAPES_MODEL  # noqa: E402
 from imagegenx.shapes.scorer import prompt_accuracy  # noqa: E402
-from optimize.calibration import PROMPT_FILES, capture, load_prompts  # noqa: E402
+from optimize.calibration import capture, load_prompts  # noqa: E402
+from optimize.choices import PROMPT_FILES  # noqa: E402
 from optimize.quality import psnr, ssim  # noqa: E402
 from optimize.quantize import quantize_unet  # noqa: E402
 from optimize.verify import RunSettings, draw, evaluation_set  # noqa: E402

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from imagegenx.cli import main
 from imagegenx.settings import Settings
 from imagegenx.shapes.captions import evaluation_prompts, held_out_triplets, parse
-from optimize.calibration import PROMPT_FILES, load_prompts
+from optimize.calibration import load_prompts
+from optimize.choices import PROMPT_FILES
 from optimize.export import EXTERNAL_DATA_THRESHOLD, needs_external_data
 from optimize.quality import load_scorer, max_abs_diff, psnr, ssim
 from optimize.quantize import SKIPPED_LAYERS, is_skipped
