@@ -80,6 +80,16 @@ def _buckets(text: str, param: str) -> list[int]:
     return values
 
 
+def _scorer_errors_as_usage(score: Any) -> Any:
+    """``score``, with a ValueError it raises (e.g. prompts it cannot read) reported against --scorer."""
+    def checked(images: Any, texts: Any) -> Any:
+        try:
+            return score(images, texts)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--scorer'") from None
+    return checked
+
+
 @click.group()
 def optimize() -> None:
     """ONNX export, calibration, quantization, TensorRT builds and backend checks."""
@@ -310,15 +320,9 @@ def verify(backend_a: str, backend_b: str, model: Path | None, device: str, num_
     score_fn = None
     if scorer:
         try:
-            loaded = load_scorer(scorer)
+            score_fn = _scorer_errors_as_usage(load_scorer(scorer))
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="'--scorer'") from None
-
-        def score_fn(images: Any, texts: Any) -> Any:
-            try:
-                return loaded(images, texts)
-            except ValueError as exc:  # e.g. prompts the scorer cannot read
-                raise click.BadParameter(str(exc), param_hint="'--scorer'") from None
     if prompts_file:
         prompts = prompts_for(num_images, load_prompts(prompts_file))
     else:

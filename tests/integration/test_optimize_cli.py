@@ -40,10 +40,14 @@ def test_verify_prints_a_table_and_writes_json(tiny_model: Path, tmp_path: Path)
     assert set(report["scores"]["onnx"]) == {"red"}
 
 
-def test_verify_errors_name_the_option(tiny_model: Path) -> None:
+def test_verify_errors_name_the_option(tiny_model: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     base = ["optimize", "verify", "--model", str(tiny_model)]
+    cats = tmp_path / "cats.txt"
+    cats.write_text("a photo of a cat\n")
     cases = [
+        (["torch-fp32", "torch-fp32", "--prompts", str(cats), "--num-images", "1", "--steps", "1",
+          "--scorer", "imagegenx.shapes.scorer:prompt_accuracy"], "'--scorer': no prompt is in the shapes grammar"),
         (["torch-fp32", "tensorrt"], "BACKEND_B"),
         (["torch-fp32", "onnx", "--num-images", "0"], "--num-images"),
         (["torch-fp32", "onnx", "--sampler", "heun"], "--sampler"),
