@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from imagegenx.engine.base import BatchSpec, Sample
     from imagegenx.engine.diffusion import DiffusionEngine
-    from imagegenx.shapes.captions import evaluation_prompts, parse
+    from imagegenx.shapes.captions import evaluation_prompts
     from imagegenx.shapes.model_files import SHAPES_MODEL, packaged
-    from imagegenx.shapes.scorer import accuracy, score
+    from imagegenx.shapes.scorer import prompt_accuracy
 
     model = packaged(args.model) if args.model else SHAPES_MODEL
     dtype = "fp32" if args.device == "cpu" else "fp16"
@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         images = draw(prompts, first_seed=0)
         seconds = time.perf_counter() - t0
-        scores = [score(im, parse(p)) for im, p in zip(images, prompts)]  # type: ignore[arg-type]
-        acc = accuracy(scores)
+        acc = prompt_accuracy(images, prompts)
         report["sets"][name] = {"prompts": len(prompts), "accuracy": acc, "seconds": seconds}
         sheet += images[:32] if held else []
     if args.latency_runs:
