@@ -300,8 +300,9 @@ def ensure_model(path: Path, seed: int = 0) -> Path:
         return check_single_file(path)
     if (path / "model_index.json").is_file():
         return path
-    if path.resolve() == SHAPES_MODEL.resolve() or asked == SHAPES_MODEL_SETTING:
-        if path.exists() and path.resolve() != SHAPES_MODEL.resolve():
+    shipped = path.resolve() == SHAPES_MODEL.resolve()
+    if shipped or asked == SHAPES_MODEL_SETTING:
+        if path.exists() and not shipped:
             raise ModelLoadError(f"{path} in the working directory holds no model and hides the shipped shapes "
                                  "model: remove it, or set IMAGEGENX_MODEL to another model")
         raise ModelLoadError(f"the shipped shapes model is missing from this installation ({path}): "
