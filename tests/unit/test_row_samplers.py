@@ -23,7 +23,6 @@ SHAPE = (4, 8, 8)  # one row's latents (C, H, W)
 DIFFUSERS_RTOL = 2e-6
 
 
-
 def assert_matches_diffusers(got: torch.Tensor, expected: torch.Tensor) -> None:
     assert torch.isfinite(expected).all()
     scale = max(1.0, expected.abs().max().item())
