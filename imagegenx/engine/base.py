@@ -7,7 +7,7 @@ the API and the benchmarks use it without importing a deep-learning stack.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -68,3 +68,54 @@ class Engine(Protocol):
         the other samples of the batch, so a seed gives the same picture alone
         or batched.
         """
+
+
+@runtime_checkable
+class Denoising(Protocol):
+    """One request's images inside a step engine: its own trajectory state.
+
+    Each request keeps its own schedule, step index and sampler state, so it
+    can join a running set of rows at any step and leave when its own steps
+    are done.
+    """
+
+    @property
+    def rows(self) -> int:
+        """Images of the request (its rows in a UNet call)."""
+
+    @property
+    def steps(self) -> int:
+        """Denoising steps the request asked for."""
+
+    @property
+    def index(self) -> int:
+        """Steps done so far."""
+
+    @property
+    def done(self) -> bool:
+        """All of its steps are done: it is ready to decode."""
+
+
+@runtime_checkable
+class StepEngine(Protocol):
+    """An engine the step scheduler drives one UNet call at a time.
+
+    ``spec`` here is one request: its samples are the request's images. Every
+    state given to one ``step`` call shares width, height and LoRA set (the
+    scheduler's group); steps, sampler, guidance, seeds and prompts differ.
+    ``step`` is all or nothing: when it raises, no state has moved, so the
+    caller may retry the same states, alone or in other company.
+    """
+
+    def begin(self, spec: BatchSpec) -> Denoising:
+        """Prepare a request's trajectory: prompt embeddings, noise, schedule."""
+
+    def step(self, states: Sequence[Denoising]) -> None:
+        """Advance every state by one of its own steps, in one model call."""
+
+    def decode(self, states: Sequence[Denoising]) -> list[list[Image.Image]]:
+        """Images of finished states (decoded together), one list per state."""
+
+
+def is_step_engine(engine: object) -> bool:
+    return all(callable(getattr(engine, name, None)) for name in ("begin", "step", "decode"))

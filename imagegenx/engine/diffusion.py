@@ -15,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from imagegenx.engine.base import BatchSpec, StepCallback
+from imagegenx.engine import row_samplers
 from imagegenx.engine.fastpath import FastPath, FastPathOptions, cfg_unet_eager, optimise_modules
 from imagegenx.engine.lora import EngineLoras
 from imagegenx.engine.samplers import (
@@ -121,6 +123,34 @@ class _Rows:
         self.guidance = self.guidance.index_select(0, rows)
         self.generators = [self.generators[r] for r in keep]
         return keep
+
+
+@dataclass(eq=False)
+class DiffusionDenoising:
+    """One request's trajectory under the step scheduler: its images' latents,
+    prompt embeddings and per-row sampler states (``row_samplers``)."""
+
+    spec: BatchSpec
+    latents: torch.Tensor  # (n, C, h, w) fp32 on the engine's device
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    rows_state: list[row_samplers.RowState]
+
+    @property
+    def rows(self) -> int:
+        return len(self.rows_state)
+
+    @property
+    def steps(self) -> int:
+        return self.spec.steps
+
+    @property
+    def index(self) -> int:
+        return self.rows_state[0].index
+
+    @property
+    def done(self) -> bool:
+        return self.rows_state[0].done
 
 
 class DiffusionEngine:
@@ -363,11 +393,77 @@ class DiffusionEngine:
                 rows.latents = scheduler.step(eps, t, rows.latents, **extra).prev_sample
             if not boundary(total):
                 return results
-            for idx, image in zip(rows.indices, self.decode(rows.latents, fast), strict=True):
+            for idx, image in zip(rows.indices, self.decode_latents(rows.latents, fast), strict=True):
                 results[idx] = image
         return results
 
-    def decode(self, latents: torch.Tensor, fast: FastPath | None = None) -> list[Image.Image]:
+    # -- step API (the step scheduler: imagegenx.engine.base.StepEngine) ---------
+    def begin(self, spec: BatchSpec) -> DiffusionDenoising:
+        """One request's trajectory: noise from each image's own seed, prompt
+        embeddings (cached) and each row's schedule, ready for its first step."""
+        self._check(spec)
+        samples = spec.samples
+        if not samples:
+            raise ValueError("a request needs at least one image")
+        self._fast_ready()
+        self.loras.use(spec.loras)  # the text encoder's LoRAs shape the embeddings
+        with torch.inference_mode():
+            noise, generators = self.initial_latents([s.seed for s in samples], spec.width, spec.height)
+            rows = [row_samplers.start_row(spec.sampler, spec.steps, self.scheduler_config, g,
+                                           s.guidance_scale)
+                    for s, g in zip(samples, generators)]
+            return DiffusionDenoising(
+                spec=spec,
+                latents=row_samplers.init_latents(noise, rows),
+                cond=torch.cat([self.prompt_cache.get(s.prompt) for s in samples]),
+                uncond=torch.cat([self.prompt_cache.get(s.negative_prompt) for s in samples]),
+                rows_state=rows,
+            )
+
+    def step(self, states: Sequence[DiffusionDenoising]) -> None:
+        """One UNet call (padded to its CUDA-graph bucket on the fast path) for every
+        row of ``states``, each at its own timestep; then each row's own sampler step.
+
+        Nothing is written back until the call succeeded, so a failed call can be
+        retried with the same states.
+        """
+        fast = self._fast_ready()
+        self.loras.use(states[0].spec.loras)
+        rows = [r for s in states for r in s.rows_state]
+        with torch.inference_mode():
+            latents = torch.cat([s.latents for s in states])
+            cond = torch.cat([s.cond for s in states])
+            uncond = torch.cat([s.uncond for s in states])
+            model_in, t = row_samplers.model_input(latents, rows)
+            if fast is not None:
+                eps_uncond, eps_cond = fast.unet(model_in, t, uncond, cond)
+            else:
+                eps_uncond, eps_cond = cfg_unet_eager(self.unet, self.dtype, model_in, t, uncond, cond)
+            eps = row_samplers.guide(eps_uncond, eps_cond, rows)
+            latents = row_samplers.advance(latents, eps, rows)
+        start = 0
+        for s in states:
+            s.latents = latents[start:start + s.rows]
+            start += s.rows
+
+    def decode(self, states: Sequence[DiffusionDenoising]) -> list[list[Image.Image]]:
+        """Batched VAE decode of finished states, one list of images per state.
+
+        A state whose latents are not finite (the model diverged) raises, so the
+        caller decodes one state at a time and only that request fails.
+        """
+        for s in states:
+            if not bool(torch.isfinite(s.latents).all()):
+                raise ValueError("the latents are not finite (NaN or infinity): the model diverged")
+        with torch.inference_mode():
+            images = self.decode_latents(torch.cat([s.latents for s in states]), self._fast_ready())
+        out, start = [], 0
+        for s in states:
+            out.append(images[start:start + s.rows])
+            start += s.rows
+        return out
+
+    def decode_latents(self, latents: torch.Tensor, fast: FastPath | None = None) -> list[Image.Image]:
         """Batched VAE decode of final latents to RGB images."""
         if fast is not None and fast.decode.covers(latents):
             return [Image.fromarray(a) for a in fast.decode(latents).cpu().numpy()]

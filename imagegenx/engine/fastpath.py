@@ -131,7 +131,12 @@ def cfg_unet_eager(
     unet: torch.nn.Module, dtype: torch.dtype, latents: torch.Tensor, t: torch.Tensor,
     uncond: torch.Tensor, cond: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One eager UNet call on [uncond rows; cond rows]: (eps_uncond, eps_cond) in fp32."""
+    """One eager UNet call on [uncond rows; cond rows]: (eps_uncond, eps_cond) in fp32.
+
+    ``t`` is one timestep for every row (0-d) or one per latents row (step scheduler).
+    """
+    if t.ndim == 1 and t.numel() == latents.shape[0]:
+        t = torch.cat([t, t])
     eps = unet(
         torch.cat([latents, latents]).to(dtype), t, encoder_hidden_states=torch.cat([uncond, cond])
     ).sample.float()
@@ -161,9 +166,10 @@ class _UNetSlot:
         gen = torch.Generator(device="cpu").manual_seed(bucket)
         self.x = torch.randn((rows, *sample_shape), generator=gen).to(device=device, dtype=dtype)
         self.ctx = torch.randn((rows, *context_shape), generator=gen).to(device=device, dtype=dtype)
-        self.t = torch.full((), 500.0, dtype=torch.float32, device=device)
+        # One timestep per UNet row: the step scheduler runs every row at its own step.
+        self.t = torch.full((rows,), 500.0, dtype=torch.float32, device=device)
         if compiled:
-            _mark_batch_dynamic(self.x, self.ctx)
+            _mark_batch_dynamic(self.x, self.ctx, self.t)
         self._fn = fn
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
@@ -185,8 +191,11 @@ class _UNetSlot:
         self.x[b:b + k].copy_(latents)
         self.ctx[:k].copy_(uncond)
         self.ctx[b:b + k].copy_(cond)
-        if isinstance(t, torch.Tensor):
-            self.t.copy_(t.reshape(()))
+        if isinstance(t, torch.Tensor) and t.numel() == k and t.ndim == 1:
+            self.t[:k].copy_(t)
+            self.t[b:b + k].copy_(t)
+        elif isinstance(t, torch.Tensor):
+            self.t.copy_(t.reshape(()).expand_as(self.t))
         else:
             self.t.fill_(float(t))
         if self.graph is not None:
@@ -258,8 +267,10 @@ class BucketedCFGUNet:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.covers(latents, cond):
             return cfg_unet_eager(self.unet, self.dtype, latents, t, uncond, cond)
+        per_row = t.ndim == 1 and t.numel() == latents.shape[0]
         pieces = [
-            self._slot(bucket).run(latents[s:s + k], t, uncond[s:s + k], cond[s:s + k])
+            self._slot(bucket).run(latents[s:s + k], t[s:s + k] if per_row else t,
+                                   uncond[s:s + k], cond[s:s + k])
             for s, k, bucket in split_rows(latents.shape[0], self.options.buckets)
         ]
         if len(pieces) == 1:

@@ -22,7 +22,7 @@ import hashlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,12 +102,32 @@ def parse_faults(spec: str) -> Faults:
     return Faults(tuple(raise_markers), tuple(exit_markers), oom_above, spec)
 
 
-def _marked(spec: BatchSpec, markers: tuple[str, ...]) -> str | None:
-    for sample in spec.samples:
+def _marked(samples: Sequence[Sample], markers: tuple[str, ...]) -> str | None:
+    for sample in samples:
         for marker in markers:
             if marker in sample.prompt:
                 return marker
     return None
+
+
+@dataclass
+class SyntheticDenoising:
+    """One request's trajectory in the synthetic engine: only its step count."""
+
+    spec: BatchSpec
+    index: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.spec.samples)
+
+    @property
+    def steps(self) -> int:
+        return self.spec.steps
+
+    @property
+    def done(self) -> bool:
+        return self.index >= self.spec.steps
 
 
 def _picture(sample: Sample, width: int, height: int) -> Image.Image:
@@ -146,18 +166,48 @@ class SyntheticEngine:
 
     def _inject(self, spec: BatchSpec) -> str | None:
         """Raise the configured faults for this batch; returns an exit marker, if any."""
+        return self._inject_samples(spec.samples)
+
+    def _inject_samples(self, samples: Sequence[Sample]) -> str | None:
         f = self.faults
         if not f:
             return None
-        marker = _marked(spec, f.raise_markers)
+        marker = _marked(samples, f.raise_markers)
         if marker is not None:
             raise InjectedFault(f"injected fault: a prompt contains {marker!r}")
-        n = len(spec.samples)
+        n = len(samples)
         if f.oom_above is not None and n > f.oom_above:
             raise OutOfMemoryError(
                 f"out of memory: {n} images exceed the injected limit of {f.oom_above}"
             )
-        return _marked(spec, f.exit_markers)
+        return _marked(samples, f.exit_markers)
+
+    # -- step API (the step scheduler) ------------------------------------------
+    def begin(self, spec: BatchSpec) -> SyntheticDenoising:
+        return SyntheticDenoising(spec)
+
+    def step(self, states: Sequence[SyntheticDenoising]) -> None:
+        """One UNet call of every state's rows: it costs ``step_s(rows)``.
+
+        Faults are checked before anything moves, so a failed call leaves
+        every state as it was.
+        """
+        samples = [s for state in states for s in state.spec.samples]
+        exit_marker = self._inject_samples(samples)
+        delay = self.cost.step_s(len(samples))
+        if delay:
+            self._sleep(delay)
+        if exit_marker is not None:  # dies mid-run, as a crashed process would
+            os.kill(os.getpid(), signal.SIGKILL)
+        for state in states:
+            state.index += 1
+
+    def decode(self, states: Sequence[SyntheticDenoising]) -> list[list[Image.Image]]:
+        rows = sum(state.rows for state in states)
+        if self.cost.decode_per_image_s * rows:
+            self._sleep(self.cost.decode_per_image_s * rows)
+        return [[_picture(s, st.spec.width, st.spec.height) for s in st.spec.samples]
+                for st in states]
 
     def generate(self, spec: BatchSpec, on_step: StepCallback | None = None) -> list[Image.Image | None]:
         exit_marker = self._inject(spec)

@@ -1,0 +1,90 @@
+"""The step scheduler's UNet calls on the GPU fast path: per-row timesteps in
+the captured CUDA graphs, and a running set that changes at every call without
+a single recompile.
+
+Needs a CUDA GPU (skipped without one); tiny model by default, or the model in
+IMAGEGENX_GPU_TEST_MODEL. Tolerances as in test_fastpath.py: compiled kernels,
+graph replays and bucket sizes round differently in half precision, so "same
+image" is a mean absolute difference of at most MEAN_TOL uint8 levels and a 99th
+percentile of at most P99_TOL; a row that took another row's timestep or noise
+differs by tens of levels.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imagegenx.engine.base import BatchSpec, Sample
+from imagegenx.engine.diffusion import DiffusionDenoising, DiffusionEngine
+from imagegenx.engine.fastpath import FastPathOptions
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+MEAN_TOL = 1.5
+P99_TOL = 12.0
+DTYPE = os.environ.get("IMAGEGENX_GPU_TEST_DTYPE", "fp16")
+
+
+@pytest.fixture(scope="module")
+def fast(tiny_model: Path) -> Iterator[DiffusionEngine]:
+    model = Path(os.environ.get("IMAGEGENX_GPU_TEST_MODEL") or tiny_model)
+    engine = DiffusionEngine.load(model, device="cuda", dtype=DTYPE, fast_path=FastPathOptions())
+    engine.warmup()
+    yield engine
+
+
+def request(engine: DiffusionEngine, sampler: str, steps: int, seed: int) -> BatchSpec:
+    w, h = engine.native_size
+    return BatchSpec(width=w, height=h, steps=steps, sampler=sampler,
+                     samples=(Sample(f"prompt {seed}", seed=seed, guidance_scale=4.0 + seed % 5),))
+
+
+def alone(engine: DiffusionEngine, spec: BatchSpec) -> np.ndarray:
+    state = engine.begin(spec)
+    while not state.done:
+        engine.step([state])
+    return np.asarray(engine.decode([state])[0][0], dtype=np.int16)
+
+
+def test_a_changing_running_set_never_recompiles_and_rows_keep_their_own_images(
+        fast: DiffusionEngine) -> None:
+    samplers = ("euler", "euler_a", "ddim", "dpmpp_2m")
+    specs = [request(fast, samplers[i % 4], 4 + (i * 7) % 13, seed=i) for i in range(40)]
+    import torch._dynamo
+
+    torch._dynamo.config.error_on_recompile = True  # any recompile from here on raises
+    try:
+        running: list[tuple[BatchSpec, DiffusionDenoising]] = []
+        images: dict[int, np.ndarray] = {}
+        sizes = set()
+        waiting = list(specs)
+        call = 0
+        while waiting or running:
+            # 0 to 5 requests join at every call: the row count walks across every bucket.
+            for _ in range(call % 6):
+                if waiting:
+                    spec = waiting.pop(0)
+                    running.append((spec, fast.begin(spec)))
+            if running:
+                sizes.add(len(running))
+                fast.step([s for _, s in running])
+                done = [(spec, s) for spec, s in running if s.done]
+                if done:
+                    for (spec, _), imgs in zip(done, fast.decode([s for _, s in done])):
+                        images[id(spec)] = np.asarray(imgs[0], dtype=np.int16)
+                running = [(spec, s) for spec, s in running if not s.done]
+            call += 1
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert len(sizes) >= 6, sizes
+    for spec in specs[:8]:
+        d = np.abs(images[id(spec)] - alone(fast, spec))
+        assert d.mean() <= MEAN_TOL and np.percentile(d, 99) <= P99_TOL, (spec.sampler, d.mean())
