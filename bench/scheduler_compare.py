@@ -1,0 +1,348 @@
+"""Step scheduler against request scheduler: the whole service, both policies in one run.
+
+Starts redis-server and the API (gunicorn), then for each policy
+(``IMAGEGENX_SCHEDULER=request``, then ``step``) one ``celery -A tasks worker``, and
+measures on the same seeded arrivals:
+
+- one request on an idle service (end to end and engine time);
+- closed-loop saturation (2 x max_batch clients, 20 steps): images/s;
+- open-loop Poisson arrivals at 0.5, 0.8 and 0.95 of the *request* policy's
+  saturation rate, with steps fixed at 20 and mixed over {10, 20, 25, 30, 50}
+  (mixed arrivals are scaled by 20 / mean steps, so the offered UNet work is the
+  same fraction of capacity): images/s, p50/p95/p99 overall and per step count,
+  mean image rows per UNet call (step) or images per batch (request), GPU busy.
+
+Engines: ``--engine synthetic`` (CPU; sleeps as the ``sd15-h200`` cost model says:
+13 + 3.3 n ms per step, 13 ms per decoded image) or ``--engine diffusion`` (a GPU
+with the SD1.5 preset). Prints a table and writes JSON::
+
+    python -m bench.scheduler_compare --engine synthetic --out docs/benchmarks
+    python -m bench.scheduler_compare --engine diffusion --model var/models/sd15 --out OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import requests
+from celery import Celery
+
+from bench.gpu_benchmark import GpuSampler, KEY, PROMPT, proc, service, wait_text, warmups_from_log
+from bench.harness import ResultCollector, celery_worker_cmd, machine, now_utc, percentiles
+
+MIXED_STEPS = (10, 20, 25, 30, 50)
+LOADS = (0.5, 0.8, 0.95)
+POLICIES = ("request", "step")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def arrivals(rate: float, duration: float, steps: tuple[int, ...], seed: int) -> list[tuple[float, int]]:
+    """(offset in seconds, steps) of a seeded Poisson process: the same for both policies."""
+    rng = random.Random(seed)
+    out, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration:
+            return out
+        out.append((t, rng.choice(steps)))
+
+
+class Client:
+    """Submits over HTTP; the collector records each task's end (perf_counter)."""
+
+    def __init__(self, svc: dict[str, Any], args: argparse.Namespace) -> None:
+        self.base = svc["base"]
+        self.collector: ResultCollector = svc["collector"]
+        self.args = args
+        self.local = threading.local()
+        self.errors: list[str] = []
+        self.counter = 0
+        self.lock = threading.Lock()
+
+    def submit(self, steps: int) -> tuple[str, int] | None:
+        with self.lock:
+            self.counter += 1
+            i = self.counter
+        session = getattr(self.local, "s", None) or requests.Session()
+        self.local.s = session
+        body = {"prompt": f"{PROMPT} {i}", "seed": i, "steps": steps,
+                "guidance_scale": self.args.guidance, "width": self.args.size,
+                "height": self.args.size, "sampler": "euler"}
+        t0 = time.perf_counter()
+        try:
+            r = session.post(f"{self.base}/api/v1/images", json=body, headers={"X-API-Key": KEY},
+                             timeout=30)
+        except requests.RequestException as exc:
+            self.errors.append(repr(exc))
+            return None
+        if r.status_code != 202:
+            self.errors.append(f"{r.status_code} {r.text[:200]}")
+            return None
+        task_id = r.json()["task_id"]
+        self.collector.watch(task_id, t0)
+        return task_id, steps
+
+    def wait(self, ids: list[tuple[str, int]], timeout: float) -> list[tuple[int, float, float, dict[str, Any]]]:
+        """(steps, submitted, ended, meta) of each finished task."""
+        deadline = time.perf_counter() + timeout
+        out = []
+        for task_id, steps in ids:
+            while True:
+                with self.collector.lock:
+                    done = self.collector.done.pop(task_id, None)
+                if done is not None:
+                    out.append((steps, *done))
+                    break
+                if time.perf_counter() > deadline:
+                    self.errors.append(f"timeout {task_id}")
+                    break
+                time.sleep(0.01)
+        return out
+
+
+def engine_stats(app: Celery) -> dict[str, Any]:
+    replies = app.control.inspect(timeout=2.0).stats() or {}
+    return next(iter(replies.values()), {}).get("batching", {}) if replies else {}
+
+
+def rows_per_call(before: dict[str, Any], after: dict[str, Any]) -> float | None:
+    """Mean image rows per UNet call (step) or images per batch (request) between two reads."""
+    for rows, calls in (("unet_rows", "unet_calls"), ("images", "batches")):
+        if after.get(calls):
+            dc = after[calls] - before.get(calls, 0)
+            if dc:
+                if rows == "unet_rows":
+                    total = sum(int(k) * v for k, v in after["rows_per_call_histogram"].items())
+                    total -= sum(int(k) * v for k, v in before.get("rows_per_call_histogram", {}).items())
+                    return total / dc
+                return (after[rows] - before.get(rows, 0)) / dc
+    return None
+
+
+def summarise(done: list[tuple[int, float, float, dict[str, Any]]], t0: float, t1: float,
+              errors: list[str], sampler: GpuSampler | None) -> dict[str, Any]:
+    ok = [d for d in done if d[3].get("status") == "SUCCESS"]
+    lat = [d[2] - d[1] for d in ok]
+    per_steps: dict[str, Any] = {}
+    for steps in sorted({d[0] for d in ok}):
+        per_steps[str(steps)] = percentiles([d[2] - d[1] for d in ok if d[0] == steps])
+    last = max((d[2] for d in ok), default=t1)
+    out = {"requests": len(done), "succeeded": len(ok), "failed": len(done) - len(ok) + len(errors),
+           "images_per_s": len(ok) / max(1e-9, last - t0), "latency_s": percentiles(lat) if lat else {},
+           "latency_by_steps_s": per_steps, "errors": errors[:5]}
+    if sampler is not None:
+        out["gpu"] = sampler.window(t0, last)
+    return out
+
+
+def open_loop(client: Client, schedule: list[tuple[float, int]], app: Celery,
+              sampler: GpuSampler | None) -> dict[str, Any]:
+    before = engine_stats(app)
+    ids: list[tuple[str, int]] = []
+    start = time.perf_counter()
+    with ThreadPoolExecutor(32) as pool:
+        futures = []
+        for offset, steps in schedule:
+            delay = start + offset - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            futures.append(pool.submit(client.submit, steps))
+        ids = [f.result() for f in futures if f.result() is not None]  # type: ignore[misc]
+    done = client.wait(ids, timeout=300)
+    out = summarise(done, start, time.perf_counter(), client.errors, sampler)
+    out["offered_per_s"] = len(schedule) / max(1e-9, schedule[-1][0]) if schedule else 0.0
+    out["rows_per_call"] = rows_per_call(before, engine_stats(app))
+    client.errors.clear()
+    return out
+
+
+def closed_loop(client: Client, clients: int, duration: float, app: Celery,
+                sampler: GpuSampler | None) -> dict[str, Any]:
+    before = engine_stats(app)
+    stop_at = time.perf_counter() + duration
+    records: list[tuple[int, float, float, dict[str, Any]]] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        while time.perf_counter() < stop_at:
+            sent = client.submit(20)
+            if sent is None:
+                continue
+            got = client.wait([sent], timeout=300)
+            with lock:
+                records.extend(got)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=run) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Throughput counts completions inside the window only.
+    in_window = [r for r in records if r[2] <= stop_at]
+    out = summarise(records, start, stop_at, client.errors, sampler)
+    out["images_per_s"] = len(in_window) / duration
+    out["clients"] = clients
+    out["rows_per_call"] = rows_per_call(before, engine_stats(app))
+    client.errors.clear()
+    return out
+
+
+def idle_singles(client: Client, n: int) -> dict[str, Any]:
+    done = []
+    for _ in range(n):
+        sent = client.submit(20)
+        if sent is not None:
+            done += client.wait([sent], timeout=120)
+        time.sleep(0.2)
+    ok = [d for d in done if d[3].get("status") == "SUCCESS"]
+    return {"requests": len(ok), "latency_s": percentiles([d[2] - d[1] for d in ok]),
+            "engine_s": percentiles([d[3]["result"]["timings"]["engine_s"] for d in ok])}
+
+
+def run_policy(policy: str, svc: dict[str, Any], args: argparse.Namespace, tmp: Path,
+               sat_rate: float | None) -> tuple[dict[str, Any], float]:
+    env = {**svc["env"], "IMAGEGENX_SCHEDULER": policy}
+    if args.engine == "synthetic":
+        env.update(IMAGEGENX_ENGINE="synthetic", IMAGEGENX_SYNTHETIC_COST="sd15-h200")
+    app = Celery(broker=svc["url"], backend=svc["url"])
+    sampler = GpuSampler([0]).start() if args.engine == "diffusion" else None
+    wlog = tmp / f"worker-{policy}.log"
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {}
+    with proc(celery_worker_cmd(hostname=f"{policy}@%h"), env, wlog) as w:
+        wait_text(wlog, " ready.", 1, w, args.worker_timeout)
+        out["worker_start_s"] = time.perf_counter() - t0
+        out["worker_warmup"] = warmups_from_log(wlog)
+        client = Client(svc, args)
+        out["idle_single"] = idle_singles(client, args.singles)
+        log(f"{policy}: idle single p50 {out['idle_single']['latency_s'].get('p50', 0):.3f} s")
+        closed = closed_loop(client, 2 * args.max_batch, args.duration, app, sampler)
+        out["closed_loop"] = closed
+        log(f"{policy}: closed loop {closed['images_per_s']:.2f} img/s, rows/call {closed['rows_per_call']}")
+        rate = sat_rate if sat_rate is not None else closed["images_per_s"]
+        mean_mixed = statistics.fmean(MIXED_STEPS)
+        for mix, steps in (("fixed20", (20,)), ("mixed", MIXED_STEPS)):
+            for load in LOADS:
+                scale = 1.0 if mix == "fixed20" else 20.0 / mean_mixed
+                schedule = arrivals(load * rate * scale, args.duration, steps,
+                                    seed=int(load * 100) + len(steps))
+                r = open_loop(client, schedule, app, sampler)
+                r["load"] = load
+                out[f"open_{mix}_{load}"] = r
+                lat = r["latency_s"]
+                log(f"{policy}: {mix} load {load}: {r['images_per_s']:.2f} img/s, p50 {lat.get('p50', 0):.2f} s, "
+                    f"p99 {lat.get('p99', 0):.2f} s, rows/call {r['rows_per_call']}")
+    if sampler is not None:
+        sampler.stop()
+    (args.out / f"scheduler_compare_worker_{policy}.log").write_text(wlog.read_text(errors="replace")[-20000:])
+    return out, rate
+
+
+def ratios(report: dict[str, Any]) -> dict[str, Any]:
+    req, step = report["request"], report["step"]
+
+    def p(run: dict[str, Any], key: str, q: str = "p50") -> float:
+        return float(run[key]["latency_s"].get(q) or 0.0)
+
+    def by_steps(run: dict[str, Any], steps: int, q: str = "p50") -> float:
+        return float(run["open_mixed_0.8"]["latency_by_steps_s"].get(str(steps), {}).get(q) or 0.0)
+
+    out = {
+        "fixed20_0.8_p50_step_over_request": p(step, "open_fixed20_0.8") / max(1e-9, p(req, "open_fixed20_0.8")),
+        "fixed20_0.8_p99_step_over_request": (p(step, "open_fixed20_0.8", "p99")
+                                              / max(1e-9, p(req, "open_fixed20_0.8", "p99"))),
+        "mixed_0.8_p99_step_over_request": (p(step, "open_mixed_0.8", "p99")
+                                            / max(1e-9, p(req, "open_mixed_0.8", "p99"))),
+        "mixed_0.8_step_p50_10_over_50": by_steps(step, 10) / max(1e-9, by_steps(step, 50)),
+        "saturation_step_over_request": (step["closed_loop"]["images_per_s"]
+                                         / max(1e-9, req["closed_loop"]["images_per_s"])),
+        "idle_single_step_s": step["idle_single"]["latency_s"].get("p50"),
+    }
+    return out
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = ["| run | policy | images/s | p50 s | p95 s | p99 s | rows per call |",
+             "|---|---|---|---|---|---|---|"]
+    keys = ["closed_loop"] + [f"open_{m}_{load}" for m in ("fixed20", "mixed") for load in LOADS]
+    for key in keys:
+        for policy in POLICIES:
+            r = report[policy][key]
+            lat = r["latency_s"]
+            rows = r["rows_per_call"]
+            lines.append(f"| {key} | {policy} | {r['images_per_s']:.2f} | {lat.get('p50', 0):.3f} | "
+                         f"{lat.get('p95', 0):.3f} | {lat.get('p99', 0):.3f} | "
+                         f"{'-' if rows is None else f'{rows:.1f}'} |")
+    for policy in POLICIES:
+        s = report[policy]["idle_single"]
+        lines.append(f"| idle single | {policy} | | {s['latency_s'].get('p50', 0):.3f} | | | 1 |")
+    lines.append("")
+    lines.append("mixed steps at 0.8 load, p50 / p99 by step count (s):")
+    for policy in POLICIES:
+        per = report[policy]["open_mixed_0.8"]["latency_by_steps_s"]
+        lines.append(f"  {policy}: " + ", ".join(f"{k}: {v['p50']:.2f}/{v['p99']:.2f}" for k, v in per.items()))
+    lines.append("")
+    lines.append("ratios: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
+                                          for k, v in report["ratios"].items()}))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", choices=["synthetic", "diffusion"], default="synthetic")
+    ap.add_argument("--model", type=Path, default=None, help="diffusion: SD1.5 model folder")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/scheduler"))
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds per load run")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--size", type=int, default=None, help="image side (default 512; synthetic 64)")
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--singles", type=int, default=5)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="fp16")
+    ap.add_argument("--buckets", default="1,2,4,8,16,32")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--worker-timeout", type=float, default=400.0)
+    ap.add_argument("--redis-server", default=None)
+    args = ap.parse_args(argv)
+    args.tiny = args.engine == "synthetic"
+    args.size = args.size or (64 if args.tiny else 512)
+    args.buckets = [int(b) for b in args.buckets.split(",")]
+    if args.engine == "synthetic":
+        args.device, args.dtype = "cpu", "fp32"
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = args.model or Path("var/models/unused")
+    report: dict[str, Any] = {"date": now_utc(), "machine": machine(), "engine": args.engine,
+                              "command": " ".join(["python -m bench.scheduler_compare", *(argv or sys.argv[1:])]),
+                              "max_batch": args.max_batch, "duration_s": args.duration, "size": args.size}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        with service(args, model, tmp) as svc:
+            sat = None
+            for policy in POLICIES:
+                report[policy], rate = run_policy(policy, svc, args, tmp, sat)
+                sat = rate if sat is None else sat
+                report["request_saturation_per_s"] = sat
+    report["ratios"] = ratios(report)
+    path = args.out / f"scheduler_compare_{args.engine}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(table(report))
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
