@@ -67,6 +67,13 @@ def batch_key(request: GenerateRequest, model: str) -> BatchKey:
                     request.lora_set())
 
 
+def step_group(request: GenerateRequest, model: str) -> tuple[str, int, int, tuple[tuple[str, float], ...]]:
+    """What requests must share to run in one UNet call under the step scheduler:
+    model, size and LoRA set (steps, sampler, guidance, seed and prompt are per row)."""
+    assert request.width is not None and request.height is not None
+    return (model, request.width, request.height, request.lora_set())
+
+
 @dataclass
 class Job:
     """One request inside a batch (already resolved: seed and size are set)."""
@@ -193,20 +200,20 @@ class BatchPipeline:
                 log.exception("request %s failed", jobs[0].id)
                 error = (GenerationError(f"out of memory with {images} images in one batch "
                                          f"({type(exc).__name__}: {exc})")
-                         if oom else _as_generation_error(exc))
+                         if oom else as_generation_error(exc))
                 return Drawn.failed(jobs, error)
             log.warning("batch of %d failed (%r); retrying in halves", len(jobs), exc)
             # The traceback's frames hold the failed batch's tensors: drop them
             # before the retry, or an out-of-memory error repeats at every split.
             exc.__traceback__ = None
-        self._release_memory()
+        self.release_memory()
         mid = len(jobs) // 2
         drawn = Drawn(jobs)
         drawn.merge(self.draw(jobs[:mid], on_step))
         drawn.merge(self.draw(jobs[mid:], on_step))
         return drawn
 
-    def _release_memory(self) -> None:
+    def release_memory(self) -> None:
         """Give the engine a chance to free what a failed batch left (GPU cache)."""
         release = getattr(self.engine, "release_memory", None)
         if release is not None:
@@ -255,10 +262,10 @@ class BatchPipeline:
                 drawn.drawings[job.id] = Drawing(job, [im for im in imgs if im is not None],
                                                  info, started, t_engine)
         if self.upscaler.runs_on_device:
-            self._upscale_on_device(drawn)
+            self.upscale_on_device(drawn)
         return drawn
 
-    def _upscale_on_device(self, drawn: Drawn) -> None:
+    def upscale_on_device(self, drawn: Drawn) -> None:
         """Enlarge every image of the batch that asks for it, in one upscaler call."""
         wanted = [d for d in drawn.drawings.values() if d.job.request.postprocess.upscale != 1]
         if wanted:
@@ -277,7 +284,7 @@ class BatchPipeline:
         except Exception as exc:  # noqa: BLE001 - those jobs fail, the others go on
             oom = is_out_of_memory(exc)
             exc.__traceback__ = None  # its frames hold the batch's tensors
-            self._release_memory()
+            self.release_memory()
             if oom and len(wanted) > 1:
                 log.warning("upscaling %d images ran out of memory: once per request", len(images))
                 for d in wanted:
@@ -406,10 +413,10 @@ def _fit(jobs: list[Job], limit: int) -> list[list[Job]]:
 
 def _finish_failed(job: Job, exc: Exception) -> Outcome:
     log.error("request %s: its images could not be rendered or stored", job.id, exc_info=exc)
-    return Outcome(error=_as_generation_error(exc))
+    return Outcome(error=as_generation_error(exc))
 
 
-def _as_generation_error(exc: Exception) -> GenerationError:
+def as_generation_error(exc: Exception) -> GenerationError:
     if isinstance(exc, GenerationError):
         return exc
     return GenerationError(f"{type(exc).__name__}: {exc}")

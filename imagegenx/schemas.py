@@ -31,6 +31,11 @@ LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 LORA_NAME = re.compile(LORA_NAME_PATTERN)
 
 
+# Message header naming the submitting API key (a digest prefix, never the key):
+# the step scheduler shares rows fairly between tenants.
+TENANT_HEADER = "imagegenx_tenant"
+
+
 class Sampler(str, Enum):
     """Samplers the engines implement (diffusers schedulers underneath)."""
 
@@ -88,6 +93,7 @@ class Limits(BaseModel):
     max_num_images: int = 4
     max_guidance: float = 30.0
     max_upscaled_side: int = 4096
+    max_priority: int = 10
     # Host names and CIDRs a callback_url may point at although not public.
     callback_allow_hosts: tuple[str, ...] = ()
 
@@ -131,6 +137,11 @@ def check_callback_url(url: str, allow_hosts: tuple[str, ...] = ()) -> str:
         raise ValueError(str(exc)) from None
 
 
+# Request fields bounded above by a server limit: field -> Limits attribute.
+_UPPER_LIMITS = {"steps": "max_steps", "guidance_scale": "max_guidance",
+                 "num_images": "max_num_images", "priority": "max_priority"}
+
+
 class GenerateRequest(BaseModel):
     """What a user asks for. Bounds come from `Limits` in the validation context."""
 
@@ -149,6 +160,8 @@ class GenerateRequest(BaseModel):
     postprocess: Postprocess = Field(default_factory=Postprocess)
     callback_url: str | None = Field(default=None, max_length=CALLBACK_URL_MAX)
     timeout_s: float | None = Field(default=None, gt=0, le=86400)
+    priority: int = Field(default=0, ge=0, description="admission order on the worker: higher first; "
+                          "a waiting request gains one level per priority_age_s")
     lora: LoraName | Annotated[list[LoraName], Field(max_length=MAX_LORAS,
                                                      json_schema_extra={"uniqueItems": True})] | None = Field(
         default=None, description=f"a LoRA name from the server's lora_dir, or a list of up to {MAX_LORAS}")
@@ -156,7 +169,7 @@ class GenerateRequest(BaseModel):
         default=1.0, description="LoRA strength: one number for all, or a list matching lora; 0 leaves one out")
 
     _numbers = field_validator("width", "height", "steps", "guidance_scale", "seed", "num_images",
-                               "timeout_s", mode="before")(_not_bool)
+                               "timeout_s", "priority", mode="before")(_not_bool)
 
     # Lengths are checked on the text as sent, before surrounding whitespace is
     # stripped, as the published schema (maxLength) says.
@@ -187,26 +200,10 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"must be between {lim.min_size} and {lim.max_size}")
         return v
 
-    @field_validator("steps")
+    @field_validator("steps", "guidance_scale", "num_images", "priority")
     @classmethod
-    def _steps(cls, v: int, info: ValidationInfo) -> int:
-        limit = _limits(info).max_steps
-        if v > limit:
-            raise ValueError(f"at most {limit}")
-        return v
-
-    @field_validator("guidance_scale")
-    @classmethod
-    def _guidance(cls, v: float, info: ValidationInfo) -> float:
-        limit = _limits(info).max_guidance
-        if v > limit:
-            raise ValueError(f"at most {limit}")
-        return v
-
-    @field_validator("num_images")
-    @classmethod
-    def _num_images(cls, v: int, info: ValidationInfo) -> int:
-        limit = _limits(info).max_num_images
+    def _at_most(cls, v: float, info: ValidationInfo) -> float:
+        limit = getattr(_limits(info), _UPPER_LIMITS[str(info.field_name)])
         if v > limit:
             raise ValueError(f"at most {limit}")
         return v

@@ -73,6 +73,19 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(default=50.0, ge=0.0, le=60_000.0)
     prefetch_batches: int = Field(default=2, ge=2, description="full batches a worker may hold")
     expected_batch_s: float = Field(default=60.0, gt=0, description="worst-case time of one batch")
+    scheduler: Literal["step", "request"] = Field(
+        default="step",
+        description="step: requests join and leave the running rows at every denoising step; "
+                    "request: whole requests are batched and run all their steps together",
+    )
+    priority_age_s: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="step scheduler: a waiting request gains one priority level per this many seconds",
+    )
+    admit_delay_ms: float = Field(
+        default=0.0, ge=0.0, le=60_000.0,
+        description="step scheduler: how long an idle worker holds its first request to gather others",
+    )
     max_deliveries: int = Field(
         default=3, ge=1,
         description="deliveries whose run was lost with its worker before a request ends FAILURE",
@@ -188,6 +201,8 @@ class Settings(BaseSettings):
     max_size: int = _LIMITS.max_size
     max_steps: int = _LIMITS.max_steps
     max_num_images: int = _LIMITS.max_num_images
+    max_priority: int = Field(default=_LIMITS.max_priority, ge=0, le=1000,
+                              description="highest request priority")
     max_guidance: float = _LIMITS.max_guidance
     max_upscaled_side: int = Field(default=_LIMITS.max_upscaled_side, ge=64,
                                    description="longest side of an upscaled image, px")
@@ -329,6 +344,7 @@ class Settings(BaseSettings):
             max_size=self.max_size,
             max_steps=self.max_steps,
             max_num_images=self.max_num_images,
+            max_priority=self.max_priority,
             max_guidance=self.max_guidance,
             max_upscaled_side=self.max_upscaled_side,
             callback_allow_hosts=tuple(self.webhook_allow_hosts),

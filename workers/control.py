@@ -40,5 +40,5 @@ def set_batching(state: Any, max_batch: int | None = None, max_wait_ms: float | 
         qos = state.consumer.qos
         qos.value = max_batch * settings.prefetch_batches
         qos.update()
-    policy = runtime.runner.policy
-    return {"ok": f"max_batch={policy.max_batch} max_wait_ms={policy.max_wait * 1000:g}"}
+    max_batch, max_wait = runtime.runner.limits()
+    return {"ok": f"max_batch={max_batch} max_wait_ms={max_wait * 1000:g}"}

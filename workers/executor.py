@@ -38,9 +38,10 @@ log = logging.getLogger(__name__)
 STORE_RETRY_S = 120.0
 
 
-@dataclass
+@dataclass(eq=False)  # one record per delivery: compared by identity
 class Entry:
-    """A buffered request: the Celery request and the validated job."""
+    """The worker's one record of a request, from delivery to ack: the Celery
+    request, the validated job and, under the step scheduler, its trajectory."""
 
     req: Request
     job: Job
@@ -50,6 +51,15 @@ class Entry:
     redelivered: bool = False
     # Last time this worker recorded the message as delivered now (workers.leases).
     leased_at: float = 0.0
+    # Step scheduler: the engine's state of its trajectory (None until admitted),
+    # when it was admitted (perf_counter and wall clock), the most rows and
+    # requests it shared a UNet call with, and when its progress was last stored.
+    denoising: Any = None
+    admitted_at: float = 0.0
+    started_at: float = 0.0
+    peak_rows: int = 0
+    peak_requests: int = 0
+    progress_at: float = float("-inf")
 
 
 @dataclass
@@ -62,6 +72,10 @@ class BatchStats:
     failed: int = 0
     revoked: int = 0
     size_histogram: dict[int, int] = field(default_factory=dict)
+    # Step scheduler: UNet calls, the rows they ran, and how many calls ran n rows.
+    unet_calls: int = 0
+    unet_rows: int = 0
+    rows_histogram: dict[int, int] = field(default_factory=dict)
     last_batch_s: float = 0.0
     wait_s_total: float = 0.0
     wait_s_max: float = 0.0
@@ -85,6 +99,14 @@ class BatchStats:
         self.last_batch_s = seconds
         if self.metrics is not None:
             self.metrics.batch(size, seconds)
+
+    def record_step(self, rows: int, seconds: float) -> None:
+        """One UNet call of the step scheduler over ``rows`` image rows."""
+        self.unet_calls += 1
+        self.unet_rows += rows
+        self.rows_histogram[rows] = self.rows_histogram.get(rows, 0) + 1
+        if self.metrics is not None:
+            self.metrics.step(rows, seconds)
 
     def record_engine(self, seconds: float) -> None:
         """Engine time of one engine batch (a bisected batch has several)."""
@@ -117,6 +139,9 @@ class BatchStats:
             "revoked": self.revoked,
             "mean_batch_images": self.images / self.batches if self.batches else 0.0,
             "batch_size_histogram": {str(k): v for k, v in sorted(self.size_histogram.items())},
+            "unet_calls": self.unet_calls,
+            "mean_rows_per_call": self.unet_rows / self.unet_calls if self.unet_calls else 0.0,
+            "rows_per_call_histogram": {str(k): v for k, v in sorted(self.rows_histogram.items())},
             "last_batch_s": self.last_batch_s,
             "mean_buffer_wait_ms": 1000 * self.wait_s_total / self.requests if self.requests else 0.0,
             "max_buffer_wait_ms": 1000 * self.wait_s_max,
@@ -158,19 +183,22 @@ class BatchExecutor:
 
     def __call__(self, batch: Batch[Entry]) -> None:
         """On the model thread: the engine phase; the rest goes to the finisher."""
-        entries = [e for e in batch.items if not self._revoked(e) and not self._finished_before(e)]
+        entries = [e for e in batch.items if not self.revoked(e) and not self.finished_before(e)]
         if not entries:
             return
         t0 = time.perf_counter()
-        self._accept(entries)
-        if self.ledger is not None:
-            self.ledger.started(e.req.id for e in entries)
+        self.accept(entries)
         jobs = [e.job for e in entries]
         try:
             drawn = self._pipeline().draw(jobs, self._step_callback(entries))
         except Exception as exc:  # noqa: BLE001 - never leave a request PENDING
             log.exception("batch failed outside the pipeline")
             drawn = Drawn.failed(jobs, GenerationError(f"{type(exc).__name__}: {exc}"))
+        self.hand_over(entries, drawn, t0)
+
+    def hand_over(self, entries: list[Entry], drawn: Drawn, t0: float) -> None:
+        """Give drawn (or failed) requests to the finishing thread, which stores,
+        reports and acks them; blocks while it is a batch behind."""
         self._finisher.submit(DrawnBatch(entries, drawn, t0))
 
     def finishing(self) -> list[Entry]:
@@ -206,7 +234,7 @@ class BatchExecutor:
             outcome = outcomes.get(entry.job.id) or Outcome(error=GenerationError("no outcome"))
             # Revoked while its drawn batch waited for this thread: REVOKED, not a result.
             if not outcome.dropped and entry.req.id in worker_state.revoked:
-                if entry.req._already_revoked or self._revoked(entry):  # REVOKED stays
+                if entry.req._already_revoked or self.revoked(entry):  # REVOKED stays
                     continue
             try:
                 self._report(entry, outcome)
@@ -215,7 +243,8 @@ class BatchExecutor:
                 worker_state.task_ready(entry.req)
 
     # -- per request -------------------------------------------------------
-    def _revoked(self, entry: Entry) -> bool:
+    def revoked(self, entry: Entry) -> bool:
+        """Revoked or expired: marked REVOKED, reported and acked (True), or running on."""
         try:
             revoked = entry.req.revoked()  # marks REVOKED (or expired), sends the event, acks
         except Exception:  # noqa: BLE001 - backend or broker gone: leave it for redelivery
@@ -227,7 +256,7 @@ class BatchExecutor:
             return True
         return False
 
-    def _finished_before(self, entry: Entry) -> bool:
+    def finished_before(self, entry: Entry) -> bool:
         """A redelivered request whose result is already stored is acknowledged, not rerun."""
         if not entry.redelivered:
             return False
@@ -244,7 +273,8 @@ class BatchExecutor:
         self._ack(req)
         return True
 
-    def _accept(self, entries: list[Entry]) -> None:
+    def accept(self, entries: list[Entry]) -> None:
+        """The requests start running: worker state, task-started, STARTED, delivery count."""
         pid = os.getpid()
         for e in entries:
             req = e.req
@@ -260,6 +290,24 @@ class BatchExecutor:
                 )
             except Exception as exc:  # noqa: BLE001
                 log.warning("could not store STARTED for %s: %r", req.id, exc)
+        if self.ledger is not None:
+            self.ledger.started(e.req.id for e in entries)
+
+    def progress(self, entries: list[Entry], now: float) -> None:
+        """Store PROGRESS (each request's own step and total) for the entries whose
+        last store is ``progress_interval_s`` old; a backend outage only logs."""
+        due = [e for e in entries if now - e.progress_at >= self.progress_interval_s
+               and e.denoising is not None and not e.denoising.done]
+        for e in due:
+            e.progress_at = now
+            try:
+                e.req.task.backend.store_result(
+                    e.req.id, {"step": e.denoising.index, "total": e.denoising.steps}, "PROGRESS",
+                    request=e.req._context,
+                )
+            except Exception as exc:  # noqa: BLE001 - progress is for watchers only
+                log.warning("could not store progress of %s: %r", e.req.id, exc)
+                return
 
     def _step_callback(self, entries: list[Entry]) -> Callable[[int, int], list[str]]:
         live = {e.job.id: e for e in entries}
@@ -270,7 +318,7 @@ class BatchExecutor:
         def on_step(step: int, total: int) -> list[str]:
             dropped = [jid for jid, e in live.items() if e.req.id in worker_state.revoked]
             for jid in dropped:
-                self._revoked(live.pop(jid))
+                self.revoked(live.pop(jid))
             gone.extend(dropped)
             now = time.monotonic()
             if step < total and now - last[0] >= self.progress_interval_s:

@@ -8,12 +8,10 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from imagegenx.engine import create_engine
-from imagegenx.pipeline import BatchPipeline, Job, render_pool, resolve_request
-from imagegenx.upscale import load_upscaler
+from imagegenx.pipeline import BatchPipeline, Job, resolve_request
+from imagegenx.pipeline_factory import build_pipeline
 from imagegenx.schemas import GenerateRequest
 from imagegenx.settings import Settings
-from imagegenx.storage import create_storage
 
 
 _pipelines: dict[int, BatchPipeline] = {}
@@ -23,13 +21,7 @@ def _pipeline(settings: Settings) -> BatchPipeline:
     cached = _pipelines.get(id(settings))
     if cached is not None:
         return cached
-    engine = create_engine(settings.engine, settings.model, settings.device, settings.dtype,
-                           settings.synthetic_cost, model_config_dir=settings.model_config_dir,
-                           lora_dir=settings.lora_dir)
-    upscaler = load_upscaler(settings.upscaler_model, getattr(engine, "device", settings.device),
-                             getattr(engine, "dtype", settings.dtype), executor=render_pool())
-    pipeline = BatchPipeline(engine, create_storage(settings), settings.public_base,
-                             settings.served_model_name, upscaler=upscaler)
+    pipeline = build_pipeline(settings)
     _pipelines[id(settings)] = pipeline
     return pipeline
 

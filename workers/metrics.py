@@ -53,6 +53,12 @@ class WorkerMetrics:
             "imagegenx_worker_batch_engine_seconds",
             "Engine (GPU) time of one batch: denoising and decoding", buckets=ENGINE_BUCKETS,
             registry=r)
+        self.step_rows = Histogram(
+            "imagegenx_worker_step_rows", "Image rows per UNet call (step scheduler)",
+            buckets=BATCH_IMAGES_BUCKETS, registry=r)
+        self.step_seconds = Histogram(
+            "imagegenx_worker_step_seconds", "Time of one UNet call with its sampler update "
+            "(step scheduler)", buckets=WAIT_BUCKETS, registry=r)
         self.batch_seconds = Histogram(
             "imagegenx_worker_batch_seconds",
             "Wall time of one batch: engine, post-processing, storage and results",
@@ -67,6 +73,10 @@ class WorkerMetrics:
     def batch(self, images: int, seconds: float) -> None:
         self.batch_images.observe(images)
         self.batch_seconds.observe(seconds)
+
+    def step(self, rows: int, seconds: float) -> None:
+        self.step_rows.observe(rows)
+        self.step_seconds.observe(seconds)
 
     def engine(self, seconds: float) -> None:
         self.engine_seconds.observe(seconds)

@@ -1,4 +1,5 @@
-"""The model-owning thread: waits as the batching policy says, then runs batches.
+"""The model-owning thread of the request scheduler: waits as the batching
+policy says, then runs whole batches.
 
 The Celery consumer thread only appends to the buffer; this thread owns the
 engine (loads it, runs it) so that no model state crosses threads, and while
@@ -7,18 +8,18 @@ it runs a batch the consumer keeps receiving and the next batch forms.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 from imagegenx.batching import Batch, BatchPolicy
+from workers.model_thread import ModelThread
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-class BatchRunner(Generic[T]):
+class BatchRunner(ModelThread, Generic[T]):
     """One thread: ``setup()`` once, then ``execute(batch)`` for each due batch."""
 
     def __init__(
@@ -29,27 +30,14 @@ class BatchRunner(Generic[T]):
         clock: Callable[[], float] = time.monotonic,
         name: str = "imagegenx-batch",
     ) -> None:
+        super().__init__(setup, name)
         self.policy = policy
         self._execute = execute
-        self._setup = setup
         self._clock = clock
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._ready = threading.Event()
-        self._setup_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self.running: Batch[T] | None = None
         self.batches_run = 0
 
     # -- consumer side -----------------------------------------------------
-    def start(self, timeout: float | None = None) -> None:
-        """Start the thread and wait until ``setup`` finished (re-raising its error)."""
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise TimeoutError("engine setup did not finish in time")
-        if self._setup_error is not None:
-            raise RuntimeError("engine setup failed") from self._setup_error
-
     def add(self, item: T, key: Hashable, images: int = 1) -> None:
         with self._cond:
             self.policy.add(item, key, self._clock(), images)
@@ -66,6 +54,10 @@ class BatchRunner(Generic[T]):
             running = self.running.items if self.running else []
         return buffered, running
 
+    def limits(self) -> tuple[int, float]:
+        """(max images per batch, max wait in seconds)."""
+        return self.policy.max_batch, self.policy.max_wait
+
     def set_limits(self, max_batch: int | None = None, max_wait: float | None = None) -> None:
         with self._cond:
             if max_batch is not None:
@@ -80,13 +72,8 @@ class BatchRunner(Generic[T]):
         The running batch, if any, goes on: ``join`` waits for it.
         """
         with self._cond:
-            self._stopping = True
-            self._cond.notify()
+            self._begin_draining()
             return self.policy.drain()
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
 
     def drop_buffered(self) -> list[T]:
         """Remove and return everything buffered, and keep running."""
@@ -99,20 +86,8 @@ class BatchRunner(Generic[T]):
         self.join(timeout)
         return leftovers
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     # -- runner thread -----------------------------------------------------
-    def _main(self) -> None:
-        try:
-            self._setup()
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            log.exception("engine setup failed")
-            self._setup_error = exc
-            self._ready.set()
-            return
-        self._ready.set()
+    def serve(self) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -128,7 +103,7 @@ class BatchRunner(Generic[T]):
 
     def _next_batch(self) -> Batch[T] | None:
         with self._cond:
-            while not self._stopping:
+            while not self.draining:
                 now = self._clock()
                 batch = self.policy.take(now)
                 if batch is not None:

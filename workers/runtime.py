@@ -1,7 +1,28 @@
-"""Per-process worker runtime: the engine, the batch runner and the executor.
+"""Per-process worker runtime: the engine, the model thread and the executor.
 
 Created by the worker bootstep before the consumer starts, used by the task
 strategy for every received message.
+
+Threads, and what each one owns:
+
+- **Consumer (Celery's main thread)**: receives messages (``workers.strategy``),
+  validates them and adds them to the waiting pool (``submit``); runs remote
+  control, heartbeats and the event loop that sends acks. It never touches the
+  engine. On shutdown and on a lost connection it takes the waiting pool back.
+- **Model thread** (``StepRunner`` or ``BatchRunner``, one ``WorkerState``):
+  loads and warms the engine, then owns it and every trajectory: schedules,
+  runs the UNet calls and decodes. The waiting pool and the running set are
+  shared with the consumer under the runner's lock; nothing else is.
+- **Finishing thread** (``workers.finisher``): renders, stores, writes each
+  request's result, queues its webhook and acks, for what the model thread
+  hands over (bounded: the model thread blocks when it is a batch behind).
+- **Lease keeper** (``workers.leases``): refreshes the delivery time of every
+  message held (waiting, running, finishing) so none passes the visibility timeout.
+- **Metrics server** (optional): reads snapshots under the runner's lock.
+
+Hand-overs: consumer -> model thread through ``runner.add``; model thread ->
+finishing thread through ``executor.hand_over``; the finishing thread schedules
+acks on the consumer's event loop (Celery's ``Request.acknowledge``).
 """
 from __future__ import annotations
 
@@ -16,19 +37,21 @@ from celery.worker.request import Request
 from pydantic import ValidationError
 
 from imagegenx.batching import BatchPolicy
-from imagegenx.engine import Engine, create_engine
+from imagegenx.engine import Engine
+from imagegenx.engine.base import is_step_engine
 from imagegenx.errors import GenerationError
 from imagegenx.gpu import GpuStat, visible_gpus
 from imagegenx.lora_catalog import LoraCatalog
-from imagegenx.pipeline import BatchPipeline, Job, batch_key, render_pool, resolve_request
-from imagegenx.upscale import load_upscaler
-from imagegenx.schemas import GenerateRequest
+from imagegenx.pipeline import BatchPipeline, Job, batch_key, resolve_request, step_group
+from imagegenx.pipeline_factory import build_pipeline
+from imagegenx.schemas import TENANT_HEADER, GenerateRequest
 from imagegenx.settings import Settings
-from imagegenx.storage import create_storage
+from imagegenx.step_scheduler import StepScheduler
 from workers.deliveries import Deliveries, DeliveryLedger
 from workers.executor import BatchExecutor, BatchStats, Entry
 from workers.leases import LeaseKeeper
 from workers.runner import BatchRunner
+from workers.step_runner import StepRunner
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +84,18 @@ class WorkerRuntime:
                                               settings.sentinel_master)
         self.executor = BatchExecutor(self._get_pipeline, settings.progress_interval_s, self.stats,
                                       ledger=self.ledger)
-        self.runner: BatchRunner[Entry] = BatchRunner(
-            BatchPolicy(settings.max_batch, settings.max_wait_s), self.executor, setup=self._load
-        )
+        self.runner: BatchRunner[Entry] | StepRunner
+        if settings.scheduler == "step":
+            self.runner = StepRunner(
+                StepScheduler(settings.max_batch, settings.max_wait_s,
+                              max_priority=settings.max_priority,
+                              priority_age_s=settings.priority_age_s,
+                              admit_delay=settings.admit_delay_ms / 1000.0),
+                self.executor, self._get_pipeline, setup=self._load,
+            )
+        else:
+            self.runner = BatchRunner(BatchPolicy(settings.max_batch, settings.max_wait_s),
+                                      self.executor, setup=self._load)
         # Held messages (buffered or running) never reach the visibility timeout.
         self.leases = (LeaseKeeper(self.ledger.client, self._held, settings.visibility_timeout_s)
                        if self.ledger is not None else None)
@@ -111,25 +143,18 @@ class WorkerRuntime:
             self._metrics_server = None
 
     def _load(self) -> None:
-        s = self.settings
         t0 = time.perf_counter()
-        self.engine = create_engine(s.engine, s.model, s.device, s.dtype, s.synthetic_cost,
-                                    compile=s.compile, cuda_graphs=s.cuda_graphs,
-                                    batch_buckets=s.batch_buckets,
-                                    synthetic_faults=s.synthetic_faults,
-                                    model_config_dir=s.model_config_dir,
-                                    lora_dir=s.lora_dir,
-                                    unet_backend=s.unet_backend, trt_engine=s.trt_engine)
+        pipeline = build_pipeline(self.settings)
+        self.engine = pipeline.engine
+        if self.settings.scheduler == "step" and not is_step_engine(self.engine):
+            raise RuntimeError(f"engine {self.engine.name!r} has no step API: set "
+                               "IMAGEGENX_SCHEDULER=request")
         t_loaded = time.perf_counter()
         # Compile and capture (GPU fast path) now, before the worker takes work.
         warmup = getattr(self.engine, "warmup", None)
         if callable(warmup):
             warmup()
-        self.pipeline = BatchPipeline(
-            self.engine, create_storage(s), s.public_base, s.served_model_name,
-            upscaler=load_upscaler(s.upscaler_model, getattr(self.engine, "device", s.device),
-                                   getattr(self.engine, "dtype", s.dtype), executor=render_pool()),
-        )
+        self.pipeline = pipeline
         self.warmup_s = time.perf_counter() - t0
         log.info("engine %s ready in %.2f s (load %.2f s, warm-up %.2f s; native size %s)",
                  self.engine.name, self.warmup_s, t_loaded - t0, self.warmup_s - (t_loaded - t0),
@@ -183,15 +208,20 @@ class WorkerRuntime:
             req.id, {"hostname": req.hostname, "received_at": job.received_at},
             states.RECEIVED, request=req._context,
         )
-        key: Any = batch_key(request, self.settings.served_model_name)
+        step = isinstance(self.runner, StepRunner)
+        key: Any = (step_group if step else batch_key)(request, self.settings.served_model_name)
         if deliveries.started:
             # It ran before and its worker was lost: it runs alone, so that if it
             # is what kills workers it takes no other request down with it.
             log.warning("%s ran in %d earlier deliveries whose worker was lost: it runs alone",
                         req.id, deliveries.started)
             key = (key, req.id)
-        self.runner.add(Entry(req, job, request.num_images, redelivered=deliveries.redelivered),
-                        key, request.num_images)
+        entry = Entry(req, job, request.num_images, redelivered=deliveries.redelivered)
+        if isinstance(self.runner, StepRunner):
+            tenant = str((req.request_dict or {}).get(TENANT_HEADER) or "")
+            self.runner.add(entry, key, priority=request.priority, tenant=tenant)
+        else:
+            self.runner.add(entry, key, request.num_images)
 
     def _give_up(self, req: Request, deliveries: Deliveries) -> None:
         error = GenerationError(
@@ -239,18 +269,25 @@ class WorkerRuntime:
 
     def describe(self) -> dict[str, Any]:
         buffered, running = self.runner.snapshot()
+        max_batch, max_wait = self.runner.limits()
+        if isinstance(self.runner, StepRunner):
+            oom_limit = self.runner.oom_row_limit
+        else:
+            oom_limit = self.pipeline.image_limit if self.pipeline else None
         return {
             "engine": self.engine.name if self.engine else None,
             "model": self.settings.served_model_name,
             "device": self.device,
             "gpus": [g.as_dict() for g in self.gpus()],
             "metrics_port": self.settings.worker_metrics_port if self._metrics_server else None,
-            "max_batch": self.runner.policy.max_batch,
-            "max_wait_ms": self.runner.policy.max_wait * 1000.0,
+            "scheduler": self.settings.scheduler,
+            "state": self.runner.state.value,
+            "max_batch": max_batch,
+            "max_wait_ms": max_wait * 1000.0,
             "buffered_requests": len(buffered),
             "running_requests": len(running),
             "finishing_requests": len(self.executor.finishing()),
-            "oom_image_limit": self.pipeline.image_limit if self.pipeline else None,
+            "oom_image_limit": oom_limit,
             "warmup_s": self.warmup_s,
             **self.stats.as_dict(),
         }

@@ -12,7 +12,7 @@ from imagegenx.api.errors import ApiError
 from imagegenx.api.guards import json_body, require_key
 from imagegenx.api.services import services
 from imagegenx.lora_catalog import LoraCatalog
-from imagegenx.schemas import MAX_SEED, GenerateRequest, SubmitResponse
+from imagegenx.schemas import MAX_SEED, TENANT_HEADER, GenerateRequest, SubmitResponse
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1")
 TASK_NAME = "imagegenx.generate"
@@ -54,6 +54,7 @@ def submit():  # type: ignore[no-untyped-def]
             queue=svc.settings.queue,
             expires=req.timeout_s,
             retry=False,
+            headers={TENANT_HEADER: digest[:16]},
         )
     except (RedisError, OperationalError, ConnectionError) as exc:
         raise ApiError(503, f"queue unavailable: {type(exc).__name__}",

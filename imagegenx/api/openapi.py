@@ -38,6 +38,7 @@ def _apply_limits(schema: dict[str, Any], limits: Limits) -> None:
                                        multipleOf=8)
     props["steps"]["maximum"] = limits.max_steps
     props["num_images"]["maximum"] = limits.max_num_images
+    props["priority"]["maximum"] = limits.max_priority
     props["guidance_scale"]["maximum"] = limits.max_guidance
     # Image i uses seed + i, which must stay a 32-bit seed: the largest seed
     # allowed depends on num_images.

@@ -1,5 +1,6 @@
-"""A request that breaks its batch fails alone; an out-of-memory batch is split and
-retried smaller, and the worker keeps its batches under the size that ran out.
+"""Request scheduler: a request that breaks its batch fails alone; an out-of-memory
+batch is split and retried smaller, and the worker keeps its batches under the size
+that ran out. (The step scheduler's versions: test_step_faults.py.)
 
 Faults are injected by the synthetic engine (IMAGEGENX_SYNTHETIC_FAULTS), through
 the real queue path and a real worker process.
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 def test_poison_request_fails_alone_and_its_batch_completes(redis_base: str,
                                                             tmp_path: Path) -> None:
-    with fault_service(redis_base, tmp_path, IMAGEGENX_MAX_BATCH="8",
+    with fault_service(redis_base, tmp_path, IMAGEGENX_SCHEDULER="request", IMAGEGENX_MAX_BATCH="8",
                        IMAGEGENX_MAX_WAIT_MS="1000",
                        IMAGEGENX_SYNTHETIC_FAULTS="raise:POISON") as svc:
         worker = svc.start_worker("poison")
@@ -51,7 +52,7 @@ def test_poison_request_fails_alone_and_its_batch_completes(redis_base: str,
 def test_out_of_memory_splits_the_batch_and_lowers_the_batch_size(redis_base: str,
                                                                   tmp_path: Path) -> None:
     # The engine runs out of memory above 3 images per batch.
-    with fault_service(redis_base, tmp_path, IMAGEGENX_MAX_BATCH="8",
+    with fault_service(redis_base, tmp_path, IMAGEGENX_SCHEDULER="request", IMAGEGENX_MAX_BATCH="8",
                        IMAGEGENX_MAX_WAIT_MS="1000",
                        IMAGEGENX_SYNTHETIC_FAULTS="oom:3") as svc:
         worker = svc.start_worker("oom")

@@ -92,6 +92,9 @@ def test_body_over_limit_is_413(client: FlaskClient) -> None:
         ({"prompt": "x", "callback_url": "http://127.0.0.1/hook"}, "callback_url", "loopback"),
         ({"prompt": "x", "callback_url": "http://169.254.169.254/"}, "callback_url", "private"),
         ({"prompt": "x", "timeout_s": 0}, "timeout_s", "greater than 0"),
+        ({"prompt": "x", "priority": 11}, "priority", "at most 10"),
+        ({"prompt": "x", "priority": -1}, "priority", "greater than or equal to 0"),
+        ({"prompt": "x", "priority": True}, "priority", "not true or false"),
         ({"prompt": "x", "colour": "red"}, "colour", "Extra inputs are not permitted"),
     ],
 )

@@ -1,0 +1,24 @@
+"""Build the engine and the batch pipeline from ``Settings``: one factory for
+the worker and the in-process path, so both serve the same engine options
+(fast path, buckets, backend, LoRAs, upscaler)."""
+from __future__ import annotations
+
+from imagegenx.engine import create_engine
+from imagegenx.pipeline import BatchPipeline, render_pool
+from imagegenx.settings import Settings
+from imagegenx.storage import create_storage
+from imagegenx.upscale import load_upscaler
+
+
+def build_pipeline(settings: Settings) -> BatchPipeline:
+    """The configured engine (loaded, not yet warmed up) behind a pipeline."""
+    s = settings
+    engine = create_engine(s.engine, s.model, s.device, s.dtype, s.synthetic_cost,
+                           compile=s.compile, cuda_graphs=s.cuda_graphs,
+                           batch_buckets=s.batch_buckets, synthetic_faults=s.synthetic_faults,
+                           model_config_dir=s.model_config_dir, lora_dir=s.lora_dir,
+                           unet_backend=s.unet_backend, trt_engine=s.trt_engine)
+    upscaler = load_upscaler(s.upscaler_model, getattr(engine, "device", s.device),
+                             getattr(engine, "dtype", s.dtype), executor=render_pool())
+    return BatchPipeline(engine, create_storage(s), s.public_base, s.served_model_name,
+                         upscaler=upscaler)

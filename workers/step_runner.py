@@ -1,0 +1,259 @@
+"""The model-owning thread of the step scheduler: one UNet call at a time.
+
+Every iteration is ``schedule -> execute -> update``:
+
+1. **schedule** (``StepScheduler.schedule``, pure): waiting requests join the
+   running set at this step boundary (priority, fair share, row limit);
+2. **execute**: admitted requests get their trajectory (``engine.begin``:
+   prompt embeddings, noise, schedule); revoked or expired running requests
+   leave; one ``engine.step`` advances every running row by its own step;
+3. **update**: PROGRESS per request; requests whose own steps are done are
+   decoded together and handed to the finishing thread (store, result, ack),
+   and leave the running set while the others go on.
+
+Failures stay with their request: a failed ``begin`` or decode fails that
+request; a failed UNet call is retried once per request, so only the culprit
+fails; an out-of-memory call lowers the row limit and sends the rows that no
+longer fit back to waiting, with their trajectory kept.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from celery.worker import state as worker_state
+
+from imagegenx.engine.base import StepEngine
+from imagegenx.errors import GenerationError
+from imagegenx.pipeline import BatchPipeline, Drawing, Drawn, Outcome, as_generation_error, is_out_of_memory, plan
+from imagegenx.schemas import BatchInfo
+from imagegenx.step_scheduler import StepPlan, StepScheduler
+from workers.executor import BatchExecutor, Entry
+from workers.model_thread import ModelThread
+
+log = logging.getLogger(__name__)
+
+
+class StepRunner(ModelThread):
+    """The step loop over a :class:`StepScheduler` of :class:`Entry` records."""
+
+    def __init__(
+        self,
+        scheduler: StepScheduler[Entry],
+        executor: BatchExecutor,
+        pipeline: Callable[[], BatchPipeline],
+        setup: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "imagegenx-steps",
+    ) -> None:
+        super().__init__(setup, name)
+        self.scheduler = scheduler
+        self.executor = executor
+        self._pipeline = pipeline
+        self._clock = clock
+        self.configured_rows = scheduler.max_rows
+        # Most rows one UNet call ran without running out of memory.
+        self.largest_ok_rows = 0
+        self.oom_row_limit: int | None = None
+
+    # -- consumer side -------------------------------------------------------
+    def add(self, entry: Entry, group: Hashable, *, priority: int = 0, tenant: str = "") -> None:
+        with self._cond:
+            self.scheduler.add(entry, entry.req.id, group, entry.images, self._clock(),
+                               priority=priority, tenant=tenant)
+            self._cond.notify()
+
+    def discard(self, predicate: Callable[[Entry], bool]) -> list[Entry]:
+        with self._cond:
+            return self.scheduler.discard(predicate)
+
+    def snapshot(self) -> tuple[list[Entry], list[Entry]]:
+        """(waiting, running) entries, for inspection."""
+        with self._cond:
+            return self.scheduler.waiting, self.scheduler.running
+
+    def limits(self) -> tuple[int, float]:
+        """(most image rows per UNet call, longest wait before a group switch)."""
+        return self.scheduler.max_rows, self.scheduler.max_wait
+
+    def set_limits(self, max_batch: int | None = None, max_wait: float | None = None) -> None:
+        with self._cond:
+            if max_batch is not None:
+                self.configured_rows = max_batch
+                limit = self.oom_row_limit
+                self.scheduler.max_rows = max_batch if limit is None else min(limit, max_batch)
+            if max_wait is not None:
+                self.scheduler.max_wait = max_wait
+            self._cond.notify()
+
+    def close(self) -> list[Entry]:
+        """Admit nothing more; return the waiting entries at once (oldest first).
+
+        The running requests finish their own steps: ``join`` waits for them.
+        """
+        with self._cond:
+            self._begin_draining()
+            return self.scheduler.drain()
+
+    def drop_buffered(self) -> list[Entry]:
+        """Remove and return the waiting entries, and keep running."""
+        with self._cond:
+            return self.scheduler.drain()
+
+    # -- model thread: the loop ------------------------------------------------
+    def serve(self) -> None:
+        while True:
+            step = self._next_plan()
+            if step is None:
+                return
+            try:
+                self._run(step)
+            except Exception:  # noqa: BLE001 - never leave the loop; requests fail on their own
+                log.exception("step failed outside the engine")
+
+    def _next_plan(self) -> StepPlan[Entry] | None:
+        with self._cond:
+            while True:
+                if self.draining:
+                    running = self.scheduler.running
+                    return StepPlan(running=running) if running else None
+                now = self._clock()
+                step = self.scheduler.schedule(now)
+                if not step.idle:
+                    return step
+                timeout = None if step.wake_at is None else max(0.0, step.wake_at - now)
+                self._cond.wait(timeout)
+
+    def _leave(self, entries: list[Entry]) -> None:
+        if entries:
+            with self._cond:
+                self.scheduler.finish(e.req.id for e in entries)
+
+    def _run(self, step: StepPlan[Entry]) -> None:
+        engine: Any = self._pipeline().engine
+        gone = [e for e in step.admitted if e.denoising is None and not self._begin(engine, e)]
+        running = [e for e in step.running if e not in gone]
+        revoked = [e for e in running
+                   if e.req.id in worker_state.revoked and self.executor.revoked(e)]
+        running = [e for e in running if e not in revoked]
+        self._leave(gone + revoked)
+        if not running:
+            return
+        advanced = self._execute(engine, running)
+        self.executor.progress(advanced, time.monotonic())
+        done = [e for e in advanced if e.denoising.done]
+        if done:
+            self._finish(engine, done)
+
+    def _begin(self, engine: StepEngine, entry: Entry) -> bool:
+        """Start a newly admitted request; False when it leaves at once."""
+        if self.executor.revoked(entry) or self.executor.finished_before(entry):
+            return False
+        self.executor.accept([entry])
+        entry.admitted_at = time.perf_counter()
+        entry.started_at = time.time()
+        try:
+            spec, _ = plan([entry.job])
+            entry.denoising = engine.begin(spec)
+        except Exception as exc:  # noqa: BLE001 - e.g. a prompt that cannot be encoded
+            log.error("request %s could not start: %r", entry.req.id, exc)
+            self._fail([entry], as_generation_error(exc))
+            return False
+        return True
+
+    def _execute(self, engine: StepEngine, running: list[Entry]) -> list[Entry]:
+        """One UNet call for ``running``; the entries that advanced."""
+        rows = sum(e.images for e in running)
+        t0 = time.perf_counter()
+        try:
+            engine.step([e.denoising for e in running])
+        except Exception as exc:  # noqa: BLE001 - isolate: only the culprit fails
+            exc.__traceback__ = None  # its frames hold the call's tensors
+            self._pipeline().release_memory()
+            return self._recover(engine, running, rows, exc)
+        self.executor.stats.record_step(rows, time.perf_counter() - t0)
+        self.largest_ok_rows = max(self.largest_ok_rows, rows)
+        for e in running:
+            e.peak_rows = max(e.peak_rows, rows)
+            e.peak_requests = max(e.peak_requests, len(running))
+        return running
+
+    def _recover(self, engine: StepEngine, running: list[Entry], rows: int,
+                 exc: Exception) -> list[Entry]:
+        if is_out_of_memory(exc):
+            if len(running) == 1:
+                self._fail(running, GenerationError(
+                    f"out of memory with {rows} images in one batch ({type(exc).__name__}: {exc})"))
+                return []
+            self._lower_limit(rows, running)
+            return []  # nothing moved: the rows that fit run at the next call
+        if len(running) == 1:
+            log.error("request %s failed: %r", running[0].req.id, exc)
+            self._fail(running, as_generation_error(exc))
+            return []
+        log.warning("step of %d requests failed (%r); running each request alone", len(running), exc)
+        advanced = []
+        for e in running:
+            advanced += self._execute(engine, [e])
+        return advanced
+
+    def _lower_limit(self, rows: int, running: list[Entry]) -> None:
+        """After an out-of-memory call of ``rows`` rows: fewer rows from now on, and
+        the requests admitted last go back to waiting until they fit."""
+        ok = self.largest_ok_rows if self.largest_ok_rows < rows else 0
+        limit = max(1, ok, rows // 2)
+        self.oom_row_limit = limit if self.oom_row_limit is None else min(limit, self.oom_row_limit)
+        log.warning("out of memory with %d images: batches are cut to at most %d images from now on",
+                    rows, limit)
+        keep, used = [], 0
+        for e in running:
+            if not keep or used + e.images <= limit:
+                keep.append(e)
+                used += e.images
+        with self._cond:
+            self.scheduler.max_rows = min(self.scheduler.max_rows, limit)
+            self.scheduler.requeue(e.req.id for e in running if e not in keep)
+
+    def _finish(self, engine: StepEngine, done: list[Entry]) -> None:
+        """Decode the finished requests together and hand them to the finishing thread."""
+        t0 = time.perf_counter()
+        jobs = [e.job for e in done]
+        drawn = Drawn(jobs)
+        decode_id = uuid.uuid4().hex
+        try:
+            images = engine.decode([e.denoising for e in done])
+        except Exception as exc:  # noqa: BLE001 - decode once per request to find the culprit
+            exc.__traceback__ = None
+            self._pipeline().release_memory()
+            images = [self._decode_alone(engine, e, drawn) for e in done]
+        for e, imgs in zip(done, images):
+            if imgs is None:
+                continue
+            info = BatchInfo(id=decode_id, size=e.peak_rows, requests=e.peak_requests)
+            drawn.drawings[e.job.id] = Drawing(e.job, imgs, info, e.started_at,
+                                               time.perf_counter() - e.admitted_at)
+            e.denoising = None  # the latents are no longer needed
+        pipeline = self._pipeline()
+        if pipeline.upscaler.runs_on_device:
+            pipeline.upscale_on_device(drawn)
+        self._leave(done)
+        self.executor.hand_over(done, drawn, t0)
+
+    def _decode_alone(self, engine: StepEngine, entry: Entry, drawn: Drawn) -> list[Any] | None:
+        try:
+            return engine.decode([entry.denoising])[0]
+        except Exception as exc:  # noqa: BLE001 - this request fails alone
+            log.error("request %s could not be decoded: %r", entry.req.id, exc)
+            drawn.outcomes[entry.job.id] = Outcome(error=as_generation_error(exc))
+            return None
+
+    def _fail(self, entries: list[Entry], error: Exception) -> None:
+        """End requests with ``error`` on the finishing thread (stored, then acked)."""
+        self._leave(entries)
+        for e in entries:
+            e.denoising = None
+        self.executor.hand_over(entries, Drawn.failed([e.job for e in entries], error),
+                                time.perf_counter())
