@@ -83,9 +83,11 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     app.imagegenx_settings = settings  # type: ignore[attr-defined]
     import workers.control  # noqa: F401 - remote-control commands, known to clients too
     from workers.bootstep import BatchingWorkerStep, ConnectionLossStep
+    from workers.message_guard import UnknownTaskStep
 
     app.steps["worker"].add(BatchingWorkerStep)
     app.steps["consumer"].add(ConnectionLossStep)
+    app.steps["consumer"].add(UnknownTaskStep)
     return app
 
 

@@ -51,7 +51,8 @@ def enqueue_delivery(celery_app: Celery, settings: Settings, task_id: str, url: 
                          queue=settings.webhook_queue_name)
 
 
-@app.task(name=WEBHOOK_TASK, bind=True, acks_late=True, ignore_result=True)
+@app.task(name=WEBHOOK_TASK, bind=True, acks_late=True, ignore_result=True,
+          Strategy="workers.message_guard:guarded_default_strategy")
 def deliver_webhook(self: Task, task_id: str, url: str, payload: dict[str, Any]) -> str:
     settings: Settings = self.app.imagegenx_settings
     record = delivery_record(settings)
