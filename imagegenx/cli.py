@@ -74,6 +74,7 @@ def up(flower: bool, worker: bool) -> None:
     flower_auth = env.get("IMAGEGENX_FLOWER_AUTH") or f"admin:{secrets.token_urlsafe(12)}"
 
     sup = Supervisor()
+    sup.trap_signals()  # a signal while starting stops what has started, too
     try:
         if not redis_answers(settings.broker_url, sentinel_master=settings.sentinel_master):
             cmd = redis_command(settings.broker_url)
@@ -131,6 +132,7 @@ def worker(gpus: str, loglevel: str) -> None:
         _ensure_model(settings.model)  # once here, not raced by the workers
     env = dict(os.environ)
     sup = Supervisor()
+    sup.trap_signals()
     for index in indices:
         # One Prometheus port per worker process: the base port + the GPU index.
         port = worker_metrics_port(settings.worker_metrics_port, index)

@@ -48,10 +48,13 @@ def redis_command(url: str) -> list[str] | None:
             "--save", "", "--appendonly", "no"]
 
 
+GUNICORN_CONFIG = "python:imagegenx.api.gunicorn_conf"
+
+
 def api_command(s: Settings) -> list[str]:
-    return [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", "2",
-            "--threads", "8", "--bind", f"{s.api_host}:{s.api_port}",
-            "imagegenx.api:create_app()"]
+    """gunicorn with the API's serving configuration (gevent workers), bound as configured."""
+    return [sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG,
+            "--bind", f"{s.api_host}:{s.api_port}", "imagegenx.api:create_app()"]
 
 
 def worker_command(hostname: str = "cpu0@%h", loglevel: str = "INFO") -> list[str]:
@@ -121,40 +124,87 @@ def flower_command(port: int, auth: str) -> list[str]:
             f"--port={port}", f"--basic-auth={auth}"]
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 @dataclass
 class Supervisor:
-    """Runs named child processes; stops all of them when one exits or on a signal."""
+    """Runs named child processes; stops all of them when one exits or on a signal.
+
+    Each child leads its own process group, so stopping reaches its children
+    too (gunicorn's workers). A signal only sets a flag: stopping runs once,
+    with further signals ignored, whatever their number and order (make
+    forwards one of its own), and returns only when every group is gone.
+    """
 
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    stop_requested: bool = False
+    _stopped: bool = False
+
+    def trap_signals(self) -> None:
+        """From now on SIGTERM, SIGINT and SIGHUP ask for a stop instead of killing this process."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._request_stop)
+
+    def _request_stop(self, _signum: int, _frame: object) -> None:
+        self.stop_requested = True
 
     def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        if self.stop_requested:
+            return  # asked to stop while starting: start nothing more
         self.procs[name] = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def wait(self) -> int:
-        def _stop(signum: int, _frame: object) -> None:
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, _stop)
+        self.trap_signals()
         try:
-            while True:
+            while not self.stop_requested:
                 for name, proc in self.procs.items():
                     code = proc.poll()
                     if code is not None:
                         print(f"imagegenx: {name} exited with {code}; stopping", file=sys.stderr)
                         return code or 1
-                time.sleep(0.5)
-        except KeyboardInterrupt:
+                time.sleep(0.1)
             return 0
         finally:
             self.stop_all()
 
     def stop_all(self, timeout: float = 30.0) -> None:
-        for proc in reversed(list(self.procs.values())):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        """SIGTERM every process group, SIGKILL those left after ``timeout``; once only."""
+        if self._stopped:
+            return
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+        try:
+            for proc in reversed(list(self.procs.values())):
+                _signal_group(proc, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for proc in self.procs.values():
+                if not _wait_group(proc, deadline):
+                    _signal_group(proc, signal.SIGKILL)
+                    _wait_group(proc, time.monotonic() + 5)
+            self._stopped = True
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal the process group ``proc`` leads (its leader may have exited already)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_group(proc: subprocess.Popen[bytes], deadline: float) -> bool:
+    """Wait until the leader and every other member of its group are gone."""
+    while True:
+        proc.poll()
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)

@@ -178,6 +178,12 @@ class Settings(BaseSettings):
     status_rate_limit: str = Field(
         default="1200/minute", description="task reads and revokes per API key ('' : off)",
     )
+    workers_rate_limit: str = Field(
+        default="60/minute", description="GET /api/v1/workers per API key: each asks every worker ('' : off)",
+    )
+    health_rate_limit: str = Field(
+        default="600/minute", description="GET /healthz per client address, generous for load balancers ('' : off)",
+    )
 
     # Webhooks (callback_url)
     webhook_secret: SecretStr = Field(
@@ -238,7 +244,7 @@ class Settings(BaseSettings):
                 raise ValueError("api_key_hashes must be sha256 hex digests (64 hex characters)")
         return out
 
-    @field_validator("rate_limit", "status_rate_limit")
+    @field_validator("rate_limit", "status_rate_limit", "workers_rate_limit", "health_rate_limit")
     @classmethod
     def _check_rate(cls, v: str) -> str:
         v = v.strip()

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from imagegenx.settings import Settings
 
-_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$")
+KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$"
+MAX_KEY_CHARS = 512
+_KEY_RE = re.compile(KEY_PATTERN)
 
 
 class InvalidKey(ValueError):
@@ -26,7 +28,7 @@ class Storage(Protocol):
 
 
 def check_key(key: str) -> str:
-    if len(key) > 512 or not _KEY_RE.fullmatch(key) or ".." in key.split("/"):
+    if len(key) > MAX_KEY_CHARS or not _KEY_RE.fullmatch(key) or ".." in key.split("/"):
         raise InvalidKey(f"invalid storage key: {key!r}")
     return key
 

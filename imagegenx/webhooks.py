@@ -96,16 +96,51 @@ class AllowList:
         return any(addr.version == net.version and addr in net for net in self.networks)
 
 
-def _unmap(addr: IPAddress) -> IPAddress:
-    """``::ffff:10.0.0.1`` is 10.0.0.1 to the kernel: judge it as such."""
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
+# IPv6 prefixes that carry an IPv4 address a translator or tunnel delivers to.
+NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: IPv4 in the last 32 bits
+NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: IPv4 in bits 48-63 and 72-87
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated ::a.b.c.d (:: and ::1 excluded)
+
+
+def embedded_ipv4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address stands for: IPv4-mapped and -compatible,
+    NAT64, 6to4 and Teredo (both its server and its client). Empty when none."""
+    if addr.ipv4_mapped is not None:
+        return [addr.ipv4_mapped]
+    packed = addr.packed
+    if addr in NAT64_WELL_KNOWN:
+        return [ipaddress.IPv4Address(packed[12:])]
+    if addr in NAT64_LOCAL:
+        return [ipaddress.IPv4Address(packed[6:8] + packed[9:11])]
+    if addr.sixtofour is not None:
+        return [addr.sixtofour]
+    if addr.teredo is not None:
+        return list(addr.teredo)
+    if addr in IPV4_COMPATIBLE and int(addr) > 1:
+        return [ipaddress.IPv4Address(packed[12:])]
+    return []
+
+
+def _judged_as(addr: IPAddress) -> list[IPAddress]:
+    """The addresses a connection to ``addr`` reaches: ``::ffff:10.0.0.1`` or
+    ``64:ff9b::a00:1`` is 10.0.0.1 as far as the network goes: judge it as such."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        embedded: list[IPAddress] = list(embedded_ipv4(addr))
+        if embedded:
+            return embedded
+    return [addr]
 
 
 def address_refusal(addr: IPAddress, allow: AllowList = AllowList()) -> str | None:
     """Why a webhook may not connect to ``addr``, or None if it may."""
-    addr = _unmap(addr)
+    for judged in _judged_as(addr):
+        reason = _refusal(judged, allow)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _refusal(addr: IPAddress, allow: AllowList) -> str | None:
     if addr in METADATA_ADDRESSES:
         return "a cloud metadata address"
     if allow.allows_address(addr):

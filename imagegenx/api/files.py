@@ -33,8 +33,10 @@ def get_file(key: str):  # type: ignore[no-untyped-def]
                 raise ApiError(404, "no such file")
             return redirect(storage.url(key), code=302)
         path = storage.path(key)
-    except InvalidKey:
+        # A key the file system cannot even look up (ENAMETOOLONG, ...) names no file either.
+        found = path.is_file()
+    except (InvalidKey, OSError):
         raise ApiError(404, "no such file") from None
-    if not path.is_file():
+    if not found:
         raise ApiError(404, "no such file")
     return send_file(path, mimetype="image/png", max_age=86400)

@@ -33,7 +33,11 @@ def json_body() -> dict[str, Any]:
     """The request's JSON object, or 400/413."""
     if not request.is_json:
         raise ApiError(400, "body must be JSON (Content-Type: application/json)")
-    body = request.get_json(silent=True)  # 413 is raised here past MAX_CONTENT_LENGTH
+    try:
+        body = request.get_json(silent=True)  # 413 is raised here past MAX_CONTENT_LENGTH
+    except RecursionError:
+        # The JSON decoder recurses once per level: a small body nested thousands deep.
+        raise ApiError(400, "body is nested too deeply to be a request") from None
     if body is None:
         raise ApiError(400, "body is not valid JSON")
     if not isinstance(body, dict):

@@ -1,12 +1,32 @@
 """GET /healthz: is Redis reachable, does any worker answer."""
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, current_app, jsonify
 from redis.exceptions import RedisError
 
 from imagegenx.api.services import services
+from imagegenx.api.worker_presence import WorkerPresence
 
 bp = Blueprint("health", __name__)
+# A worker answers a ping within this even while it is busy drawing.
+PING_TIMEOUT_S = 1.0
+# How long a ping's answer is reused (one ping per API process in that time).
+PING_MAX_AGE_S = 2.0
+
+
+def worker_presence() -> WorkerPresence:
+    """The app's worker presence, made once per app."""
+    ext = current_app.extensions
+    if "imagegenx.presence" not in ext:
+        control = services().celery.control
+
+        def ping() -> list[str]:
+            replies = control.ping(timeout=PING_TIMEOUT_S) or []
+            return [name for reply in replies for name in reply]
+
+        ext.setdefault("imagegenx.presence", WorkerPresence(ping, PING_MAX_AGE_S))
+    presence: WorkerPresence = ext["imagegenx.presence"]
+    return presence
 
 
 @bp.get("/healthz")
@@ -16,13 +36,7 @@ def healthz():  # type: ignore[no-untyped-def]
         redis_ok = bool(svc.redis.ping())
     except RedisError:
         redis_ok = False
-    workers: list[str] = []
-    if redis_ok:
-        try:
-            replies = svc.celery.control.ping(timeout=0.5) or []
-            workers = sorted(name for reply in replies for name in reply)
-        except Exception:  # noqa: BLE001 - health must answer, whatever broke
-            workers = []
+    workers = worker_presence().workers() if redis_ok else []
     ok = redis_ok and bool(workers)
     body = {"status": "ok" if ok else "degraded", "redis": redis_ok, "workers": workers}
     return jsonify(body), 200 if ok else 503

@@ -59,7 +59,8 @@ def submit():  # type: ignore[no-untyped-def]
     except (RedisError, OperationalError, ConnectionError) as exc:
         raise ApiError(503, f"queue unavailable: {type(exc).__name__}",
                        headers=retry_after) from exc
-    status_url = url_for("tasks.get_task", task_id=task_id, _external=True)
+    # The configured public address, never the request's Host header (a client could set it).
+    status_url = svc.settings.public_base + url_for("tasks.get_task", task_id=task_id)
     assert req.seed is not None
     resp = jsonify(SubmitResponse(task_id=task_id, status_url=status_url, seed=req.seed).model_dump())
     resp.status_code = 202

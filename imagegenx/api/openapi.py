@@ -14,6 +14,7 @@ from pydantic.json_schema import models_json_schema
 from imagegenx import __version__
 from imagegenx.api.services import services
 from imagegenx.api.workers import WorkersResponse
+from imagegenx.storage import MAX_KEY_CHARS
 from imagegenx.schemas import (
     MAX_SEED,
     ErrorResponse,
@@ -147,7 +148,7 @@ def build_spec(limits: Limits) -> dict[str, Any]:
             "/api/v1/files/{key}": {"get": {
                 "summary": "A stored image", "operationId": "getFile",
                 "parameters": [{"name": "key", "in": "path", "required": True,
-                                "schema": {"type": "string"}}],
+                                "schema": {"type": "string", "maxLength": MAX_KEY_CHARS}}],
                 "responses": {"200": {"description": "PNG image",
                                       "content": {"image/png": {"schema": {"type": "string",
                                                                            "format": "binary"}}}},

@@ -15,7 +15,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 import schemathesis
+from flask.testing import FlaskClient
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import example
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import Case, GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -38,6 +41,16 @@ def fuzz_settings(redis_base: str, tmp_path_factory: pytest.TempPathFactory) -> 
                  lora_dir=tmp_path_factory.mktemp("fuzz-loras") / "absent")
     yield s
     redis.Redis.from_url(s.broker_url).delete(QUEUE)
+
+
+_APPS: dict[int, FlaskClient] = {}
+
+
+def fuzz_app(fuzz_settings: Settings) -> FlaskClient:
+    """One test client per settings object: building an app costs more than a request."""
+    if id(fuzz_settings) not in _APPS:
+        _APPS[id(fuzz_settings)] = create_app(fuzz_settings).test_client()
+    return _APPS[id(fuzz_settings)]
 
 
 def operations(fuzz_settings: Settings):  # type: ignore[no-untyped-def]
@@ -82,6 +95,38 @@ def test_api_answers_every_generated_request_as_documented(fuzz_settings: Settin
             # Only in negative mode, for an operation whose every input is an
             # unconstrained string (or that takes none): nothing to negate.
             assert not mode.is_positive, op.label
+
+
+# Shapes the spec-driven generator rarely draws: storage keys as long as the
+# server accepts (512) made of valid characters, whose segments pass the file
+# system's 255-byte name limit (ENAMETOOLONG was a 500), and JSON bodies nested
+# past the decoder's recursion limit (RecursionError was a 500), yet under 16 KB.
+EDGE_EXAMPLES = 60
+
+
+@given(key=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,511}", fullmatch=True))
+@settings(max_examples=EDGE_EXAMPLES, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+@example(key="a" * 256)
+def test_long_file_keys_are_answered_404(fuzz_settings: Settings, key: str) -> None:
+    r = fuzz_app(fuzz_settings).get(f"/api/v1/files/{key}")
+    assert r.status_code == 404 and r.json == {"error": "no such file"}
+
+
+@given(depth=st.integers(min_value=1, max_value=2600), opener=st.sampled_from("[{"))
+@settings(max_examples=EDGE_EXAMPLES, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+@example(depth=2500, opener="[")
+def test_deeply_nested_json_is_a_4xx_naming_the_body(fuzz_settings: Settings, depth: int,
+                                                     opener: str) -> None:
+    closer = {"[": "]", "{": "}"}[opener]
+    inner = opener * depth + closer * depth if opener == "[" else '{"a":' * depth + "1" + "}" * depth
+    body = '{"prompt": "x", "seed": ' + inner + "}"
+    r = fuzz_app(fuzz_settings).post("/api/v1/images", data=body, headers={
+        "X-API-Key": KEY, "Content-Type": "application/json"})
+    assert r.status_code in (400, 422), r.text
+    if r.status_code == 400:
+        assert "body" in r.json["error"] and "nested" in r.json["error"]
 
 
 @pytest.mark.parametrize(("body", "field", "reason"), [

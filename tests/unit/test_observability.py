@@ -45,6 +45,7 @@ def test_each_gpu_worker_gets_its_own_metrics_port(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(launcher.Supervisor, "spawn",
                         lambda self, name, cmd, env=None: spawned.__setitem__(name, env))
     monkeypatch.setattr(launcher.Supervisor, "wait", lambda self: 0)
+    monkeypatch.setattr(launcher.Supervisor, "trap_signals", lambda self: None)  # not pytest's
     monkeypatch.setenv("IMAGEGENX_ENGINE", "synthetic")
     monkeypatch.setenv("IMAGEGENX_WORKER_METRICS_PORT", "9600")
     result = CliRunner().invoke(cli.main, ["worker", "--gpus", "0,1"])

@@ -30,13 +30,21 @@ NO_ALLOW = AllowList()
     ("100.100.100.200", "cloud metadata"), ("0.0.0.0", "unspecified"),
     ("224.0.0.1", "multicast"), ("100.64.0.1", "not a public"),
     ("::ffff:127.0.0.1", "loopback"), ("::ffff:10.0.0.1", "private"),
+    # IPv4 embedded in IPv6 is judged by the IPv4 address it reaches.
+    ("::127.0.0.1", "loopback"), ("::10.0.0.1", "private"),  # IPv4-compatible
+    ("64:ff9b::a9fe:a9fe", "cloud metadata"), ("64:ff9b::7f00:1", "loopback"),  # NAT64
+    ("64:ff9b::c0a8:101", "private"), ("64:ff9b:1:7f00:0:100::", "loopback"),  # local NAT64
+    ("2002:7f00:1::1", "loopback"), ("2002:a9fe:a9fe::", "cloud metadata"),  # 6to4
+    ("2002:c0a8:101::1", "private"),
+    ("2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback"),  # Teredo, client 127.0.0.1
 ])
 def test_non_public_addresses_are_refused(addr: str, reason: str) -> None:
     refusal = address_refusal(ipaddress.ip_address(addr))
     assert refusal is not None and reason in refusal
 
 
-@pytest.mark.parametrize("addr", ["93.184.215.14", "8.8.8.8", "2606:4700::1111"])
+@pytest.mark.parametrize("addr", ["93.184.215.14", "8.8.8.8", "2606:4700::1111",
+                                  "64:ff9b::808:808", "2002:808:808::1", "::ffff:8.8.8.8"])
 def test_public_addresses_are_allowed(addr: str) -> None:
     assert address_refusal(ipaddress.ip_address(addr)) is None
 
@@ -60,6 +68,8 @@ def test_allow_list_opens_networks_and_hosts_but_never_metadata() -> None:
     ("http://127.1/", "loopback"), ("http://10.0.0.1/", "private"),
     ("http://169.254.169.254/latest/meta-data/", "cloud metadata"),
     ("http://[::ffff:169.254.169.254]/", "cloud metadata"),
+    ("http://[::127.0.0.1]/", "loopback"), ("http://[64:ff9b::a9fe:a9fe]/", "cloud metadata"),
+    ("http://[2002:7f00:1::1]/", "loopback"),
 ])
 def test_urls_refused_before_any_connection(url: str, reason: str) -> None:
     with pytest.raises(WebhookRefused, match=reason):
