@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from imagegenx.batching import BatchKey
+from imagegenx.cost import request_cost
 from imagegenx.engine.base import BatchSpec, Engine, Sample
 from imagegenx.errors import BatchSetupError, GenerationError
 from imagegenx.postprocess import render
@@ -359,6 +360,7 @@ class BatchPipeline:
                 model=self.model_name,
                 sampler=d.job.request.sampler,
                 steps=d.job.request.steps,
+                cost=request_cost(d.job.request),
             )
         )
 

@@ -321,6 +321,8 @@ class GenerateResult(BaseModel):
     model: str
     sampler: Sampler
     steps: int
+    cost: int | None = Field(default=None, description="cost units of what ran (imagegenx.cost); "
+                                                       "absent from results of older workers")
 
 
 class Progress(BaseModel):
@@ -337,6 +339,7 @@ class SubmitResponse(BaseModel):
     task_id: str
     status_url: str
     seed: int
+    cost: int = Field(description="cost units charged to the key's budget (imagegenx.cost)")
 
 
 class FieldError(BaseModel):

@@ -184,6 +184,17 @@ class Settings(BaseSettings):
     health_rate_limit: str = Field(
         default="600/minute", description="GET /healthz per client address, generous for load balancers ('' : off)",
     )
+    # Cost of requests (imagegenx.cost): units = 512x512 UNet rows x steps
+    max_request_cost: int = Field(
+        default=1600, ge=0, description="largest cost of one request, in cost units (0: no limit)",
+    )
+    cost_budget_per_minute: int = Field(
+        default=9600, ge=0,
+        description="cost units an API key may submit in any 60 s (moving window in Redis; 0: off)",
+    )
+    cost_native_size: int = Field(
+        default=0, ge=0, description="side (px) an unset width or height is charged as (0: max_size)",
+    )
 
     # Webhooks (callback_url)
     webhook_secret: SecretStr = Field(
@@ -316,6 +327,9 @@ class Settings(BaseSettings):
             # Before 5.7 the database backend let a late write replace a SUCCESS.
             raise ValueError("a database result backend (db+...) needs celery 5.7 or newer, "
                              "which never overwrites a SUCCESS")
+        if 0 < self.cost_budget_per_minute < self.max_request_cost:
+            raise ValueError("max_request_cost must not exceed cost_budget_per_minute: "
+                             "requests between the two could never be accepted")
         if self.webhook_backoff_max_s >= self.visibility_timeout_s:
             raise ValueError(
                 "webhook_backoff_max_s must be shorter than visibility_timeout_s: a delayed "
@@ -355,6 +369,11 @@ class Settings(BaseSettings):
             max_upscaled_side=self.max_upscaled_side,
             callback_allow_hosts=tuple(self.webhook_allow_hosts),
         )
+
+    @property
+    def cost_unset_side(self) -> int:
+        """Side (px) the cost model charges for an unset width or height."""
+        return self.cost_native_size or self.max_size
 
     @property
     def public_base(self) -> str:

@@ -6,6 +6,7 @@ import logging
 from celery import Celery
 from flask import Flask
 
+from imagegenx.api.cost_limits import CostBudget
 from imagegenx.api.errors import register_error_handlers
 from imagegenx.api.files import bp as files_bp
 from imagegenx.api.health import bp as health_bp
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
         log.warning("no API keys configured (IMAGEGENX_API_KEYS): every request gets 401")
     register_error_handlers(app)
     svc.limiter = build_limiter(app, svc, images_bp, tasks_bp, workers_bp, health_bp)
+    svc.cost_budget = CostBudget(svc.redis, settings.cost_budget_per_minute)
     for bp in (images_bp, tasks_bp, files_bp, health_bp, openapi_bp, playground_bp, workers_bp,
                metrics_bp):
         app.register_blueprint(bp)

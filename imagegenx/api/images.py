@@ -8,9 +8,11 @@ from flask import Blueprint, jsonify, url_for
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
+from imagegenx.api.cost_limits import COST_UNITS, refuse_too_costly
 from imagegenx.api.errors import ApiError
 from imagegenx.api.guards import json_body, require_key
 from imagegenx.api.services import services
+from imagegenx.cost import request_cost
 from imagegenx.lora_catalog import LoraCatalog
 from imagegenx.schemas import MAX_SEED, TENANT_HEADER, GenerateRequest, SubmitResponse
 
@@ -33,6 +35,8 @@ def submit():  # type: ignore[no-untyped-def]
     unknown = loras.unknown_reason(req.lora_names()) if req.lora_names() and loras.exists() else None
     if unknown:
         raise ApiError(422, "invalid request", fields=[{"field": "lora", "reason": unknown}])
+    cost = request_cost(req, svc.settings.cost_unset_side)
+    refuse_too_costly(req, cost, svc.settings)
     if req.seed is None:  # chosen here so a redelivered message draws the same image
         req = req.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - req.num_images)})
     task_id = str(uuid.uuid4())
@@ -46,6 +50,7 @@ def submit():  # type: ignore[no-untyped-def]
             if depth >= limit:
                 raise ApiError(503, f"overloaded: {depth} requests are waiting (limit {limit}); "
                                "retry later", headers=retry_after, queue_depth=depth)
+        svc.cost_budget.charge(digest, cost)
         svc.owners.record(task_id, digest)
         svc.celery.send_task(
             TASK_NAME,
@@ -59,10 +64,12 @@ def submit():  # type: ignore[no-untyped-def]
     except (RedisError, OperationalError, ConnectionError) as exc:
         raise ApiError(503, f"queue unavailable: {type(exc).__name__}",
                        headers=retry_after) from exc
+    COST_UNITS.labels("accepted").inc(cost)
     # The configured public address, never the request's Host header (a client could set it).
     status_url = svc.settings.public_base + url_for("tasks.get_task", task_id=task_id)
     assert req.seed is not None
-    resp = jsonify(SubmitResponse(task_id=task_id, status_url=status_url, seed=req.seed).model_dump())
+    resp = jsonify(SubmitResponse(task_id=task_id, status_url=status_url, seed=req.seed,
+                                  cost=cost).model_dump())
     resp.status_code = 202
     resp.headers["Location"] = status_url
     return resp

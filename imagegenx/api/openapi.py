@@ -124,8 +124,12 @@ def build_spec(limits: Limits) -> dict[str, Any]:
                     "400": _error("body is not a JSON object"),
                     "401": _error("missing or invalid API key"),
                     "413": _error("body too large"),
-                    "422": _error("invalid fields, each named with the reason"),
-                    "429": _limited("rate limit of this API key exceeded"),
+                    "422": _error("invalid fields, each named with the reason; a request costing "
+                                  "more than max_request_cost names the field cost (body: cost, "
+                                  "max_cost)"),
+                    "429": _limited("rate limit or cost budget of this API key exceeded (cost "
+                                    "budget: the body has cost, budget_per_minute, "
+                                    "retry_after_s and frees_at)"),
                     "503": _limited("queue full (max_queue_depth) or unavailable"),
                 },
             }},

@@ -27,6 +27,7 @@ class Services:
     key_digests: frozenset[str]
     limiter: Any = None  # flask_limiter.Limiter, set by create_app
     owners: Any = None  # TaskOwners: Redis, plus the database of a db+ result backend
+    cost_budget: Any = None  # imagegenx.api.cost_limits.CostBudget, set by create_app
 
     def owner_key(self, task_id: str) -> str:
         return OWNER_PREFIX + task_id

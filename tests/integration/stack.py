@@ -67,6 +67,8 @@ def stack_env(redis_base: str, tmp: Path, model: Path | None, api_port: int,
         # Tests poll fast with one key; the limits have their own tests.
         "IMAGEGENX_RATE_LIMIT": "",
         "IMAGEGENX_STATUS_RATE_LIMIT": "",
+        "IMAGEGENX_MAX_REQUEST_COST": "0",
+        "IMAGEGENX_COST_BUDGET_PER_MINUTE": "0",
         # No fixed port per worker; tests that scrape a worker pass a free one.
         "IMAGEGENX_WORKER_METRICS_PORT": "0",
     }

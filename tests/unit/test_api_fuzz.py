@@ -37,6 +37,9 @@ def fuzz_settings(redis_base: str, tmp_path_factory: pytest.TempPathFactory) -> 
                  api_keys=[KEY], storage_root=tmp_path_factory.mktemp("fuzz-files"),
                  webhook_secret="fuzz-secret", rate_limit="", status_rate_limit="",
                  workers_inspect_timeout_s=0.2,
+                 # The cost limits bound a product of fields, which a JSON schema cannot
+                 # state: a schema-valid request may be refused for its cost (422 `cost`).
+                 max_request_cost=0, cost_budget_per_minute=0,
                  # No LoRA folder: generated names are left to the worker, not refused here.
                  lora_dir=tmp_path_factory.mktemp("fuzz-loras") / "absent")
     yield s
