@@ -383,6 +383,7 @@ def service(args: argparse.Namespace, model: Path, tmp: Path) -> Iterator[dict[s
         "IMAGEGENX_MIN_SIZE": str(min(64, args.size)),
         # The load generator is one API key at hundreds of submissions a minute.
         "IMAGEGENX_RATE_LIMIT": "", "IMAGEGENX_STATUS_RATE_LIMIT": "", "IMAGEGENX_MAX_QUEUE_DEPTH": "0",
+        "IMAGEGENX_COST_BUDGET_PER_MINUTE": "0", "IMAGEGENX_MAX_REQUEST_COST": "0",
     }
     if not args.tiny:
         env["IMAGEGENX_CONFIG"] = str(REPO / "configs" / "sd15-gpu.yaml")

@@ -61,6 +61,7 @@ def service_env(redis_url: str, queue: str, tmp: Path, port: int, max_batch: int
         # the limiter, not the queue. It stays on (and counts in Redis) at a
         # level this test never reaches, so its cost is in the figures.
         "IMAGEGENX_RATE_LIMIT": "1000000/minute",
+        "IMAGEGENX_COST_BUDGET_PER_MINUTE": "0", "IMAGEGENX_MAX_REQUEST_COST": "0",
     }
 
 

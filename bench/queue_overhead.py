@@ -45,6 +45,7 @@ def service_env(redis_url: str, tmp: Path, port: int, max_batch: int, max_wait_m
         "IMAGEGENX_MAX_WAIT_MS": str(max_wait_ms), "IMAGEGENX_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "IMAGEGENX_PROGRESS_INTERVAL_S": "1", "IMAGEGENX_EXPECTED_BATCH_S": "5",
         "IMAGEGENX_RATE_LIMIT": "", "IMAGEGENX_STATUS_RATE_LIMIT": "",
+        "IMAGEGENX_COST_BUDGET_PER_MINUTE": "0", "IMAGEGENX_MAX_REQUEST_COST": "0",
     }
 
 

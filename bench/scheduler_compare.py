@@ -168,8 +168,10 @@ def open_loop(client: Client, schedule: list[tuple[float, int]], app: Celery,
     return out
 
 
-def closed_loop(client: Client, clients: int, duration: float, app: Celery,
+def closed_loop(client: Client, clients: int, duration: float, settle: float, app: Celery,
                 sampler: GpuSampler | None) -> dict[str, Any]:
+    """Saturation: ``clients`` submit one after another; images/s counts the
+    completions after the first ``settle`` seconds (the first batches' ramp-up)."""
     before = engine_stats(app)
     stop_at = time.perf_counter() + duration
     records: list[tuple[int, float, float, dict[str, Any]]] = []
@@ -191,9 +193,9 @@ def closed_loop(client: Client, clients: int, duration: float, app: Celery,
     for t in threads:
         t.join()
     # Throughput counts completions inside the window only.
-    in_window = [r for r in records if r[2] <= stop_at]
+    in_window = [r for r in records if start + settle <= r[2] <= stop_at]
     out = summarise(records, start, stop_at, client.errors, sampler)
-    out["images_per_s"] = len(in_window) / duration
+    out["images_per_s"] = len(in_window) / (duration - settle)
     out["clients"] = clients
     out["rows_per_call"] = rows_per_call(before, engine_stats(app))
     client.errors.clear()
@@ -229,7 +231,7 @@ def run_policy(policy: str, svc: dict[str, Any], args: argparse.Namespace, tmp: 
         client = Client(svc, args)
         out["idle_single"] = idle_singles(client, args.singles)
         log(f"{policy}: idle single p50 {out['idle_single']['latency_s'].get('p50', 0):.3f} s")
-        closed = closed_loop(client, 2 * args.max_batch, args.duration, app, sampler)
+        closed = closed_loop(client, 2 * args.max_batch, args.saturation_s, args.settle_s, app, sampler)
         out["closed_loop"] = closed
         log(f"{policy}: closed loop {closed['images_per_s']:.2f} img/s, rows/call {closed['rows_per_call']}")
         rate = sat_rate if sat_rate is not None else closed["images_per_s"]
@@ -305,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", choices=["synthetic", "diffusion"], default="synthetic")
     ap.add_argument("--model", type=Path, default=None, help="diffusion: SD1.5 model folder")
     ap.add_argument("--out", type=Path, default=Path("bench/results/scheduler"))
-    ap.add_argument("--duration", type=float, default=20.0, help="seconds per load run")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per open-loop run")
+    ap.add_argument("--saturation-s", type=float, default=30.0, help="seconds of the closed loop")
+    ap.add_argument("--settle-s", type=float, default=6.0, help="closed-loop ramp-up left out")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=None, help="image side (default 512; synthetic 64)")
     ap.add_argument("--guidance", type=float, default=7.5)

@@ -306,9 +306,12 @@ class ImageResult(BaseModel):
 
 
 class BatchInfo(BaseModel):
-    id: str
-    size: int = Field(description="images in the batch this request ran in")
-    requests: int = Field(description="requests in that batch")
+    id: str = Field(description="the batch this request ran in; step scheduler: its run of UNet calls "
+                                "(requests with the same id shared calls)")
+    size: int = Field(description="images in that batch; step scheduler: the most image rows in one "
+                                  "UNet call it took part in")
+    requests: int = Field(description="requests in that batch; step scheduler: the most requests in "
+                                      "one UNet call it took part in")
 
 
 class GenerateResult(BaseModel):

@@ -55,6 +55,7 @@ class Entry:
     # when it was admitted (perf_counter and wall clock), the most rows and
     # requests it shared a UNet call with, and when its progress was last stored.
     denoising: Any = None
+    run_id: str = ""
     admitted_at: float = 0.0
     started_at: float = 0.0
     peak_rows: int = 0

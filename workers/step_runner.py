@@ -58,6 +58,9 @@ class StepRunner(ModelThread):
         # Most rows one UNet call ran without running out of memory.
         self.largest_ok_rows = 0
         self.oom_row_limit: int | None = None
+        # The current run: UNet calls since the running set was last empty. A
+        # request's result names its run as its batch id (who shared calls with it).
+        self._run_id: str | None = None
 
     # -- consumer side -------------------------------------------------------
     def add(self, entry: Entry, group: Hashable, *, priority: int = 0, tenant: str = "") -> None:
@@ -131,6 +134,8 @@ class StepRunner(ModelThread):
         if entries:
             with self._cond:
                 self.scheduler.finish(e.req.id for e in entries)
+                if not self.scheduler.running:
+                    self._run_id = None
 
     def _run(self, step: StepPlan[Entry]) -> None:
         engine: Any = self._pipeline().engine
@@ -176,7 +181,9 @@ class StepRunner(ModelThread):
             return self._recover(engine, running, rows, exc)
         self.executor.stats.record_step(rows, time.perf_counter() - t0)
         self.largest_ok_rows = max(self.largest_ok_rows, rows)
+        self._run_id = self._run_id or uuid.uuid4().hex
         for e in running:
+            e.run_id = e.run_id or self._run_id
             e.peak_rows = max(e.peak_rows, rows)
             e.peak_requests = max(e.peak_requests, len(running))
         return running
@@ -222,7 +229,6 @@ class StepRunner(ModelThread):
         t0 = time.perf_counter()
         jobs = [e.job for e in done]
         drawn = Drawn(jobs)
-        decode_id = uuid.uuid4().hex
         try:
             images = engine.decode([e.denoising for e in done])
         except Exception as exc:  # noqa: BLE001 - decode once per request to find the culprit
@@ -232,7 +238,7 @@ class StepRunner(ModelThread):
         for e, imgs in zip(done, images):
             if imgs is None:
                 continue
-            info = BatchInfo(id=decode_id, size=e.peak_rows, requests=e.peak_requests)
+            info = BatchInfo(id=e.run_id, size=e.peak_rows, requests=e.peak_requests)
             drawn.drawings[e.job.id] = Drawing(e.job, imgs, info, e.started_at,
                                                time.perf_counter() - e.admitted_at)
             e.denoising = None  # the latents are no longer needed

@@ -212,7 +212,15 @@ _BUILDERS = {"euler": _euler, "euler_a": _euler_ancestral, "ddim": _ddim, "dpmpp
 def _per_row(values: Sequence[Sequence[float]], like: torch.Tensor) -> torch.Tensor:
     """Per-row scalars as a [K, B, 1, 1, 1] fp32 tensor on ``like``'s device, one copy."""
     table = torch.tensor(values, dtype=torch.float32).T.contiguous()
-    return table.to(like.device, non_blocking=True).view(len(table), -1, *([1] * (like.dim() - 1)))
+    return _to_device(table, like.device).view(len(table), -1, *([1] * (like.dim() - 1)))
+
+
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy without a stream sync: from pinned memory on CUDA, so the host queues
+    the next step while the GPU still runs this one (a pageable copy waits for it)."""
+    if device.type == "cuda":
+        table = table.pin_memory()
+    return table.to(device, non_blocking=True)
 
 
 def _check_rows(latents: torch.Tensor, rows: Sequence[RowState]) -> None:
@@ -280,7 +288,7 @@ def _ancestral_noise(rows: Sequence[RowState], like: torch.Tensor) -> torch.Tens
     for k, row in enumerate(rows):
         if row.schedule.ancestral:
             noise[k:k + 1] = torch.randn((1, *like.shape[1:]), generator=row.generator, dtype=torch.float32)
-    return noise.to(like.device)
+    return _to_device(noise, like.device)
 
 
 def _previous_x0(rows: Sequence[RowState], like: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,9 @@ def test_sigterm_finishes_the_batch_and_hands_the_buffer_over(redis_base: str,
     with fault_service(redis_base, tmp_path, IMAGEGENX_MAX_BATCH="4", IMAGEGENX_MAX_STEPS="400",
                        IMAGEGENX_MAX_WAIT_MS="50") as svc:
         stopping = svc.start_worker("stopping")
-        # 300 steps alone: about 5 s (synthetic SD1.5-on-H200 cost).
-        long_id = svc.submit({"prompt": "a long one", "seed": 1, "steps": 300})
+        # 300 steps of 4 images: about 8 s (synthetic SD1.5-on-H200 cost). It fills every
+        # row, so the short requests wait in the buffer under either scheduler.
+        long_id = svc.submit({"prompt": "a long one", "seed": 1, "steps": 300, "num_images": 4})
         wait_until(lambda: svc.status(long_id)["state"] == "PROGRESS", 15, "the long batch")
         short = [svc.submit({"prompt": f"short {i}", "seed": 10 + i, "steps": 20})
                  for i in range(6)]

@@ -17,9 +17,11 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def slow_flush(redis_base: str, tiny_model: Path,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A worker that holds requests in its buffer for 3 s before running them."""
+    """A worker that holds requests in its buffer for 3 s before running them
+    (request scheduler: max_wait; step scheduler: admit_delay)."""
     with running_stack(redis_base, tmp_path_factory.mktemp("revoke"), tiny_model,
-                       name="slowflush", IMAGEGENX_MAX_WAIT_MS="3000") as s:
+                       name="slowflush", IMAGEGENX_MAX_WAIT_MS="3000",
+                       IMAGEGENX_ADMIT_DELAY_MS="3000") as s:
         yield s
 
 
