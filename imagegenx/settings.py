@@ -82,6 +82,16 @@ class Settings(BaseSettings):
         default=10.0, gt=0, le=3600,
         description="step scheduler: a waiting request gains one priority level per this many seconds",
     )
+    step_order: Literal["fifo", "shortest"] = Field(
+        default="fifo",
+        description="step scheduler: among waiting requests of equal priority and fair share, "
+                    "the least work (steps x images) first, or arrival order",
+    )
+    step_min_gain: float = Field(
+        default=0.05, ge=0.0, le=10.0,
+        description="step scheduler: a request joins the running rows only if the call's padded "
+                    "bucket has room, images/s rise by this share, or a queue is forming",
+    )
     admit_delay_ms: float = Field(
         default=0.0, ge=0.0, le=60_000.0,
         description="step scheduler: how long an idle worker holds its first request to gather others",
@@ -111,7 +121,7 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    synthetic_cost: Literal["zero", "sd15-h200"] = "zero"
+    synthetic_cost: Literal["zero", "sd15-h200", "sd15-h200-graphs"] = "zero"
     # Testing aid: faults the synthetic engine injects (see imagegenx.engine.synthetic).
     synthetic_faults: str = Field(default="", description="e.g. raise:MARKER,oom:4,exit:MARKER")
     progress_interval_s: float = Field(default=0.5, ge=0.0)

@@ -51,6 +51,7 @@ class Waiting(Generic[T]):
     priority: int = 0
     tenant: str = ""
     seq: int = 0
+    steps: int = 0  # denoising steps to run (shortest-first ordering)
 
 
 @dataclass
@@ -72,7 +73,9 @@ class StepScheduler(Generic[T]):
     """Waiting pool and running set of one worker; see the module docstring."""
 
     def __init__(self, max_rows: int, max_wait: float, *, max_priority: int = 10,
-                 priority_age_s: float = 10.0, admit_delay: float = 0.0) -> None:
+                 priority_age_s: float = 10.0, admit_delay: float = 0.0,
+                 order: str = "fifo", step_cost: Callable[[int], float] | None = None,
+                 min_gain: float = 0.05) -> None:
         if max_rows < 1:
             raise ValueError("max_rows must be >= 1")
         if max_wait < 0 or admit_delay < 0:
@@ -84,6 +87,11 @@ class StepScheduler(Generic[T]):
         self.max_priority = max_priority
         self.priority_age_s = priority_age_s
         self.admit_delay = admit_delay
+        if order not in ("fifo", "shortest"):
+            raise ValueError("order must be fifo or shortest")
+        self.order = order
+        self.step_cost = step_cost
+        self.min_gain = min_gain
         self._waiting: dict[str, Waiting[T]] = {}
         self._running: dict[str, Waiting[T]] = {}
         self._seq = itertools.count()
@@ -92,12 +100,13 @@ class StepScheduler(Generic[T]):
 
     # -- the waiting pool --------------------------------------------------
     def add(self, item: T, id: str, group: Hashable, rows: int, now: float, *,
-            priority: int = 0, tenant: str = "") -> None:
+            priority: int = 0, tenant: str = "", steps: int = 0) -> None:
         if rows < 1:
             raise ValueError("a request needs at least one row")
         if id in self._waiting or id in self._running:
             raise ValueError(f"request {id} is already scheduled")
-        self._waiting[id] = Waiting(item, id, group, rows, now, priority, tenant, next(self._seq))
+        self._waiting[id] = Waiting(item, id, group, rows, now, priority, tenant, next(self._seq),
+                                    steps)
 
     def requeue(self, ids: Iterable[str]) -> None:
         """Move running requests back to waiting (e.g. they did not fit after an
@@ -187,9 +196,26 @@ class StepScheduler(Generic[T]):
         return any(w.group != group and now - w.arrived >= self.max_wait
                    for w in self._waiting.values())
 
-    def _order(self, w: Waiting[T], now: float, tenant_rows: dict[str, int]) -> tuple[int, int, int, float, int]:
+    def _order(self, w: Waiting[T], now: float,
+               tenant_rows: dict[str, int]) -> tuple[int, int, int, int, float, int]:
+        work = w.steps * w.rows if self.order == "shortest" else 0
         return (-self.effective_priority(w, now), tenant_rows.get(w.tenant, 0),
-                self._last_served.get(w.tenant, -1), w.arrived, w.seq)
+                self._last_served.get(w.tenant, -1), work, w.arrived, w.seq)
+
+    def _worth_growing(self, rows: int, extra: int, backlog: int) -> bool:
+        """Whether ``extra`` rows should join ``rows`` running ones.
+
+        Rows that fit the UNet call's padded bucket are free; beyond it every row
+        slows every running request. That pays only when it raises the images per
+        second by ``min_gain``, or when the waiting rows are as many as the running
+        ones (a queue is forming: throughput comes first).
+        """
+        if self.step_cost is None or rows == 0:
+            return True
+        now_s, then_s = self.step_cost(rows), self.step_cost(rows + extra)
+        if then_s <= now_s or backlog >= rows:
+            return True
+        return (rows + extra) / then_s >= (1.0 + self.min_gain) * rows / now_s
 
     def _admit(self, group: Hashable, now: float) -> list[T]:
         tenant_rows: dict[str, int] = {}
@@ -199,8 +225,11 @@ class StepScheduler(Generic[T]):
         candidates = [w for w in self._waiting.values() if w.group == group]
         while candidates:
             best = min(candidates, key=lambda w: self._order(w, now, tenant_rows))
-            free = self.max_rows - self.running_rows
+            running = self.running_rows
+            free = self.max_rows - running
             if best.rows > free and (self._running or admitted):
+                break
+            if not self._worth_growing(running, best.rows, sum(w.rows for w in candidates)):
                 break
             candidates.remove(best)
             del self._waiting[best.id]

@@ -90,7 +90,8 @@ class WorkerRuntime:
                 StepScheduler(settings.max_batch, settings.max_wait_s,
                               max_priority=settings.max_priority,
                               priority_age_s=settings.priority_age_s,
-                              admit_delay=settings.admit_delay_ms / 1000.0),
+                              admit_delay=settings.admit_delay_ms / 1000.0,
+                              order=settings.step_order, min_gain=settings.step_min_gain),
                 self.executor, self._get_pipeline, setup=self._load,
             )
         else:
@@ -155,6 +156,8 @@ class WorkerRuntime:
         if callable(warmup):
             warmup()
         self.pipeline = pipeline
+        if isinstance(self.runner, StepRunner):
+            self.runner.use_cost_model(getattr(self.engine, "step_seconds", None))
         self.warmup_s = time.perf_counter() - t0
         log.info("engine %s ready in %.2f s (load %.2f s, warm-up %.2f s; native size %s)",
                  self.engine.name, self.warmup_s, t_loaded - t0, self.warmup_s - (t_loaded - t0),

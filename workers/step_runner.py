@@ -62,11 +62,20 @@ class StepRunner(ModelThread):
         # request's result names its run as its batch id (who shared calls with it).
         self._run_id: str | None = None
 
+    def use_cost_model(self, step_seconds: Callable[[int], float | None] | None) -> None:
+        """Price UNet calls with the engine's own measure (after its warm-up), so rows
+        join only where they pay (``StepScheduler._worth_growing``); without one,
+        every waiting request that fits joins."""
+        if step_seconds is None or step_seconds(1) is None:
+            return
+        with self._cond:
+            self.scheduler.step_cost = lambda rows: float(step_seconds(rows) or 0.0)
+
     # -- consumer side -------------------------------------------------------
     def add(self, entry: Entry, group: Hashable, *, priority: int = 0, tenant: str = "") -> None:
         with self._cond:
             self.scheduler.add(entry, entry.req.id, group, entry.images, self._clock(),
-                               priority=priority, tenant=tenant)
+                               priority=priority, tenant=tenant, steps=entry.job.request.steps)
             self._cond.notify()
 
     def discard(self, predicate: Callable[[Entry], bool]) -> list[Entry]:

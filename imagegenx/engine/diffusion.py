@@ -446,6 +446,12 @@ class DiffusionEngine:
             s.latents = latents[start:start + s.rows]
             start += s.rows
 
+    def step_seconds(self, rows: int) -> float | None:
+        """Measured seconds of one UNet call of ``rows`` image rows on the fast path
+        (timed per bucket at warm-up); None without it (the cost is not known)."""
+        fast = self.fast if self.fast_path_enabled else None
+        return fast.unet.step_seconds(rows) if fast is not None else None
+
     def decode(self, states: Sequence[DiffusionDenoising]) -> list[list[Image.Image]]:
         """Batched VAE decode of finished states, one list of images per state.
 

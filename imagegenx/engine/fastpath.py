@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from imagegenx.engine.buckets import bucket_for, split_rows
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -60,32 +62,6 @@ class FastPathOptions:
         if not buckets or any(int(b) < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ValueError(f"batch buckets must be distinct positive sizes in ascending order, got {buckets}")
         object.__setattr__(self, "buckets", tuple(int(b) for b in buckets))
-
-
-def bucket_for(n: int, buckets: Sequence[int]) -> int | None:
-    """The smallest bucket holding ``n`` rows, or None when ``n`` exceeds them all."""
-    for b in buckets:
-        if b >= n:
-            return b
-    return None
-
-
-def split_rows(n: int, buckets: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(start, rows, bucket) chunks covering ``n`` rows.
-
-    Up to the largest bucket a batch is one chunk padded to its bucket; a larger
-    batch is cut into chunks of the largest bucket and a remainder.
-    """
-    largest = buckets[-1]
-    out: list[tuple[int, int, int]] = []
-    start = 0
-    while start < n:
-        rows = min(largest, n - start)
-        bucket = bucket_for(rows, buckets)
-        assert bucket is not None
-        out.append((start, rows, bucket))
-        start += rows
-    return out
 
 
 def optimise_modules(*modules: torch.nn.Module, fuse_qkv: bool, channels_last: bool) -> None:
@@ -232,6 +208,8 @@ class BucketedCFGUNet:
         self.fn = _compile(unet) if self.compiled else unet
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.slots: dict[int, _UNetSlot] = {}
+        # Measured seconds of one call per bucket (``measure``): the step scheduler's cost model.
+        self.call_s: dict[int, float] = {}
 
     def prepare(self, buckets: Sequence[int] | None = None) -> dict[int, float]:
         """Compile (first bucket) and capture every bucket; seconds per bucket.
@@ -247,6 +225,31 @@ class BucketedCFGUNet:
                 torch.cuda.synchronize(self.device)
             seconds[b] = time.perf_counter() - t0
         return seconds
+
+    def measure(self, calls: int = 5) -> dict[int, float]:
+        """Seconds of one call of each prepared bucket (median of ``calls``), so the
+        step scheduler knows what another row costs on this card and model."""
+        for b, slot in sorted(self.slots.items()):
+            x = slot.x[:b].clone()
+            ctx = slot.ctx[:b].clone()
+            t = slot.t[:b].clone()
+            times = []
+            for _ in range(calls):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t0 = time.perf_counter()
+                slot.run(x, t, ctx, ctx)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                times.append(time.perf_counter() - t0)
+            self.call_s[b] = sorted(times)[len(times) // 2]
+        return dict(self.call_s)
+
+    def step_seconds(self, rows: int) -> float | None:
+        """Estimated seconds of one call of ``rows`` image rows (None before ``measure``)."""
+        if not self.call_s:
+            return None
+        return sum(self.call_s[bucket] for _, _, bucket in split_rows(rows, self.options.buckets))
 
     def _slot(self, bucket: int) -> _UNetSlot:
         slot = self.slots.get(bucket)
@@ -397,6 +400,7 @@ class FastPath:
             report["text_encoder_s"] = time.perf_counter() - t0
             report["unet_bucket_s"] = self.unet.prepare()
             report["unet_s"] = sum(report["unet_bucket_s"].values())
+            report["unet_call_s"] = self.unet.measure()
             report["vae_bucket_s"] = self.decode.prepare()
             report["vae_s"] = sum(report["vae_bucket_s"].values())
         report["captured_buckets"] = sorted(self.unet.slots)

@@ -29,23 +29,36 @@ import numpy as np
 from PIL import Image
 
 from imagegenx.engine.base import BatchSpec, Sample, StepCallback
+from imagegenx.engine.buckets import split_rows
 
 SAMPLERS = ("euler", "euler_a", "ddim", "dpmpp_2m")
 
 
 @dataclass(frozen=True)
 class CostModel:
-    """Seconds for one denoise step of n images, and for decoding n images."""
+    """Seconds for one denoise step of n images, and for decoding n images.
+
+    Either linear (``step_fixed_s + step_per_image_s * n``) or, with
+    ``step_buckets``, a table of (bucket, seconds) measured per padded UNet call.
+    """
 
     step_fixed_s: float
     step_per_image_s: float
     decode_per_image_s: float
+    step_buckets: tuple[tuple[int, float], ...] = ()
+    decode_fixed_s: float = 0.0
 
     def step_s(self, n: int) -> float:
+        if self.step_buckets:
+            table = dict(self.step_buckets)
+            return sum(table[b] for _, _, b in split_rows(n, sorted(table)))
         return self.step_fixed_s + self.step_per_image_s * n
 
+    def decode_s(self, n: int) -> float:
+        return self.decode_fixed_s + self.decode_per_image_s * n if n else 0.0
+
     def batch_s(self, n: int, steps: int) -> float:
-        return steps * self.step_s(n) + self.decode_per_image_s * n
+        return steps * self.step_s(n) + self.decode_s(n)
 
 
 COST_MODELS: dict[str, CostModel] = {
@@ -54,6 +67,12 @@ COST_MODELS: dict[str, CostModel] = {
     # Compiled SD1.5 UNet with CFG on one H200 (DESIGN.md): 13 + 3.3 n ms per step,
     # 13 ms per image to decode.
     "sd15-h200": CostModel(0.013, 0.0033, 0.013),
+    # The same UNet with CUDA graphs, measured per bucket on one H200 (bench.step_profile,
+    # docs/benchmarks/step_profile_h200.json; 16 and 32 from DESIGN's compiled batch-32
+    # figure); decode 15.7 ms for one image, about 12.7 ms per image in a batch.
+    "sd15-h200-graphs": CostModel(0.0, 0.0, 0.0127, step_buckets=(
+        (1, 0.0060), (2, 0.0094), (4, 0.0175), (8, 0.0337), (16, 0.066), (32, 0.131)),
+        decode_fixed_s=0.003),
 }
 
 
@@ -202,10 +221,14 @@ class SyntheticEngine:
         for state in states:
             state.index += 1
 
+    def step_seconds(self, rows: int) -> float:
+        """What one call of ``rows`` image rows costs (the step scheduler's cost model)."""
+        return self.cost.step_s(rows)
+
     def decode(self, states: Sequence[SyntheticDenoising]) -> list[list[Image.Image]]:
-        rows = sum(state.rows for state in states)
-        if self.cost.decode_per_image_s * rows:
-            self._sleep(self.cost.decode_per_image_s * rows)
+        delay = self.cost.decode_s(sum(state.rows for state in states))
+        if delay:
+            self._sleep(delay)
         return [[_picture(s, st.spec.width, st.spec.height) for s in st.spec.samples]
                 for st in states]
 
@@ -226,7 +249,7 @@ class SyntheticEngine:
             if on_step is not None:
                 dropped = set(on_step(step + 1, spec.steps))
                 live = [i for i in live if i not in dropped]
-        decode = self.cost.decode_per_image_s * len(live)
+        decode = self.cost.decode_s(len(live))
         if decode:
             self._sleep(decode)
         out: list[Image.Image | None] = [None] * len(spec.samples)
