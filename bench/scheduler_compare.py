@@ -31,6 +31,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -215,15 +216,15 @@ def idle_singles(client: Client, n: int) -> dict[str, Any]:
 
 
 def run_policy(policy: str, svc: dict[str, Any], args: argparse.Namespace, tmp: Path,
-               sat_rate: float | None) -> tuple[dict[str, Any], float]:
+               sat_rate: float | None, out: dict[str, Any], save: Callable[[], None]) -> float:
+    """Measure one policy into ``out`` (saved after every run); the saturation rate."""
     env = {**svc["env"], "IMAGEGENX_SCHEDULER": policy}
     if args.engine == "synthetic":
-        env.update(IMAGEGENX_ENGINE="synthetic", IMAGEGENX_SYNTHETIC_COST="sd15-h200")
+        env.update(IMAGEGENX_ENGINE="synthetic", IMAGEGENX_SYNTHETIC_COST=args.synthetic_cost)
     app = Celery(broker=svc["url"], backend=svc["url"])
     sampler = GpuSampler([0]).start() if args.engine == "diffusion" else None
     wlog = tmp / f"worker-{policy}.log"
     t0 = time.perf_counter()
-    out: dict[str, Any] = {}
     with proc(celery_worker_cmd(hostname=f"{policy}@%h"), env, wlog) as w:
         wait_text(wlog, " ready.", 1, w, args.worker_timeout)
         out["worker_start_s"] = time.perf_counter() - t0
@@ -244,13 +245,14 @@ def run_policy(policy: str, svc: dict[str, Any], args: argparse.Namespace, tmp: 
                 r = open_loop(client, schedule, app, sampler)
                 r["load"] = load
                 out[f"open_{mix}_{load}"] = r
+                save()  # a run cut short keeps what it measured
                 lat = r["latency_s"]
                 log(f"{policy}: {mix} load {load}: {r['images_per_s']:.2f} img/s, p50 {lat.get('p50', 0):.2f} s, "
                     f"p99 {lat.get('p99', 0):.2f} s, rows/call {r['rows_per_call']}")
     if sampler is not None:
         sampler.stop()
     (args.out / f"scheduler_compare_worker_{policy}.log").write_text(wlog.read_text(errors="replace")[-20000:])
-    return out, rate
+    return rate
 
 
 def ratios(report: dict[str, Any]) -> dict[str, Any]:
@@ -306,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", choices=["synthetic", "diffusion"], default="synthetic")
     ap.add_argument("--model", type=Path, default=None, help="diffusion: SD1.5 model folder")
+    ap.add_argument("--synthetic-cost", default="sd15-h200-graphs",
+                    help="synthetic engine's cost model (imagegenx.engine.synthetic.COST_MODELS)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/scheduler"))
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per open-loop run")
     ap.add_argument("--saturation-s", type=float, default=30.0, help="seconds of the closed loop")
@@ -332,16 +336,20 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"date": now_utc(), "machine": machine(), "engine": args.engine,
                               "command": " ".join(["python -m bench.scheduler_compare", *(argv or sys.argv[1:])]),
                               "max_batch": args.max_batch, "duration_s": args.duration, "size": args.size}
+    path = args.out / f"scheduler_compare_{args.engine}.json"
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         with service(args, model, tmp) as svc:
             sat = None
+            def save() -> None:
+                path.write_text(json.dumps(report, indent=2))
+
             for policy in POLICIES:
-                report[policy], rate = run_policy(policy, svc, args, tmp, sat)
+                report[policy] = {}
+                rate = run_policy(policy, svc, args, tmp, sat, report[policy], save)
                 sat = rate if sat is None else sat
                 report["request_saturation_per_s"] = sat
     report["ratios"] = ratios(report)
-    path = args.out / f"scheduler_compare_{args.engine}.json"
     path.write_text(json.dumps(report, indent=2))
     print(table(report))
     log(f"wrote {path}")
