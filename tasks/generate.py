@@ -11,9 +11,8 @@ from typing import Any
 
 from celery import Task
 
+from imagegenx.celery_client import GENERATE_TASK
 from tasks.celery_app import app
-
-GENERATE_TASK = "imagegenx.generate"
 
 
 class GenerateTask(Task):

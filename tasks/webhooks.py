@@ -10,46 +10,21 @@ shown by ``GET /api/v1/tasks/<id>`` as ``webhook``.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
-import redis
-from celery import Celery, Task
+from celery import Task
 
-from imagegenx.redis_client import redis_client
+from imagegenx.celery_client import WEBHOOK_TASK
 from imagegenx.settings import Settings
+from imagegenx.webhook_queue import delivery_record, enqueue_delivery
 from imagegenx.webhooks import (
-    AllowList, DeliveryError, DeliveryRecord, WebhookRefused, backoff_s, encode_body, post,
-    signed_headers, vet,
+    AllowList, DeliveryError, WebhookRefused, backoff_s, encode_body, post, signed_headers, vet,
 )
 from tasks.celery_app import app
 
-WEBHOOK_TASK = "imagegenx.deliver_webhook"
+__all__ = ["WEBHOOK_TASK", "deliver_webhook", "delivery_record", "enqueue_delivery"]
 log = logging.getLogger(__name__)
-
-_clients: dict[str, redis.Redis] = {}
-_clients_lock = threading.Lock()
-
-
-def delivery_record(settings: Settings) -> DeliveryRecord:
-    with _clients_lock:
-        client = _clients.get(settings.broker_url)
-        if client is None:
-            client = redis_client(settings.broker_url, settings.sentinel_master,
-                                  socket_connect_timeout=2, socket_timeout=5,
-                                  health_check_interval=10)
-            _clients[settings.broker_url] = client
-    return DeliveryRecord(client, settings.result_expires_s)
-
-
-def enqueue_delivery(celery_app: Celery, settings: Settings, task_id: str, url: str,
-                     payload: dict[str, Any]) -> None:
-    """Record the delivery as queued and send the delivery task."""
-    delivery_record(settings).queued(task_id)
-    celery_app.send_task(WEBHOOK_TASK, kwargs={"task_id": task_id, "url": url, "payload": payload},
-                         queue=settings.webhook_queue_name)
-
 
 @app.task(name=WEBHOOK_TASK, bind=True, acks_late=True, ignore_result=True,
           Strategy="workers.message_guard:guarded_default_strategy")

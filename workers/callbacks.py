@@ -20,7 +20,7 @@ def notify(req: Request, state: str, result: dict[str, Any] | None = None,
         if not url:
             return
         from imagegenx.webhooks import payload
-        from tasks.webhooks import enqueue_delivery
+        from imagegenx.webhook_queue import enqueue_delivery
 
         celery_app = req.task.app
         enqueue_delivery(celery_app, celery_app.imagegenx_settings, req.id, url,

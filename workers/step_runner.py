@@ -150,6 +150,10 @@ class StepRunner(ModelThread):
         engine: Any = self._pipeline().engine
         gone = [e for e in step.admitted if e.denoising is None and not self._begin(engine, e)]
         running = [e for e in step.running if e not in gone]
+        stuck = [e for e in running if e.denoising is None]  # its start broke outside the engine
+        if stuck:
+            self._fail(stuck, GenerationError("the request could not be started"))
+            running = [e for e in running if e.denoising is not None]
         revoked = [e for e in running
                    if e.req.id in worker_state.revoked and self.executor.revoked(e)]
         running = [e for e in running if e not in revoked]
@@ -166,10 +170,10 @@ class StepRunner(ModelThread):
         """Start a newly admitted request; False when it leaves at once."""
         if self.executor.revoked(entry) or self.executor.finished_before(entry):
             return False
-        self.executor.accept([entry])
-        entry.admitted_at = time.perf_counter()
-        entry.started_at = time.time()
         try:
+            self.executor.accept([entry])
+            entry.admitted_at = time.perf_counter()
+            entry.started_at = time.time()
             spec, _ = plan([entry.job])
             entry.denoising = engine.begin(spec)
         except Exception as exc:  # noqa: BLE001 - e.g. a prompt that cannot be encoded

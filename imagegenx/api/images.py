@@ -12,12 +12,13 @@ from imagegenx.api.cost_limits import COST_UNITS, refuse_too_costly
 from imagegenx.api.errors import ApiError
 from imagegenx.api.guards import json_body, require_key
 from imagegenx.api.services import services
+from imagegenx.celery_client import GENERATE_TASK
 from imagegenx.cost import request_cost
 from imagegenx.lora_catalog import LoraCatalog
 from imagegenx.schemas import MAX_SEED, TENANT_HEADER, GenerateRequest, SubmitResponse
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1")
-TASK_NAME = "imagegenx.generate"
+TASK_NAME = GENERATE_TASK
 
 
 @bp.post("/images")

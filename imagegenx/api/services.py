@@ -39,9 +39,9 @@ class Services:
 
 def build_services(settings: Settings, celery_app: Celery | None = None) -> Services:
     if celery_app is None:
-        from tasks import create_celery_app
+        from imagegenx.celery_client import client_app
 
-        celery_app = create_celery_app(settings)
+        celery_app = client_app(settings)  # the worker's code stays out of the API process
     # Short timeouts: with Redis down or hung, every endpoint answers 503 well
     # within a second instead of holding a request thread.
     client = redis_client(

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from imagegenx.engine.buckets import bucket_for, split_rows
+from imagegenx.engine.buckets import bucket_for, split_rows  # noqa: F401 - bucket_for: re-exported
 
 log = logging.getLogger(__name__)
 

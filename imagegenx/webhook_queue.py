@@ -1,0 +1,40 @@
+"""Queueing a webhook delivery: its record in Redis and the delivery task.
+
+Lives below both the worker (which queues a finished request's webhook) and
+the task module (which delivers it), so the worker sends the task by name
+without importing ``tasks``.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import redis
+from celery import Celery
+
+from imagegenx.celery_client import WEBHOOK_TASK
+from imagegenx.redis_client import redis_client
+from imagegenx.settings import Settings
+from imagegenx.webhooks import DeliveryRecord
+
+_clients: dict[str, redis.Redis] = {}
+_clients_lock = threading.Lock()
+
+
+def delivery_record(settings: Settings) -> DeliveryRecord:
+    with _clients_lock:
+        client = _clients.get(settings.broker_url)
+        if client is None:
+            client = redis_client(settings.broker_url, settings.sentinel_master,
+                                  socket_connect_timeout=2, socket_timeout=5,
+                                  health_check_interval=10)
+            _clients[settings.broker_url] = client
+    return DeliveryRecord(client, settings.result_expires_s)
+
+
+def enqueue_delivery(celery_app: Celery, settings: Settings, task_id: str, url: str,
+                     payload: dict[str, Any]) -> None:
+    """Record the delivery as queued and send the delivery task."""
+    delivery_record(settings).queued(task_id)
+    celery_app.send_task(WEBHOOK_TASK, kwargs={"task_id": task_id, "url": url, "payload": payload},
+                         queue=settings.webhook_queue_name)
