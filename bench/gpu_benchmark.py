@@ -439,12 +439,18 @@ class Load:
         return s
 
     def submit(self) -> threading.Event | None:
+        posted = self.post()
+        return None if posted is None else posted[1]
+
+    def post(self, **overrides: Any) -> tuple[str, threading.Event] | None:
+        """POST one request (``body`` with ``overrides``): its task id and the event the
+        collector sets when it finishes; None (error recorded) when it was not accepted."""
         with self.lock:
             self.counter += 1
             i = self.counter
         t0 = time.perf_counter()
         try:
-            r = self._session().post(f"{self.base}/api/v1/images", json=body(i, self.args),
+            r = self._session().post(f"{self.base}/api/v1/images", json={**body(i, self.args), **overrides},
                                      headers={"X-API-Key": KEY}, timeout=30)
         except requests.RequestException as exc:
             self.errors.append(repr(exc))
@@ -452,7 +458,8 @@ class Load:
         if r.status_code != 202:
             self.errors.append(f"{r.status_code} {r.text[:200]}")
             return None
-        return self.collector.watch(r.json()["task_id"], t0)
+        task_id = r.json()["task_id"]
+        return task_id, self.collector.watch(task_id, t0)
 
     def harvest(self) -> None:
         with self.collector.lock:

@@ -34,11 +34,10 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-import requests
 from celery import Celery
 
-from bench.gpu_benchmark import GpuSampler, KEY, PROMPT, proc, service, wait_text, warmups_from_log
-from bench.harness import ResultCollector, celery_worker_cmd, machine, now_utc, percentiles
+from bench.gpu_benchmark import GpuSampler, Load, proc, service, wait_text, warmups_from_log
+from bench.harness import celery_worker_cmd, machine, now_utc, percentiles
 
 MIXED_STEPS = (10, 20, 25, 30, 50)
 LOADS = (0.5, 0.8, 0.95)
@@ -60,40 +59,12 @@ def arrivals(rate: float, duration: float, steps: tuple[int, ...], seed: int) ->
         out.append((t, rng.choice(steps)))
 
 
-class Client:
-    """Submits over HTTP; the collector records each task's end (perf_counter)."""
+class Client(Load):
+    """Submits over HTTP with a chosen step count; finished tasks are read by id."""
 
-    def __init__(self, svc: dict[str, Any], args: argparse.Namespace) -> None:
-        self.base = svc["base"]
-        self.collector: ResultCollector = svc["collector"]
-        self.args = args
-        self.local = threading.local()
-        self.errors: list[str] = []
-        self.counter = 0
-        self.lock = threading.Lock()
-
-    def submit(self, steps: int) -> tuple[str, int] | None:
-        with self.lock:
-            self.counter += 1
-            i = self.counter
-        session = getattr(self.local, "s", None) or requests.Session()
-        self.local.s = session
-        body = {"prompt": f"{PROMPT} {i}", "seed": i, "steps": steps,
-                "guidance_scale": self.args.guidance, "width": self.args.size,
-                "height": self.args.size, "sampler": "euler"}
-        t0 = time.perf_counter()
-        try:
-            r = session.post(f"{self.base}/api/v1/images", json=body, headers={"X-API-Key": KEY},
-                             timeout=30)
-        except requests.RequestException as exc:
-            self.errors.append(repr(exc))
-            return None
-        if r.status_code != 202:
-            self.errors.append(f"{r.status_code} {r.text[:200]}")
-            return None
-        task_id = r.json()["task_id"]
-        self.collector.watch(task_id, t0)
-        return task_id, steps
+    def submit(self, steps: int) -> tuple[str, int] | None:  # type: ignore[override]
+        posted = self.post(steps=steps)
+        return None if posted is None else (posted[0], steps)
 
     def wait(self, ids: list[tuple[str, int]], timeout: float) -> list[tuple[int, float, float, dict[str, Any]]]:
         """(steps, submitted, ended, meta) of each finished task."""
@@ -326,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-timeout", type=float, default=400.0)
     ap.add_argument("--redis-server", default=None)
     args = ap.parse_args(argv)
+    args.steps = 20  # requests' default steps (each run sets its own)
     args.tiny = args.engine == "synthetic"
     args.size = args.size or (64 if args.tiny else 512)
     args.buckets = [int(b) for b in args.buckets.split(",")]
