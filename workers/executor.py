@@ -156,6 +156,7 @@ class DrawnBatch:
     entries: list[Entry]
     drawn: Drawn
     t0: float  # perf_counter when the batch started
+    record: bool = True  # counted as a batch here (the step scheduler counts its runs itself)
 
 
 def _summary(result: dict[str, Any]) -> str:
@@ -197,10 +198,11 @@ class BatchExecutor:
             drawn = Drawn.failed(jobs, GenerationError(f"{type(exc).__name__}: {exc}"))
         self.hand_over(entries, drawn, t0)
 
-    def hand_over(self, entries: list[Entry], drawn: Drawn, t0: float) -> None:
+    def hand_over(self, entries: list[Entry], drawn: Drawn, t0: float, record: bool = True) -> None:
         """Give drawn (or failed) requests to the finishing thread, which stores,
-        reports and acks them; blocks while it is a batch behind."""
-        self._finisher.submit(DrawnBatch(entries, drawn, t0))
+        reports and acks them; blocks while it is a batch behind. ``record``: count
+        them as one batch in the statistics."""
+        self._finisher.submit(DrawnBatch(entries, drawn, t0, record))
 
     def finishing(self) -> list[Entry]:
         """Requests drawn and not yet reported (still unacknowledged)."""
@@ -225,10 +227,11 @@ class BatchExecutor:
             error = GenerationError(f"{type(exc).__name__}: {exc}")
             outcomes = {e.job.id: Outcome(error=error) for e in entries}
         try:
-            self.stats.record(sum(e.images for e in entries), len(entries),
-                              time.perf_counter() - d.t0)
-            for seconds in d.drawn.engine_runs().values():
-                self.stats.record_engine(seconds)
+            if d.record:
+                self.stats.record(sum(e.images for e in entries), len(entries),
+                                  time.perf_counter() - d.t0)
+                for seconds in d.drawn.engine_runs().values():
+                    self.stats.record_engine(seconds)
         except Exception:  # noqa: BLE001 - statistics must not keep results from being reported
             log.exception("could not record the statistics of a batch")
         for entry in entries:

@@ -36,6 +36,10 @@ from workers.model_thread import ModelThread
 
 log = logging.getLogger(__name__)
 
+# A run of UNet calls is cut into segments of at most this long, so that the batch
+# statistics (one record per run) keep coming under continuous load.
+RUN_SEGMENT_S = 10.0
+
 
 class StepRunner(ModelThread):
     """The step loop over a :class:`StepScheduler` of :class:`Entry` records."""
@@ -58,9 +62,14 @@ class StepRunner(ModelThread):
         # Most rows one UNet call ran without running out of memory.
         self.largest_ok_rows = 0
         self.oom_row_limit: int | None = None
-        # The current run: UNet calls since the running set was last empty. A
-        # request's result names its run as its batch id (who shared calls with it).
+        # The current run: UNet calls since the running set was last empty (or the
+        # last segment). A request's result names the run it started in as its batch
+        # id; the run is recorded as one batch (its requests, images and UNet time).
         self._run_id: str | None = None
+        self._run_t0 = 0.0
+        self._run_images = 0
+        self._run_requests = 0
+        self._run_engine_s = 0.0
 
     def use_cost_model(self, step_seconds: Callable[[int], float | None] | None) -> None:
         """Price UNet calls with the engine's own measure (after its warm-up), so rows
@@ -143,8 +152,18 @@ class StepRunner(ModelThread):
         if entries:
             with self._cond:
                 self.scheduler.finish(e.req.id for e in entries)
-                if not self.scheduler.running:
-                    self._run_id = None
+                ended = not self.scheduler.running
+            if ended:
+                self._close_run()
+
+    def _close_run(self) -> None:
+        """Record the current run (segment) as one batch; the next call starts another."""
+        if self._run_id is None:
+            return
+        stats = self.executor.stats
+        stats.record(self._run_images, self._run_requests, time.perf_counter() - self._run_t0)
+        stats.record_engine(self._run_engine_s)
+        self._run_id = None
 
     def _run(self, step: StepPlan[Entry]) -> None:
         engine: Any = self._pipeline().engine
@@ -192,11 +211,21 @@ class StepRunner(ModelThread):
             exc.__traceback__ = None  # its frames hold the call's tensors
             self._pipeline().release_memory()
             return self._recover(engine, running, rows, exc)
-        self.executor.stats.record_step(rows, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.executor.stats.record_step(rows, seconds)
         self.largest_ok_rows = max(self.largest_ok_rows, rows)
-        self._run_id = self._run_id or uuid.uuid4().hex
+        if self._run_id is not None and t0 - self._run_t0 >= RUN_SEGMENT_S:
+            self._close_run()
+        if self._run_id is None:
+            self._run_id, self._run_t0 = uuid.uuid4().hex, t0
+            self._run_images = self._run_requests = 0
+            self._run_engine_s = 0.0
+        self._run_engine_s += seconds
         for e in running:
-            e.run_id = e.run_id or self._run_id
+            if not e.run_id:
+                e.run_id = self._run_id
+                self._run_images += e.images
+                self._run_requests += 1
             e.peak_rows = max(e.peak_rows, rows)
             e.peak_requests = max(e.peak_requests, len(running))
         return running
@@ -258,8 +287,8 @@ class StepRunner(ModelThread):
         pipeline = self._pipeline()
         if pipeline.upscaler.runs_on_device:
             pipeline.upscale_on_device(drawn)
-        self._leave(done)
-        self.executor.hand_over(done, drawn, t0)
+        self._leave(done)  # records the run when it ends, before the results go out
+        self.executor.hand_over(done, drawn, t0, record=False)  # the run is the batch
 
     def _decode_alone(self, engine: StepEngine, entry: Entry, drawn: Drawn) -> list[Any] | None:
         try:
@@ -275,4 +304,4 @@ class StepRunner(ModelThread):
         for e in entries:
             e.denoising = None
         self.executor.hand_over(entries, Drawn.failed([e.job for e in entries], error),
-                                time.perf_counter())
+                                time.perf_counter(), record=False)
