@@ -4,13 +4,15 @@ from __future__ import annotations
 import secrets
 import uuid
 
-from flask import Blueprint, jsonify, url_for
+from flask import Blueprint, Response, jsonify, request, url_for
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from imagegenx.api.cost_limits import COST_UNITS, refuse_too_costly
 from imagegenx.api.errors import ApiError
 from imagegenx.api.guards import json_body, require_key
+from imagegenx.api.idempotency import HEADER as IDEMPOTENCY_HEADER
+from imagegenx.api.idempotency import Claim, IdempotencyStore, body_hash, check_header
 from imagegenx.api.services import services
 from imagegenx.cost import request_cost
 from imagegenx.lora_catalog import LoraCatalog
@@ -23,6 +25,7 @@ TASK_NAME = "imagegenx.generate"
 @bp.post("/images")
 def submit():  # type: ignore[no-untyped-def]
     digest = require_key()
+    idem_key = check_header(request.headers.get(IDEMPOTENCY_HEADER))
     body = json_body()
     svc = services()
     req = GenerateRequest.model_validate(body, context={"limits": svc.settings.limits})
@@ -37,11 +40,21 @@ def submit():  # type: ignore[no-untyped-def]
         raise ApiError(422, "invalid request", fields=[{"field": "lora", "reason": unknown}])
     cost = request_cost(req, svc.settings.cost_unset_side)
     refuse_too_costly(req, cost, svc.settings)
+    fingerprint = body_hash(req.model_dump(mode="json"))  # before the server picks a seed
     if req.seed is None:  # chosen here so a redelivered message draws the same image
         req = req.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - req.num_images)})
     task_id = str(uuid.uuid4())
     retry_after = {"Retry-After": str(svc.settings.retry_after_s)}
+    assert req.seed is not None
+    claim = Claim(fingerprint, task_id, req.seed, cost)
+    idem = IdempotencyStore(svc.redis, svc.settings.result_expires_s)
+    claimed = False
     try:
+        if idem_key is not None:
+            earlier = idem.claim(digest, idem_key, claim)
+            if earlier is not None:
+                return _replay(earlier, fingerprint)
+            claimed = True
         limit = svc.settings.max_queue_depth
         if limit:
             # Messages not yet taken by a worker. Concurrent submissions may
@@ -61,15 +74,39 @@ def submit():  # type: ignore[no-untyped-def]
             retry=False,
             headers={TENANT_HEADER: digest[:16]},
         )
-    except (RedisError, OperationalError, ConnectionError) as exc:
-        raise ApiError(503, f"queue unavailable: {type(exc).__name__}",
-                       headers=retry_after) from exc
+    except BaseException as exc:
+        if claimed:
+            assert idem_key is not None
+            _release(idem, digest, idem_key, claim)
+        if isinstance(exc, (RedisError, OperationalError, ConnectionError)):
+            raise ApiError(503, f"queue unavailable: {type(exc).__name__}",
+                           headers=retry_after) from exc
+        raise
     COST_UNITS.labels("accepted").inc(cost)
+    return _accepted(claim, 202)
+
+
+def _release(idem: IdempotencyStore, digest: str, idem_key: str, claim: Claim) -> None:
+    """Free the idempotency key of a submission that queued nothing."""
+    try:
+        idem.release(digest, idem_key, claim)
+    except RedisError:
+        pass  # Redis is down: the claim expires with the results' lifetime
+
+
+def _replay(earlier: Claim, fingerprint: str) -> Response:
+    """200 with the first task of this idempotency key, or 409 for another body."""
+    if earlier.body_hash != fingerprint:
+        raise ApiError(409, f"{IDEMPOTENCY_HEADER} was already used with another request body",
+                       field=IDEMPOTENCY_HEADER, task_id=earlier.task_id)
+    return _accepted(earlier, 200)
+
+
+def _accepted(claim: Claim, status: int) -> Response:
     # The configured public address, never the request's Host header (a client could set it).
-    status_url = svc.settings.public_base + url_for("tasks.get_task", task_id=task_id)
-    assert req.seed is not None
-    resp = jsonify(SubmitResponse(task_id=task_id, status_url=status_url, seed=req.seed,
-                                  cost=cost).model_dump())
-    resp.status_code = 202
+    status_url = services().settings.public_base + url_for("tasks.get_task", task_id=claim.task_id)
+    resp = jsonify(SubmitResponse(task_id=claim.task_id, status_url=status_url, seed=claim.seed,
+                                  cost=claim.cost).model_dump())
+    resp.status_code = status
     resp.headers["Location"] = status_url
     return resp

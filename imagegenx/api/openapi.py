@@ -116,13 +116,24 @@ def build_spec(limits: Limits) -> dict[str, Any]:
                 "summary": "Queue an image generation request",
                 "operationId": "submit",
                 "security": secured,
+                "parameters": [{
+                    "name": "Idempotency-Key", "in": "header", "required": False,
+                    "description": "makes retries safe: within the results' lifetime the same key "
+                                   "(per API key) with the same body returns the first task (200), "
+                                   "with another body 409",
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 128,
+                               "pattern": "^[\\x20-\\x7e]+$"}}],
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": {"$ref": REF.format(model="GenerateRequest")}}}},
                 "responses": {
                     "202": {"description": "queued", "content": {"application/json": {
                         "schema": {"$ref": REF.format(model="SubmitResponse")}}}},
-                    "400": _error("body is not a JSON object"),
+                    "200": {"description": "an earlier submission with this Idempotency-Key and "
+                                           "body: its task", "content": {"application/json": {
+                        "schema": {"$ref": REF.format(model="SubmitResponse")}}}},
+                    "400": _error("body is not a JSON object, or a bad Idempotency-Key header"),
                     "401": _error("missing or invalid API key"),
+                    "409": _error("Idempotency-Key already used with another body (body: task_id)"),
                     "413": _error("body too large"),
                     "422": _error("invalid fields, each named with the reason; a request costing "
                                   "more than max_request_cost names the field cost (body: cost, "
