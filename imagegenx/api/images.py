@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Callable
 
 from flask import Blueprint, Response, jsonify, request, url_for
 from kombu.exceptions import OperationalError
@@ -10,10 +11,11 @@ from redis.exceptions import RedisError
 
 from imagegenx.api.cost_limits import COST_UNITS, refuse_too_costly
 from imagegenx.api.errors import ApiError
+from imagegenx.api.fairness import UnfinishedTasks, refuse_priority
 from imagegenx.api.guards import json_body, require_key
 from imagegenx.api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from imagegenx.api.idempotency import Claim, IdempotencyStore, body_hash, check_header
-from imagegenx.api.services import services
+from imagegenx.api.services import Services, services
 from imagegenx.cost import request_cost
 from imagegenx.lora_catalog import LoraCatalog
 from imagegenx.schemas import MAX_SEED, TENANT_HEADER, GenerateRequest, SubmitResponse
@@ -38,6 +40,7 @@ def submit():  # type: ignore[no-untyped-def]
     unknown = loras.unknown_reason(req.lora_names()) if req.lora_names() and loras.exists() else None
     if unknown:
         raise ApiError(422, "invalid request", fields=[{"field": "lora", "reason": unknown}])
+    refuse_priority(req.priority, digest, svc.settings)
     cost = request_cost(req, svc.settings.cost_unset_side)
     refuse_too_costly(req, cost, svc.settings)
     fingerprint = body_hash(req.model_dump(mode="json"))  # before the server picks a seed
@@ -48,7 +51,9 @@ def submit():  # type: ignore[no-untyped-def]
     assert req.seed is not None
     claim = Claim(fingerprint, task_id, req.seed, cost)
     idem = IdempotencyStore(svc.redis, svc.settings.result_expires_s)
-    claimed = False
+    claimed = admitted = False
+    unfinished = UnfinishedTasks(svc.redis, _state_reader(svc), svc.settings.max_unfinished_per_key,
+                                 svc.settings.result_expires_s)
     try:
         if idem_key is not None:
             earlier = idem.claim(digest, idem_key, claim)
@@ -63,6 +68,8 @@ def submit():  # type: ignore[no-untyped-def]
             if depth >= limit:
                 raise ApiError(503, f"overloaded: {depth} requests are waiting (limit {limit}); "
                                "retry later", headers=retry_after, queue_depth=depth)
+        unfinished.admit(digest, task_id, svc.settings.retry_after_s)
+        admitted = True
         svc.cost_budget.charge(digest, cost)
         svc.owners.record(task_id, digest)
         svc.celery.send_task(
@@ -77,7 +84,9 @@ def submit():  # type: ignore[no-untyped-def]
     except BaseException as exc:
         if claimed:
             assert idem_key is not None
-            _release(idem, digest, idem_key, claim)
+            _quietly(idem.release, digest, idem_key, claim)
+        if admitted:
+            _quietly(unfinished.forget, digest, task_id)
         if isinstance(exc, (RedisError, OperationalError, ConnectionError)):
             raise ApiError(503, f"queue unavailable: {type(exc).__name__}",
                            headers=retry_after) from exc
@@ -86,12 +95,19 @@ def submit():  # type: ignore[no-untyped-def]
     return _accepted(claim, 202)
 
 
-def _release(idem: IdempotencyStore, digest: str, idem_key: str, claim: Claim) -> None:
-    """Free the idempotency key of a submission that queued nothing."""
+def _state_reader(svc: Services) -> Callable[[str], str]:
+    def state_of(task_id: str) -> str:
+        return str(svc.celery.backend.get_task_meta(task_id)["status"])
+    return state_of
+
+
+def _quietly(undo: Callable[..., object], *args: object) -> None:
+    """Undo what a submission that queued nothing recorded; with Redis down the
+    record expires with the results' lifetime instead."""
     try:
-        idem.release(digest, idem_key, claim)
+        undo(*args)
     except RedisError:
-        pass  # Redis is down: the claim expires with the results' lifetime
+        pass
 
 
 def _replay(earlier: Claim, fingerprint: str) -> Response:

@@ -137,10 +137,12 @@ def build_spec(limits: Limits) -> dict[str, Any]:
                     "413": _error("body too large"),
                     "422": _error("invalid fields, each named with the reason; a request costing "
                                   "more than max_request_cost names the field cost (body: cost, "
-                                  "max_cost)"),
-                    "429": _limited("rate limit or cost budget of this API key exceeded (cost "
-                                    "budget: the body has cost, budget_per_minute, "
-                                    "retry_after_s and frees_at)"),
+                                  "max_cost); a priority above this key's key_max_priority names "
+                                  "priority"),
+                    "429": _limited("rate limit, cost budget or unfinished tasks of this API key "
+                                    "exceeded (cost budget: the body has cost, budget_per_minute, "
+                                    "retry_after_s and frees_at; unfinished tasks: unfinished, "
+                                    "max_unfinished, retry_after_s)"),
                     "503": _limited("queue full (max_queue_depth) or unavailable"),
                 },
             }},

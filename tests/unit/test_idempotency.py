@@ -13,8 +13,8 @@ import redis
 
 from imagegenx.api import create_app
 from imagegenx.api.errors import ApiError
-from imagegenx.api.idempotency import body_hash, check_header
-from imagegenx.settings import Settings
+from imagegenx.api.idempotency import IdempotencyStore, body_hash, check_header
+from imagegenx.settings import Settings, hash_api_key
 
 
 def _app(redis_base: str, **kw: Any) -> tuple[Any, Settings, str]:
@@ -67,7 +67,7 @@ def test_same_key_same_body_returns_the_first_task(redis_base: str, rdb: redis.R
         fresh = client.post("/api/v1/images", json={"prompt": "x"},
                             headers={"X-API-Key": key, "Idempotency-Key": "order-2"})
         assert fresh.status_code == 202 and fresh.json["task_id"] != first.json["task_id"]
-        assert rdb.ttl(next(iter(rdb.scan_iter("imagegenx:idem:*")))) > s.result_expires_s - 60
+        assert rdb.ttl(IdempotencyStore.key(hash_api_key(key), "order-1")) > s.result_expires_s - 60
     finally:
         rdb.delete(s.queue)
 
