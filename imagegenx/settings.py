@@ -215,6 +215,11 @@ class Settings(BaseSettings):
         description="highest request priority per API key digest, 'digest:5,digest2:10' "
                     "(keys not listed: max_priority)",
     )
+    ready_max_drain_s: float = Field(
+        default=0.0, ge=0,
+        description="/healthz?ready answers 503 when the queue's estimated drain time passes "
+                    "this (0: never)",
+    )
 
     # Webhooks (callback_url)
     webhook_secret: SecretStr = Field(

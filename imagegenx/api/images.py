@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 import uuid
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ from imagegenx.api.idempotency import Claim, IdempotencyStore, body_hash, check_
 from imagegenx.api.services import Services, services
 from imagegenx.cost import request_cost
 from imagegenx.lora_catalog import LoraCatalog
+from imagegenx.scaling import SENT_AT_HEADER
 from imagegenx.schemas import MAX_SEED, TENANT_HEADER, GenerateRequest, SubmitResponse
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1")
@@ -79,7 +81,7 @@ def submit():  # type: ignore[no-untyped-def]
             queue=svc.settings.queue,
             expires=req.timeout_s,
             retry=False,
-            headers={TENANT_HEADER: digest[:16]},
+            headers={TENANT_HEADER: digest[:16], SENT_AT_HEADER: time.time()},
         )
     except BaseException as exc:
         if claimed:

@@ -13,6 +13,7 @@ from pydantic.json_schema import models_json_schema
 
 from imagegenx import __version__
 from imagegenx.api.services import services
+from imagegenx.api.queue_status import QueueResponse
 from imagegenx.api.workers import WorkersResponse
 from imagegenx.storage import MAX_KEY_CHARS
 from imagegenx.schemas import (
@@ -93,7 +94,7 @@ def _error(description: str) -> dict[str, Any]:
 def build_spec(limits: Limits) -> dict[str, Any]:
     _, defs = models_json_schema(
         [(m, "validation") for m in (GenerateRequest, SubmitResponse, TaskStatus, ErrorResponse)]
-        + [(WorkersResponse, "serialization")],
+        + [(WorkersResponse, "serialization"), (QueueResponse, "serialization")],
         ref_template=REF,
     )
     schemas = defs["$defs"]
@@ -184,6 +185,19 @@ def build_spec(limits: Limits) -> dict[str, Any]:
                               "401": _error("missing or invalid API key"),
                               "503": _error("broker unavailable")},
             }},
+            "/api/v1/queue": {"get": {
+                "summary": "Scaling signals: queue depth and oldest age, worker capacity, drain time",
+                "description": "Drain estimate: waiting requests x mean steps x num_images of the "
+                               "oldest waiting messages / the live workers' measured image-steps "
+                               "per second (UNet time only: a lower bound).",
+                "operationId": "queueStatus",
+                "security": secured,
+                "responses": {"200": {"description": "the queues and the workers that answered",
+                                      "content": {"application/json": {"schema": {
+                                          "$ref": REF.format(model="QueueResponse")}}}},
+                              "401": _error("missing or invalid API key"),
+                              "503": _limited("broker unavailable")},
+            }},
             "/metrics": {"get": {
                 "summary": "Prometheus metrics: API requests and queue depth", "operationId": "metrics",
                 "responses": {"200": {"description": "Prometheus text format", "content": {
@@ -191,6 +205,10 @@ def build_spec(limits: Limits) -> dict[str, Any]:
             }},
             "/healthz": {"get": {
                 "summary": "Redis and worker reachability", "operationId": "health",
+                "parameters": [{"name": "ready", "in": "query", "required": False,
+                                "allowEmptyValue": True, "schema": {"type": "string"},
+                                "description": "readiness: also 503 when the queue's drain "
+                                               "estimate passes ready_max_drain_s"}],
                 "responses": {"200": {"description": "healthy"}, "503": {"description": "degraded"}},
             }},
         },
