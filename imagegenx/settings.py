@@ -205,6 +205,21 @@ class Settings(BaseSettings):
     cost_native_size: int = Field(
         default=0, ge=0, description="side (px) an unset width or height is charged as (0: max_size)",
     )
+    # Fair share between API keys
+    max_unfinished_per_key: int = Field(
+        default=0, ge=0,
+        description="most unfinished (queued or running) tasks per API key; 429 above it (0: no limit)",
+    )
+    key_max_priority: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict,
+        description="highest request priority per API key digest, 'digest:5,digest2:10' "
+                    "(keys not listed: max_priority)",
+    )
+    ready_max_drain_s: float = Field(
+        default=0.0, ge=0,
+        description="/healthz?ready answers 503 when the queue's estimated drain time passes "
+                    "this (0: never)",
+    )
 
     # Webhooks (callback_url)
     webhook_secret: SecretStr = Field(
@@ -254,6 +269,31 @@ class Settings(BaseSettings):
     def _split_csv(cls, v: Any) -> Any:
         if isinstance(v, str):
             return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @field_validator("key_max_priority", mode="before")
+    @classmethod
+    def _split_priorities(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        out: dict[str, str] = {}
+        for part in (p.strip() for p in v.split(",")):
+            if part:
+                digest, sep, value = part.rpartition(":")
+                if not sep:
+                    raise ValueError(f"key_max_priority: {part!r} is not 'digest:priority'")
+                out[digest.strip()] = value.strip()
+        return out
+
+    @field_validator("key_max_priority")
+    @classmethod
+    def _check_priorities(cls, v: dict[str, int]) -> dict[str, int]:
+        for digest, cap in v.items():
+            if not _SHA256_HEX.fullmatch(digest):
+                raise ValueError(f"key_max_priority: {digest!r} is not a sha256 hex digest of "
+                                 "an API key (64 lower-case hex characters)")
+            if cap < 0:
+                raise ValueError(f"key_max_priority: {cap} is below 0")
         return v
 
     @field_validator("api_key_hashes")
@@ -396,6 +436,10 @@ class Settings(BaseSettings):
     @property
     def webhook_queue_name(self) -> str:
         return self.webhook_queue or f"{self.queue}.webhooks"
+
+    def priority_cap(self, digest: str) -> int:
+        """Highest priority this API key may ask for."""
+        return min(self.key_max_priority.get(digest, self.max_priority), self.max_priority)
 
     def key_digests(self) -> frozenset[str]:
         """All accepted key digests: hashed plain keys plus pre-hashed ones."""

@@ -76,6 +76,7 @@ class BatchStats:
     # Step scheduler: UNet calls, the rows they ran, and how many calls ran n rows.
     unet_calls: int = 0
     unet_rows: int = 0
+    unet_s: float = 0.0  # time in UNet calls: the throughput behind GET /api/v1/queue
     rows_histogram: dict[int, int] = field(default_factory=dict)
     last_batch_s: float = 0.0
     wait_s_total: float = 0.0
@@ -105,6 +106,7 @@ class BatchStats:
         """One UNet call of the step scheduler over ``rows`` image rows."""
         self.unet_calls += 1
         self.unet_rows += rows
+        self.unet_s += seconds
         self.rows_histogram[rows] = self.rows_histogram.get(rows, 0) + 1
         if self.metrics is not None:
             self.metrics.step(rows, seconds)
@@ -141,6 +143,8 @@ class BatchStats:
             "mean_batch_images": self.images / self.batches if self.batches else 0.0,
             "batch_size_histogram": {str(k): v for k, v in sorted(self.size_histogram.items())},
             "unet_calls": self.unet_calls,
+            "unet_rows": self.unet_rows,
+            "unet_seconds": self.unet_s,
             "mean_rows_per_call": self.unet_rows / self.unet_calls if self.unet_calls else 0.0,
             "rows_per_call_histogram": {str(k): v for k, v in sorted(self.rows_histogram.items())},
             "last_batch_s": self.last_batch_s,

@@ -14,6 +14,7 @@ from imagegenx.api.images import bp as images_bp
 from imagegenx.api.metrics import bp as metrics_bp
 from imagegenx.api.openapi import bp as openapi_bp
 from imagegenx.api.playground import bp as playground_bp
+from imagegenx.api.queue_status import bp as queue_bp
 from imagegenx.api.ratelimit import build_limiter
 from imagegenx.api.services import build_services
 from imagegenx.api.task_status import bp as tasks_bp
@@ -36,6 +37,6 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
     svc.limiter = build_limiter(app, svc, images_bp, tasks_bp, workers_bp, health_bp)
     svc.cost_budget = CostBudget(svc.redis, settings.cost_budget_per_minute)
     for bp in (images_bp, tasks_bp, files_bp, health_bp, openapi_bp, playground_bp, workers_bp,
-               metrics_bp):
+               metrics_bp, queue_bp):
         app.register_blueprint(bp)
     return app

@@ -2,19 +2,25 @@
 from __future__ import annotations
 
 import secrets
+import time
 import uuid
+from collections.abc import Callable
 
-from flask import Blueprint, jsonify, url_for
+from flask import Blueprint, Response, jsonify, request, url_for
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from imagegenx.api.cost_limits import COST_UNITS, refuse_too_costly
 from imagegenx.api.errors import ApiError
+from imagegenx.api.fairness import UnfinishedTasks, refuse_priority
 from imagegenx.api.guards import json_body, require_key
-from imagegenx.api.services import services
+from imagegenx.api.idempotency import HEADER as IDEMPOTENCY_HEADER
+from imagegenx.api.idempotency import Claim, IdempotencyStore, body_hash, check_header
+from imagegenx.api.services import Services, services
 from imagegenx.celery_client import GENERATE_TASK
 from imagegenx.cost import request_cost
 from imagegenx.lora_catalog import LoraCatalog
+from imagegenx.scaling import SENT_AT_HEADER
 from imagegenx.schemas import MAX_SEED, TENANT_HEADER, GenerateRequest, SubmitResponse
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1")
@@ -24,6 +30,7 @@ TASK_NAME = GENERATE_TASK
 @bp.post("/images")
 def submit():  # type: ignore[no-untyped-def]
     digest = require_key()
+    idem_key = check_header(request.headers.get(IDEMPOTENCY_HEADER))
     body = json_body()
     svc = services()
     req = GenerateRequest.model_validate(body, context={"limits": svc.settings.limits})
@@ -36,13 +43,26 @@ def submit():  # type: ignore[no-untyped-def]
     unknown = loras.unknown_reason(req.lora_names()) if req.lora_names() and loras.exists() else None
     if unknown:
         raise ApiError(422, "invalid request", fields=[{"field": "lora", "reason": unknown}])
+    refuse_priority(req.priority, digest, svc.settings)
     cost = request_cost(req, svc.settings.cost_unset_side)
     refuse_too_costly(req, cost, svc.settings)
+    fingerprint = body_hash(req.model_dump(mode="json"))  # before the server picks a seed
     if req.seed is None:  # chosen here so a redelivered message draws the same image
         req = req.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - req.num_images)})
     task_id = str(uuid.uuid4())
     retry_after = {"Retry-After": str(svc.settings.retry_after_s)}
+    assert req.seed is not None
+    claim = Claim(fingerprint, task_id, req.seed, cost)
+    idem = IdempotencyStore(svc.redis, svc.settings.result_expires_s)
+    claimed = admitted = False
+    unfinished = UnfinishedTasks(svc.redis, _state_reader(svc), svc.settings.max_unfinished_per_key,
+                                 svc.settings.result_expires_s)
     try:
+        if idem_key is not None:
+            earlier = idem.claim(digest, idem_key, claim)
+            if earlier is not None:
+                return _replay(earlier, fingerprint)
+            claimed = True
         limit = svc.settings.max_queue_depth
         if limit:
             # Messages not yet taken by a worker. Concurrent submissions may
@@ -51,6 +71,8 @@ def submit():  # type: ignore[no-untyped-def]
             if depth >= limit:
                 raise ApiError(503, f"overloaded: {depth} requests are waiting (limit {limit}); "
                                "retry later", headers=retry_after, queue_depth=depth)
+        unfinished.admit(digest, task_id, svc.settings.retry_after_s)
+        admitted = True
         svc.cost_budget.charge(digest, cost)
         svc.owners.record(task_id, digest)
         svc.celery.send_task(
@@ -60,17 +82,50 @@ def submit():  # type: ignore[no-untyped-def]
             queue=svc.settings.queue,
             expires=req.timeout_s,
             retry=False,
-            headers={TENANT_HEADER: digest[:16]},
+            headers={TENANT_HEADER: digest[:16], SENT_AT_HEADER: time.time()},
         )
-    except (RedisError, OperationalError, ConnectionError) as exc:
-        raise ApiError(503, f"queue unavailable: {type(exc).__name__}",
-                       headers=retry_after) from exc
+    except BaseException as exc:
+        if claimed:
+            assert idem_key is not None
+            _quietly(idem.release, digest, idem_key, claim)
+        if admitted:
+            _quietly(unfinished.forget, digest, task_id)
+        if isinstance(exc, (RedisError, OperationalError, ConnectionError)):
+            raise ApiError(503, f"queue unavailable: {type(exc).__name__}",
+                           headers=retry_after) from exc
+        raise
     COST_UNITS.labels("accepted").inc(cost)
+    return _accepted(claim, 202)
+
+
+def _state_reader(svc: Services) -> Callable[[str], str]:
+    def state_of(task_id: str) -> str:
+        return str(svc.celery.backend.get_task_meta(task_id)["status"])
+    return state_of
+
+
+def _quietly(undo: Callable[..., object], *args: object) -> None:
+    """Undo what a submission that queued nothing recorded; with Redis down the
+    record expires with the results' lifetime instead."""
+    try:
+        undo(*args)
+    except RedisError:
+        pass
+
+
+def _replay(earlier: Claim, fingerprint: str) -> Response:
+    """200 with the first task of this idempotency key, or 409 for another body."""
+    if earlier.body_hash != fingerprint:
+        raise ApiError(409, f"{IDEMPOTENCY_HEADER} was already used with another request body",
+                       field=IDEMPOTENCY_HEADER, task_id=earlier.task_id)
+    return _accepted(earlier, 200)
+
+
+def _accepted(claim: Claim, status: int) -> Response:
     # The configured public address, never the request's Host header (a client could set it).
-    status_url = svc.settings.public_base + url_for("tasks.get_task", task_id=task_id)
-    assert req.seed is not None
-    resp = jsonify(SubmitResponse(task_id=task_id, status_url=status_url, seed=req.seed,
-                                  cost=cost).model_dump())
-    resp.status_code = 202
+    status_url = services().settings.public_base + url_for("tasks.get_task", task_id=claim.task_id)
+    resp = jsonify(SubmitResponse(task_id=claim.task_id, status_url=status_url, seed=claim.seed,
+                                  cost=claim.cost).model_dump())
+    resp.status_code = status
     resp.headers["Location"] = status_url
     return resp

@@ -13,6 +13,7 @@ from pydantic.json_schema import models_json_schema
 
 from imagegenx import __version__
 from imagegenx.api.services import services
+from imagegenx.api.queue_status import QueueResponse
 from imagegenx.api.workers import WorkersResponse
 from imagegenx.storage import MAX_KEY_CHARS
 from imagegenx.schemas import (
@@ -93,7 +94,7 @@ def _error(description: str) -> dict[str, Any]:
 def build_spec(limits: Limits) -> dict[str, Any]:
     _, defs = models_json_schema(
         [(m, "validation") for m in (GenerateRequest, SubmitResponse, TaskStatus, ErrorResponse)]
-        + [(WorkersResponse, "serialization")],
+        + [(WorkersResponse, "serialization"), (QueueResponse, "serialization")],
         ref_template=REF,
     )
     schemas = defs["$defs"]
@@ -116,20 +117,33 @@ def build_spec(limits: Limits) -> dict[str, Any]:
                 "summary": "Queue an image generation request",
                 "operationId": "submit",
                 "security": secured,
+                "parameters": [{
+                    "name": "Idempotency-Key", "in": "header", "required": False,
+                    "description": "makes retries safe: within the results' lifetime the same key "
+                                   "(per API key) with the same body returns the first task (200), "
+                                   "with another body 409",
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 128,
+                               "pattern": "^[\\x20-\\x7e]+$"}}],
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": {"$ref": REF.format(model="GenerateRequest")}}}},
                 "responses": {
                     "202": {"description": "queued", "content": {"application/json": {
                         "schema": {"$ref": REF.format(model="SubmitResponse")}}}},
-                    "400": _error("body is not a JSON object"),
+                    "200": {"description": "an earlier submission with this Idempotency-Key and "
+                                           "body: its task", "content": {"application/json": {
+                        "schema": {"$ref": REF.format(model="SubmitResponse")}}}},
+                    "400": _error("body is not a JSON object, or a bad Idempotency-Key header"),
                     "401": _error("missing or invalid API key"),
+                    "409": _error("Idempotency-Key already used with another body (body: task_id)"),
                     "413": _error("body too large"),
                     "422": _error("invalid fields, each named with the reason; a request costing "
                                   "more than max_request_cost names the field cost (body: cost, "
-                                  "max_cost)"),
-                    "429": _limited("rate limit or cost budget of this API key exceeded (cost "
-                                    "budget: the body has cost, budget_per_minute, "
-                                    "retry_after_s and frees_at)"),
+                                  "max_cost); a priority above this key's key_max_priority names "
+                                  "priority"),
+                    "429": _limited("rate limit, cost budget or unfinished tasks of this API key "
+                                    "exceeded (cost budget: the body has cost, budget_per_minute, "
+                                    "retry_after_s and frees_at; unfinished tasks: unfinished, "
+                                    "max_unfinished, retry_after_s)"),
                     "503": _limited("queue full (max_queue_depth) or unavailable"),
                 },
             }},
@@ -171,6 +185,19 @@ def build_spec(limits: Limits) -> dict[str, Any]:
                               "401": _error("missing or invalid API key"),
                               "503": _error("broker unavailable")},
             }},
+            "/api/v1/queue": {"get": {
+                "summary": "Scaling signals: queue depth and oldest age, worker capacity, drain time",
+                "description": "Drain estimate: waiting requests x mean steps x num_images of the "
+                               "oldest waiting messages / the live workers' measured image-steps "
+                               "per second (UNet time only: a lower bound).",
+                "operationId": "queueStatus",
+                "security": secured,
+                "responses": {"200": {"description": "the queues and the workers that answered",
+                                      "content": {"application/json": {"schema": {
+                                          "$ref": REF.format(model="QueueResponse")}}}},
+                              "401": _error("missing or invalid API key"),
+                              "503": _limited("broker unavailable")},
+            }},
             "/metrics": {"get": {
                 "summary": "Prometheus metrics: API requests and queue depth", "operationId": "metrics",
                 "responses": {"200": {"description": "Prometheus text format", "content": {
@@ -178,6 +205,10 @@ def build_spec(limits: Limits) -> dict[str, Any]:
             }},
             "/healthz": {"get": {
                 "summary": "Redis and worker reachability", "operationId": "health",
+                "parameters": [{"name": "ready", "in": "query", "required": False,
+                                "allowEmptyValue": True, "schema": {"type": "string"},
+                                "description": "readiness: also 503 when the queue's drain "
+                                               "estimate passes ready_max_drain_s"}],
                 "responses": {"200": {"description": "healthy"}, "503": {"description": "degraded"}},
             }},
         },

@@ -126,3 +126,17 @@ def test_stats_and_live_batching_limits(stack: Stack) -> None:
     assert "max_batch must be between" in bad[0][host]["error"]
     control.broadcast("set_batching", destination=[host], reply=True, timeout=2,
                       arguments={"max_batch": stack.settings.max_batch, "max_wait_ms": 200.0})
+
+
+def test_queue_endpoint_shows_the_live_worker_and_its_throughput(stack: Stack) -> None:
+    r = requests.post(f"{stack.base}/api/v1/images", json={"prompt": "q", "seed": 1, "steps": 4},
+                      headers=stack.headers, timeout=5)
+    wait_task(stack.base, r.json()["task_id"], API_KEY, 60)
+    body = requests.get(f"{stack.base}/api/v1/queue", headers=stack.headers, timeout=10).json()
+    assert [q["name"] for q in body["queues"]] == [stack.settings.queue,
+                                                   stack.settings.webhook_queue_name]
+    (worker,) = body["workers"]
+    assert worker["hostname"] == stack.worker.hostname and worker["scheduler"] == "step"
+    assert worker["max_batch"] == body["capacity_rows"] > 0
+    assert worker["image_steps_per_s"] > 0
+    assert body["drain"]["image_steps_per_s"] == pytest.approx(worker["image_steps_per_s"], abs=1e-3)
