@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
     if not settings.key_digests():
         log.warning("no API keys configured (IMAGEGENX_API_KEYS): every request gets 401")
     register_error_handlers(app)
-    svc.limiter = build_limiter(app, svc, images_bp, tasks_bp, workers_bp, health_bp)
+    svc.limiter = build_limiter(app, svc, images_bp, tasks_bp, workers_bp, health_bp, queue_bp)
     svc.cost_budget = CostBudget(svc.redis, settings.cost_budget_per_minute)
     for bp in (images_bp, tasks_bp, files_bp, health_bp, openapi_bp, playground_bp, workers_bp,
                metrics_bp, queue_bp):

@@ -31,7 +31,8 @@ def _no_valid_key() -> bool:
 
 
 def build_limiter(app: Flask, svc: Services, submit_bp: Blueprint, status_bp: Blueprint,
-                  workers_bp: Blueprint, health_bp: Blueprint) -> Limiter:
+                  workers_bp: Blueprint, health_bp: Blueprint,
+                  queue_bp: Blueprint) -> Limiter:
     """A limiter for this app, counting in the broker's Redis through the API's
     own connection pool (same timeouts: a dead Redis answers 503 fast)."""
     limiter = Limiter(
@@ -49,7 +50,9 @@ def build_limiter(app: Flask, svc: Services, submit_bp: Blueprint, status_bp: Bl
     # One budget per blueprint and key (reads and revokes of tasks share theirs).
     for value, bp, what in ((svc.settings.rate_limit, submit_bp, "submissions"),
                             (svc.settings.status_rate_limit, status_bp, "task requests"),
-                            (svc.settings.workers_rate_limit, workers_bp, "worker listings")):
+                            (svc.settings.workers_rate_limit, workers_bp, "worker listings"),
+                            # the queue status asks every worker too
+                            (svc.settings.workers_rate_limit, queue_bp, "queue listings")):
         if value:
             limiter.shared_limit(
                 value, scope=bp.name, exempt_when=_no_valid_key,

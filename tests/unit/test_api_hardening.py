@@ -9,6 +9,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
 import redis
 
 from imagegenx.api import create_app
@@ -78,14 +79,16 @@ def test_health_checks_have_a_limit_per_address(redis_base: str) -> None:
     assert health("10.1.0.2") == 200  # a load balancer elsewhere is not affected
 
 
-def test_worker_listing_has_a_limit_per_key(redis_base: str) -> None:
+@pytest.mark.parametrize("path", ["/api/v1/workers", "/api/v1/queue"])
+def test_worker_listing_has_a_limit_per_key(redis_base: str, path: str) -> None:
+    """Both endpoints ask every worker, so both have the per-key worker-listing limit."""
     a, b = new_key(), new_key()
     app = create_app(settings(redis_base, api_keys=[a, b], workers_rate_limit="2/minute",
                               workers_inspect_timeout_s=0.1), celery_app=FakeCelery())
     client = app.test_client()
 
     def workers(key: str) -> int:
-        return client.get("/api/v1/workers", headers={"X-API-Key": key}).status_code
+        return client.get(path, headers={"X-API-Key": key}).status_code
 
     assert [workers(a) for _ in range(3)] == [200, 200, 429]
     assert workers(b) == 200
