@@ -57,21 +57,20 @@ def _ensure_model(path: Path) -> None:
 def up(flower: bool, worker: bool) -> None:
     """Start Redis (if none answers), the API, a worker and Flower; Ctrl-C stops all."""
     from imagegenx.launcher import (
-        LaunchError, Supervisor, api_command, flower_command, redis_answers, redis_command,
-        worker_command,
+        LaunchError, Supervisor, api_command, flower_command, flower_env, kept_secret, redis_answers,
+        redis_command, worker_command,
     )
 
     settings = load_settings()
     env = dict(os.environ)
     if not settings.api_keys and not settings.api_key_hashes:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
         key_file = settings.data_dir / "api-key"
-        if not key_file.exists():
-            key_file.write_text(secrets.token_urlsafe(24) + "\n")
-            key_file.chmod(0o600)
-        env["IMAGEGENX_API_KEYS"] = key_file.read_text().strip()
+        env["IMAGEGENX_API_KEYS"] = kept_secret(key_file, lambda: secrets.token_urlsafe(24))
         click.echo(f"API key (from {key_file}): {env['IMAGEGENX_API_KEYS']}")
-    flower_auth = env.get("IMAGEGENX_FLOWER_AUTH") or f"admin:{secrets.token_urlsafe(12)}"
+    auth_file = settings.data_dir / "flower-auth"
+    flower_auth = env.get("IMAGEGENX_FLOWER_AUTH") or kept_secret(
+        auth_file, lambda: f"admin:{secrets.token_urlsafe(12)}")
+    auth_from = "IMAGEGENX_FLOWER_AUTH" if env.get("IMAGEGENX_FLOWER_AUTH") else auth_file
 
     sup = Supervisor()
     sup.trap_signals()  # a signal while starting stops what has started, too
@@ -96,12 +95,13 @@ def up(flower: bool, worker: bool) -> None:
         if worker:
             sup.spawn("worker", worker_command(), env)
         if flower:
-            sup.spawn("flower", flower_command(settings.flower_port, flower_auth), env)
-            click.echo(f"Flower: http://127.0.0.1:{settings.flower_port} (basic auth {flower_auth})")
+            sup.spawn("flower", flower_command(settings.flower_port), flower_env(env, flower_auth))
+            click.echo(f"Flower: http://127.0.0.1:{settings.flower_port} (basic auth {flower_auth}, from {auth_from})")
     except LaunchError as exc:
         sup.stop_all()
         raise click.ClickException(str(exc)) from None
-    click.echo(f"API: http://{settings.api_host}:{settings.api_port}/api/v1/images")
+    base = f"http://{settings.api_host}:{settings.api_port}"
+    click.echo(f"API: {base}/api/v1/images\nPlayground: {base}/\nAPI docs: {base}/api/v1/docs")
     sys.exit(sup.wait())
 
 
