@@ -10,6 +10,8 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
+from imagegenx.cli_client import api_errors, api_options, make_client, postprocess
+from imagegenx.cli_client import register as register_api_commands
 from imagegenx.settings import Settings
 
 
@@ -142,23 +144,9 @@ def worker(gpus: str, loglevel: str) -> None:
     sys.exit(sup.wait())
 
 
-OPTION_OF_FIELD = {
-    "prompt": "PROMPT", "negative_prompt": "--negative", "width": "--width", "height": "--height",
-    "steps": "--steps", "guidance_scale": "--guidance", "sampler": "--sampler", "seed": "--seed",
-    "num_images": "--num-images", "timeout_s": "--timeout",
-}
-
-
-def _default_key() -> str | None:
-    path = Path(os.environ.get("IMAGEGENX_DATA_DIR", "var")) / "api-key"
-    return path.read_text().strip() if path.exists() else None
-
-
 @main.command()
 @click.argument("prompt")
-@click.option("--api-url", envvar="IMAGEGENX_API_URL", default="http://127.0.0.1:8000",
-              show_default=True, help="Base URL of the API.")
-@click.option("--api-key", envvar="IMAGEGENX_API_KEY", help="API key (default: var/api-key).")
+@api_options
 @click.option("--negative", "negative_prompt", help="Negative prompt.")
 @click.option("--width", type=int, help="Width in px (multiple of 8).")
 @click.option("--height", type=int, help="Height in px (multiple of 8).")
@@ -168,30 +156,23 @@ def _default_key() -> str | None:
 @click.option("--seed", type=int, help="Seed (the server picks one when omitted).")
 @click.option("--num-images", type=int, help="Images to draw.")
 @click.option("--timeout", "timeout_s", type=float, help="Give up (server side) after this many s.")
+@click.option("--thumbnail", type=int, help="Longest side of the thumbnail, px.")
+@click.option("--upscale", type=click.Choice(["1", "2", "4"]), help="Enlarge the images this many times.")
+@click.option("--watermark", metavar="TEXT", help="Write TEXT on the images (bottom right).")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the images.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Write the image here (image i of several gets -i before the suffix).")
 def generate(prompt: str, api_url: str, api_key: str | None, wait: bool, output: Path | None,
-             **params: object) -> None:
+             thumbnail: int | None, upscale: str | None, watermark: str | None, **params: object) -> None:
     """Submit PROMPT; with --wait, show progress and save the PNG(s)."""
     from tqdm import tqdm
 
-    from imagegenx.client import ApiError, Client, TaskFailed
+    from imagegenx.client import TaskFailed
 
-    key = api_key or _default_key()
-    if not key:
-        raise click.UsageError("no API key: pass --api-key or set IMAGEGENX_API_KEY")
-    client = Client(api_url, key)
-    try:
-        sub = client.submit(prompt, **params)
-    except ApiError as exc:
-        if exc.fields:
-            lines = [f"  {OPTION_OF_FIELD.get(f['field'], f['field'])}: {f['reason']}"
-                     for f in exc.fields]
-            raise click.UsageError("the server refused the request:\n" + "\n".join(lines)) from None
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(f"cannot reach {api_url} (--api-url): {exc}") from None
+    client = make_client(api_url, api_key)
+    with api_errors(api_url):
+        sub = client.submit(prompt, **params, postprocess=postprocess(
+            thumbnail, None if upscale is None else int(upscale), watermark))
     click.echo(f"task {sub.task_id} (seed {sub.seed})", err=True)
     if not wait:
         click.echo(sub.task_id)
@@ -199,12 +180,13 @@ def generate(prompt: str, api_url: str, api_key: str | None, wait: bool, output:
     bar = tqdm(total=None, unit="step", desc="queued", leave=False)
     try:
         status = None
-        for status in client.progress(sub.task_id):
-            bar.set_description(status.state.lower())
-            if status.progress and status.progress.total:
-                bar.total = status.progress.total
-                bar.n = status.progress.step or 0
-                bar.refresh()
+        with api_errors(api_url, sub.task_id):
+            for status in client.progress(sub.task_id):
+                bar.set_description(status.state.lower())
+                if status.progress and status.progress.total:
+                    bar.total = status.progress.total
+                    bar.n = status.progress.step or 0
+                    bar.refresh()
     finally:
         bar.close()
     assert status is not None
@@ -216,8 +198,12 @@ def generate(prompt: str, api_url: str, api_key: str | None, wait: bool, output:
             click.echo(image.url)
             continue
         path = output if len(images) == 1 else output.with_name(f"{output.stem}-{i}{output.suffix}")
-        client.download(image.url, path)
+        with api_errors(api_url):
+            client.download(image.url, path)
         click.echo(str(path))
+
+
+register_api_commands(main)
 
 
 BENCHMARKS = {
