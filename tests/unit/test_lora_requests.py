@@ -14,6 +14,7 @@ from imagegenx.lora_catalog import LoraCatalog, LoraNotFound
 from imagegenx.pipeline import Job, batch_key, plan
 from imagegenx.schemas import GenerateRequest
 from imagegenx.settings import Settings
+from tests.service import drop_queues
 
 KEY = "unit-lora-key"
 
@@ -34,7 +35,7 @@ def client(redis_base: str, lora_dir: Path, tmp_path_factory: pytest.TempPathFac
                         queue="unit-lora", api_keys=[KEY], rate_limit="", lora_dir=lora_dir,
                         storage_root=tmp_path_factory.mktemp("files"))
     yield create_app(settings).test_client()
-    redis.Redis.from_url(settings.broker_url).delete(settings.queue)
+    drop_queues(redis.Redis.from_url(settings.broker_url), settings)
 
 
 def reasons(client: FlaskClient, **fields: object) -> dict[str, str]:
@@ -89,7 +90,7 @@ def test_api_without_the_folder_refuses_any_lora(redis_base: str, tmp_path: Path
         "lora": f"unknown LoRA 'anime': no LoRA is available (lora_dir {tmp_path / 'absent'} does not exist)"}
     ok = client.post("/api/v1/images", json={"prompt": "x"}, headers={"X-API-Key": KEY})
     assert ok.status_code == 202, ok.json  # no LoRA named: the folder does not matter
-    redis.Redis.from_url(settings.broker_url).delete(settings.queue)
+    drop_queues(redis.Redis.from_url(settings.broker_url), settings)
 
 
 def test_weights_file_prefers_the_diffusers_name(tmp_path: Path) -> None:
