@@ -366,6 +366,8 @@ class GenerateResult(BaseModel):
     steps: int
     cost: int | None = Field(default=None, description="cost units of what ran (imagegenx.cost); "
                                                        "absent from results of older workers")
+    warnings: list[str] = Field(default_factory=list, description="what the images may not show as asked, "
+                                "e.g. prompt words the shipped shapes model never saw")
 
 
 class Progress(BaseModel):
