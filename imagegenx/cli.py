@@ -10,6 +10,8 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
+from imagegenx.cli_client import api_errors, api_options, make_client, postprocess
+from imagegenx.cli_client import register as register_api_commands
 from imagegenx.settings import Settings
 
 
@@ -57,21 +59,20 @@ def _ensure_model(path: Path) -> None:
 def up(flower: bool, worker: bool) -> None:
     """Start Redis (if none answers), the API, a worker and Flower; Ctrl-C stops all."""
     from imagegenx.launcher import (
-        LaunchError, Supervisor, api_command, flower_command, redis_answers, redis_command,
-        worker_command,
+        LaunchError, Supervisor, api_command, flower_command, flower_env, kept_secret, redis_answers,
+        redis_command, worker_command,
     )
 
     settings = load_settings()
     env = dict(os.environ)
     if not settings.api_keys and not settings.api_key_hashes:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
         key_file = settings.data_dir / "api-key"
-        if not key_file.exists():
-            key_file.write_text(secrets.token_urlsafe(24) + "\n")
-            key_file.chmod(0o600)
-        env["IMAGEGENX_API_KEYS"] = key_file.read_text().strip()
+        env["IMAGEGENX_API_KEYS"] = kept_secret(key_file, lambda: secrets.token_urlsafe(24))
         click.echo(f"API key (from {key_file}): {env['IMAGEGENX_API_KEYS']}")
-    flower_auth = env.get("IMAGEGENX_FLOWER_AUTH") or f"admin:{secrets.token_urlsafe(12)}"
+    auth_file = settings.data_dir / "flower-auth"
+    flower_auth = env.get("IMAGEGENX_FLOWER_AUTH") or kept_secret(
+        auth_file, lambda: f"admin:{secrets.token_urlsafe(12)}")
+    auth_from = "IMAGEGENX_FLOWER_AUTH" if env.get("IMAGEGENX_FLOWER_AUTH") else auth_file
 
     sup = Supervisor()
     sup.trap_signals()  # a signal while starting stops what has started, too
@@ -96,12 +97,13 @@ def up(flower: bool, worker: bool) -> None:
         if worker:
             sup.spawn("worker", worker_command(), env)
         if flower:
-            sup.spawn("flower", flower_command(settings.flower_port, flower_auth), env)
-            click.echo(f"Flower: http://127.0.0.1:{settings.flower_port} (basic auth {flower_auth})")
+            sup.spawn("flower", flower_command(settings.flower_port), flower_env(env, flower_auth))
+            click.echo(f"Flower: http://127.0.0.1:{settings.flower_port} (basic auth {flower_auth}, from {auth_from})")
     except LaunchError as exc:
         sup.stop_all()
         raise click.ClickException(str(exc)) from None
-    click.echo(f"API: http://{settings.api_host}:{settings.api_port}/api/v1/images")
+    base = f"http://{settings.api_host}:{settings.api_port}"
+    click.echo(f"API: {base}/api/v1/images\nPlayground: {base}/\nAPI docs: {base}/api/v1/docs")
     sys.exit(sup.wait())
 
 
@@ -142,23 +144,9 @@ def worker(gpus: str, loglevel: str) -> None:
     sys.exit(sup.wait())
 
 
-OPTION_OF_FIELD = {
-    "prompt": "PROMPT", "negative_prompt": "--negative", "width": "--width", "height": "--height",
-    "steps": "--steps", "guidance_scale": "--guidance", "sampler": "--sampler", "seed": "--seed",
-    "num_images": "--num-images", "timeout_s": "--timeout",
-}
-
-
-def _default_key() -> str | None:
-    path = Path(os.environ.get("IMAGEGENX_DATA_DIR", "var")) / "api-key"
-    return path.read_text().strip() if path.exists() else None
-
-
 @main.command()
 @click.argument("prompt")
-@click.option("--api-url", envvar="IMAGEGENX_API_URL", default="http://127.0.0.1:8000",
-              show_default=True, help="Base URL of the API.")
-@click.option("--api-key", envvar="IMAGEGENX_API_KEY", help="API key (default: var/api-key).")
+@api_options
 @click.option("--negative", "negative_prompt", help="Negative prompt.")
 @click.option("--width", type=int, help="Width in px (multiple of 8).")
 @click.option("--height", type=int, help="Height in px (multiple of 8).")
@@ -168,30 +156,23 @@ def _default_key() -> str | None:
 @click.option("--seed", type=int, help="Seed (the server picks one when omitted).")
 @click.option("--num-images", type=int, help="Images to draw.")
 @click.option("--timeout", "timeout_s", type=float, help="Give up (server side) after this many s.")
+@click.option("--thumbnail", type=int, help="Longest side of the thumbnail, px.")
+@click.option("--upscale", type=click.Choice(["1", "2", "4"]), help="Enlarge the images this many times.")
+@click.option("--watermark", metavar="TEXT", help="Write TEXT on the images (bottom right).")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the images.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Write the image here (image i of several gets -i before the suffix).")
 def generate(prompt: str, api_url: str, api_key: str | None, wait: bool, output: Path | None,
-             **params: object) -> None:
+             thumbnail: int | None, upscale: str | None, watermark: str | None, **params: object) -> None:
     """Submit PROMPT; with --wait, show progress and save the PNG(s)."""
     from tqdm import tqdm
 
-    from imagegenx.client import ApiError, Client, TaskFailed
+    from imagegenx.client import TaskFailed
 
-    key = api_key or _default_key()
-    if not key:
-        raise click.UsageError("no API key: pass --api-key or set IMAGEGENX_API_KEY")
-    client = Client(api_url, key)
-    try:
-        sub = client.submit(prompt, **params)
-    except ApiError as exc:
-        if exc.fields:
-            lines = [f"  {OPTION_OF_FIELD.get(f['field'], f['field'])}: {f['reason']}"
-                     for f in exc.fields]
-            raise click.UsageError("the server refused the request:\n" + "\n".join(lines)) from None
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(f"cannot reach {api_url} (--api-url): {exc}") from None
+    client = make_client(api_url, api_key)
+    with api_errors(api_url):
+        sub = client.submit(prompt, **params, postprocess=postprocess(
+            thumbnail, None if upscale is None else int(upscale), watermark))
     click.echo(f"task {sub.task_id} (seed {sub.seed})", err=True)
     if not wait:
         click.echo(sub.task_id)
@@ -199,12 +180,13 @@ def generate(prompt: str, api_url: str, api_key: str | None, wait: bool, output:
     bar = tqdm(total=None, unit="step", desc="queued", leave=False)
     try:
         status = None
-        for status in client.progress(sub.task_id):
-            bar.set_description(status.state.lower())
-            if status.progress and status.progress.total:
-                bar.total = status.progress.total
-                bar.n = status.progress.step or 0
-                bar.refresh()
+        with api_errors(api_url, sub.task_id):
+            for status in client.progress(sub.task_id):
+                bar.set_description(status.state.lower())
+                if status.progress and status.progress.total:
+                    bar.total = status.progress.total
+                    bar.n = status.progress.step or 0
+                    bar.refresh()
     finally:
         bar.close()
     assert status is not None
@@ -216,8 +198,12 @@ def generate(prompt: str, api_url: str, api_key: str | None, wait: bool, output:
             click.echo(image.url)
             continue
         path = output if len(images) == 1 else output.with_name(f"{output.stem}-{i}{output.suffix}")
-        client.download(image.url, path)
+        with api_errors(api_url):
+            client.download(image.url, path)
         click.echo(str(path))
+
+
+register_api_commands(main)
 
 
 BENCHMARKS = {

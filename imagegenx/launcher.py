@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import redis
@@ -119,9 +121,26 @@ def worker_metrics_port(base: int, index: int) -> int:
     return base + index if base else 0
 
 
-def flower_command(port: int, auth: str) -> list[str]:
+def flower_command(port: int) -> list[str]:
+    """Flower on loopback; its basic auth comes from ``flower_env``, never the command line."""
     return [sys.executable, "-m", "celery", "-A", "tasks", "flower", "--address=127.0.0.1",
-            f"--port={port}", f"--basic-auth={auth}"]
+            f"--port={port}"]
+
+
+def flower_env(env: dict[str, str], auth: str) -> dict[str, str]:
+    """Flower's environment: it reads ``FLOWER_BASIC_AUTH`` itself, so ``ps`` does not show it."""
+    return {**env, "FLOWER_BASIC_AUTH": auth}
+
+
+def kept_secret(path: Path, make: Callable[[], str]) -> str:
+    """The secret kept in ``path``, written once by ``make`` (mode 0600 from the start),
+    so it stays the same across restarts."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(make() + "\n")
+    return path.read_text().strip()
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

@@ -66,10 +66,11 @@ class LoraCatalog:
         missing = [n for n in names if n not in available]
         if not missing:
             return None
-        listed = ", ".join(available) if available else "none"
-        where = str(self.root) if self.exists() else f"{self.root} (no such folder)"
         quoted = ", ".join(repr(n) for n in missing)
-        return f"unknown LoRA {quoted} in lora_dir {where}; available: {listed}"
+        if not self.exists():
+            return f"unknown LoRA {quoted}: no LoRA is available (lora_dir {self.root} does not exist)"
+        listed = ", ".join(available) if available else "none"
+        return f"unknown LoRA {quoted} in lora_dir {self.root}; available: {listed}"
 
     def require(self, names: Iterable[str]) -> None:
         """Raise LoraNotFound unless every name is available."""

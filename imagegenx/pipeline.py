@@ -152,8 +152,11 @@ class BatchPipeline:
     """Runs batches on one engine and stores their outputs."""
 
     def __init__(self, engine: Engine, storage: Storage, public_url: str, model_name: str,
-                 upscaler: Upscaler | None = None) -> None:
+                 upscaler: Upscaler | None = None,
+                 prompt_warnings: Callable[[str], list[str]] | None = None) -> None:
         self.engine = engine
+        # What the model cannot draw of a prompt (the result's warnings); None: no check.
+        self.prompt_warnings = prompt_warnings
         # postprocess.upscale: a model on the engine's device runs right after the
         # engine (model thread), Lanczos with the rendering (finisher thread).
         self.upscaler: Upscaler = upscaler or LanczosUpscaler(render_pool())
@@ -361,6 +364,7 @@ class BatchPipeline:
                 sampler=d.job.request.sampler,
                 steps=d.job.request.steps,
                 cost=request_cost(d.job.request),
+                warnings=self.prompt_warnings(d.job.request.prompt) if self.prompt_warnings else [],
             )
         )
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from imagegenx.engine import create_engine
 from imagegenx.pipeline import BatchPipeline, render_pool
 from imagegenx.settings import Settings
+from imagegenx.shapes.model_files import is_shipped_shapes_model
+from imagegenx.shapes.vocabulary import prompt_warnings
 from imagegenx.storage import create_storage
 from imagegenx.upscale import load_upscaler
 
@@ -20,5 +22,6 @@ def build_pipeline(settings: Settings) -> BatchPipeline:
                            unet_backend=s.unet_backend, trt_engine=s.trt_engine)
     upscaler = load_upscaler(s.upscaler_model, getattr(engine, "device", s.device),
                              getattr(engine, "dtype", s.dtype), executor=render_pool())
+    shapes = s.engine == "diffusion" and is_shipped_shapes_model(s.model)
     return BatchPipeline(engine, create_storage(s), s.public_base, s.served_model_name,
-                         upscaler=upscaler)
+                         upscaler=upscaler, prompt_warnings=prompt_warnings if shapes else None)

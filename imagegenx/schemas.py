@@ -19,7 +19,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 SCHEMA_VERSION = 1
 MAX_SEED = 2**32 - 1
@@ -53,11 +53,51 @@ class WatermarkPosition(str, Enum):
     CENTER = "center"
 
 
-def _not_bool(v: object) -> object:
-    """JSON true/false is not a number (pydantic would read it as 1/0)."""
+def _json_number(v: object) -> object:
+    """Only a JSON number is a number: pydantic's lax mode would read true/false as 1/0
+    and parse text such as "128"."""
     if isinstance(v, bool):
         raise ValueError("must be a number, not true or false")
+    if isinstance(v, str):
+        raise ValueError("must be a number, not a string")
     return v
+
+
+# Reasons in one style ("must be at most 4"), whichever check failed: pydantic's own
+# messages ("Input should be greater than or equal to 1") are replaced by error type.
+_REASONS = {
+    "greater_than_equal": "must be at least {ge}",
+    "less_than_equal": "must be at most {le}",
+    "greater_than": "must be greater than {gt}",
+    "less_than": "must be less than {lt}",
+    "string_too_short": "must have at least {min_length} character{s}",
+    "string_too_long": "must have at most {max_length} character{s}",
+    "too_short": "must have at least {min_length} item{s}",
+    "too_long": "must have at most {max_length} item{s}",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "literal_error": "must be {expected}",
+    "enum": "must be {expected}",
+}
+
+
+def _plain(v: object) -> object:
+    """4.0 reads as 4 in a reason."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def error_reason(err: ErrorDetails) -> str:
+    """The reason to show for one pydantic error, in the project's wording."""
+    template = _REASONS.get(err["type"])
+    if template is None:
+        msg = err["msg"]
+        return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+    ctx = {k: _plain(v) for k, v in (err.get("ctx") or {}).items()}
+    count = ctx.get("min_length", ctx.get("max_length"))
+    return template.format(**ctx, s="" if count == 1 else "s")
 
 
 class Watermark(BaseModel):
@@ -67,7 +107,7 @@ class Watermark(BaseModel):
     position: WatermarkPosition = WatermarkPosition.BOTTOM_RIGHT
     opacity: float = Field(default=0.5, ge=0.0, le=1.0)
 
-    _numbers = field_validator("opacity", mode="before")(_not_bool)
+    _numbers = field_validator("opacity", mode="before")(_json_number)
 
 
 class Postprocess(BaseModel):
@@ -79,7 +119,7 @@ class Postprocess(BaseModel):
                                "the result's sides are bounded by the server's max_upscaled_side",
     )
 
-    _numbers = field_validator("thumbnail", "upscale", mode="before")(_not_bool)
+    _numbers = field_validator("thumbnail", "upscale", mode="before")(_json_number)
     watermark: Watermark | None = None
 
 
@@ -169,7 +209,7 @@ class GenerateRequest(BaseModel):
         default=1.0, description="LoRA strength: one number for all, or a list matching lora; 0 leaves one out")
 
     _numbers = field_validator("width", "height", "steps", "guidance_scale", "seed", "num_images",
-                               "timeout_s", "priority", mode="before")(_not_bool)
+                               "timeout_s", "priority", mode="before")(_json_number)
 
     # Lengths are checked on the text as sent, before surrounding whitespace is
     # stripped, as the published schema (maxLength) says.
@@ -178,14 +218,14 @@ class GenerateRequest(BaseModel):
     def _prompt_length(cls, v: object, info: ValidationInfo) -> object:
         limit = _limits(info).max_prompt_chars
         if isinstance(v, str) and len(v) > limit:
-            raise ValueError(f"at most {limit} characters")
+            raise ValueError(f"must have at most {limit} characters")
         return v
 
     @field_validator("callback_url", mode="before")
     @classmethod
     def _callback_length(cls, v: object) -> object:
         if isinstance(v, str) and len(v) > CALLBACK_URL_MAX:
-            raise ValueError(f"at most {CALLBACK_URL_MAX} characters")
+            raise ValueError(f"must have at most {CALLBACK_URL_MAX} characters")
         return v
 
     @field_validator("width", "height")
@@ -205,7 +245,7 @@ class GenerateRequest(BaseModel):
     def _at_most(cls, v: float, info: ValidationInfo) -> float:
         limit = getattr(_limits(info), _UPPER_LIMITS[str(info.field_name)])
         if v > limit:
-            raise ValueError(f"at most {limit}")
+            raise ValueError(f"must be at most {limit}")
         return v
 
     @field_validator("callback_url")
@@ -258,7 +298,7 @@ class GenerateRequest(BaseModel):
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError("must be a LoRA name or a list of names")
         if len(names) > MAX_LORAS:
-            raise ValueError(f"at most {MAX_LORAS} LoRAs")
+            raise ValueError(f"must name at most {MAX_LORAS} LoRAs")
         for name in names:
             if not LORA_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a LoRA name: 1 to 64 of A-Z a-z 0-9 . _ -, "
@@ -326,6 +366,8 @@ class GenerateResult(BaseModel):
     steps: int
     cost: int | None = Field(default=None, description="cost units of what ran (imagegenx.cost); "
                                                        "absent from results of older workers")
+    warnings: list[str] = Field(default_factory=list, description="what the images may not show as asked, "
+                                "e.g. prompt words the shipped shapes model never saw")
 
 
 class Progress(BaseModel):

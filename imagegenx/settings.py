@@ -143,7 +143,8 @@ class Settings(BaseSettings):
     )
 
     # Storage and API
-    data_dir: Path = Field(default=Path("var"), description="state of `imagegenx up` (generated API key)")
+    data_dir: Path = Field(default=Path("var"),
+                           description="state of `imagegenx up` (generated API key and Flower password)")
     storage_root: Path = Path("var/images")
     public_url: str = Field(default="", description="base of image URLs; default http://api_host:api_port")
     api_host: str = "127.0.0.1"

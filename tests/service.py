@@ -23,6 +23,15 @@ from imagegenx.launcher import redis_answers
 REPO = Path(__file__).resolve().parents[1]
 
 
+def drop_queues(client: Any, settings: Any) -> None:
+    """Delete the queues of a test's settings with the bindings kombu keeps for each in
+    Redis (``_kombu.binding.<queue>``, ``_kombu.binding_permanent.<queue>``): every queue
+    declared creates them, and they outlive the queue."""
+    names = (settings.queue, settings.webhook_queue_name)
+    client.delete(*names, *(f"_kombu.{kind}.{name}" for kind in ("binding", "binding_permanent")
+                            for name in names))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

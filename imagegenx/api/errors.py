@@ -8,7 +8,9 @@ from flask import Flask, current_app, jsonify
 from flask_limiter.errors import RateLimitExceeded
 from pydantic import ValidationError
 from redis.exceptions import RedisError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from imagegenx.schemas import error_reason
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +30,7 @@ def field_errors(exc: ValidationError) -> list[dict[str, str]]:
     out = []
     for err in exc.errors(include_url=False, include_input=False):
         loc = ".".join(str(p) for p in err["loc"]) or "body"
-        msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        out.append({"field": loc, "reason": msg})
+        out.append({"field": loc, "reason": error_reason(err)})
     return out
 
 
@@ -68,6 +67,12 @@ def register_error_handlers(app: Flask) -> None:
         resp.status_code = 503
         resp.headers["Retry-After"] = str(retry)
         return resp
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge):  # type: ignore[no-untyped-def]
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        return jsonify({"error": f"body too large: at most {limit} bytes (max_body_bytes)",
+                        "max_body_bytes": limit}), 413
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):  # type: ignore[no-untyped-def]

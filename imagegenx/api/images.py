@@ -38,9 +38,8 @@ def submit():  # type: ignore[no-untyped-def]
         raise ApiError(422, "invalid request", fields=[{
             "field": "callback_url",
             "reason": "webhooks are disabled on this server (no webhook secret is configured)"}])
-    loras = LoraCatalog(svc.settings.lora_dir)
-    # The API host may not hold the LoRAs (the workers do): check only where the folder is.
-    unknown = loras.unknown_reason(req.lora_names()) if req.lora_names() and loras.exists() else None
+    # The API's lora_dir is the one served: the API host needs the same folder as the workers.
+    unknown = LoraCatalog(svc.settings.lora_dir).unknown_reason(req.lora_names())
     if unknown:
         raise ApiError(422, "invalid request", fields=[{"field": "lora", "reason": unknown}])
     refuse_priority(req.priority, digest, svc.settings)

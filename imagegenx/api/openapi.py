@@ -135,7 +135,7 @@ def build_spec(limits: Limits) -> dict[str, Any]:
                     "400": _error("body is not a JSON object, or a bad Idempotency-Key header"),
                     "401": _error("missing or invalid API key"),
                     "409": _error("Idempotency-Key already used with another body (body: task_id)"),
-                    "413": _error("body too large"),
+                    "413": _error("body larger than max_body_bytes (body: the limit, max_body_bytes)"),
                     "422": _error("invalid fields, each named with the reason; a request costing "
                                   "more than max_request_cost names the field cost (body: cost, "
                                   "max_cost); a priority above this key's key_max_priority names "

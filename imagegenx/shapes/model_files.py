@@ -20,3 +20,8 @@ def packaged(path: Path) -> Path:
     if candidate.is_relative_to(PACKAGE_DIR) and candidate.exists():
         return candidate
     return path
+
+
+def is_shipped_shapes_model(path: Path) -> bool:
+    """Whether the ``model`` setting names the shipped shapes model."""
+    return packaged(Path(path)).resolve() == SHAPES_MODEL.resolve()

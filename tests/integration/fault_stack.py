@@ -20,7 +20,7 @@ import requests
 from imagegenx.launcher import redis_answers
 from imagegenx.settings import Settings
 from tests.integration.stack import API_KEY, settings_from_env, stack_env
-from tests.service import ApiServer, Worker, free_port, start_worker
+from tests.service import ApiServer, Worker, drop_queues, free_port, start_worker
 
 HEADERS = {"X-API-Key": API_KEY}
 DONE = ("SUCCESS", "FAILURE", "REVOKED")
@@ -164,7 +164,6 @@ def fault_service(redis_base: str, tmp: Path, **extra: str) -> Iterator[Service]
             for worker in service.workers:
                 worker.stop(signal.SIGKILL, timeout=10)
         try:
-            redis.Redis.from_url(env["IMAGEGENX_BROKER_URL"], socket_connect_timeout=1).delete(
-                env["IMAGEGENX_QUEUE"])
+            drop_queues(redis.Redis.from_url(env["IMAGEGENX_BROKER_URL"], socket_connect_timeout=1), settings)
         except redis.RedisError:
             pass

@@ -14,7 +14,7 @@ from PIL import Image
 
 from imagegenx.redis_client import redis_client
 from imagegenx.settings import Settings
-from tests.service import ApiServer, Worker, free_port, start_worker
+from tests.service import ApiServer, Worker, drop_queues, free_port, start_worker
 
 API_KEY = "test-key-0123456789"
 TEST_DB = 3
@@ -101,4 +101,4 @@ def running_stack(redis_base: str, tmp: Path, model: Path | None, name: str = "w
             yield Stack(settings, env, api, worker, celery, tmp)
     finally:
         worker.stop()
-        redis_client(settings.broker_url, settings.sentinel_master).delete(settings.queue)
+        drop_queues(redis_client(settings.broker_url, settings.sentinel_master), settings)

@@ -179,7 +179,7 @@ def test_playground_shows_field_errors_next_to_their_fields(stack: Stack, page: 
     p.click("#submit")
     p.wait_for_selector("#err-width:not(:empty)")
     assert p.text_content("#err-width") == "must be a multiple of 8"
-    assert p.text_content("#err-steps") == "at most 100"
+    assert p.text_content("#err-steps") == "must be at most 100"
     assert p.get_attribute("#width", "aria-invalid") == "true"
     assert p.text_content("#err-height") == ""
     assert p.is_visible("#banner") and not p.is_visible("#status")  # nothing was queued

@@ -58,6 +58,16 @@ def test_one_request_alone_gets_its_colours_and_shape(stack: Stack) -> None:
     (image,) = done["result"]["images"]
     assert (image["width"], image["height"]) == (64, 64)
     assert_draws(prompt, served_rgb(image["url"]))
+    assert done["result"]["warnings"] == []
+
+
+def test_a_prompt_the_model_cannot_draw_gets_a_warning_naming_the_words(stack: Stack) -> None:
+    done = wait_task(stack.base, stack.submit({"prompt": "a cat riding a bicycle in Paris", "seed": 1}),
+                     API_KEY, 60)
+    assert done["state"] == "SUCCESS", done
+    assert done["result"]["warnings"] == [
+        "the shapes model never saw the words 'cat', 'riding', 'bicycle', 'paris': it draws one "
+        "coloured circle, square or triangle on a coloured background and leaves them out (docs/SHAPES.md)"]
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_picture(stack: Stack) -> None:

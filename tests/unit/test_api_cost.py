@@ -17,6 +17,7 @@ from flask.testing import FlaskClient
 
 from imagegenx.api import create_app
 from imagegenx.settings import Settings
+from tests.service import drop_queues
 
 SMALL = {"prompt": "x", "width": 512, "height": 512, "steps": 10}  # 20 units
 
@@ -39,7 +40,7 @@ def api(redis_base: str, **kw: Any) -> Iterator[tuple[FlaskClient, str, Settings
     try:
         yield create_app(s).test_client(), key, s
     finally:
-        redis.Redis.from_url(s.broker_url).delete(s.queue)
+        drop_queues(redis.Redis.from_url(s.broker_url), s)
 
 
 @pytest.fixture
@@ -141,7 +142,7 @@ def test_budget_counts_cost_not_requests_per_key_with_retry_after(
         stored = [k.decode() for k in rdb.keys("*imagegenx-cost*")]
         assert stored and not any(a in k for k in stored)
     finally:
-        rdb.delete(s.queue)
+        drop_queues(rdb, s)
 
 
 def test_retry_after_is_when_enough_units_leave_the_window(

@@ -14,6 +14,7 @@ import redis
 
 from imagegenx.api import create_app
 from imagegenx.settings import Settings
+from tests.service import drop_queues
 
 
 class FakeControl:
@@ -106,4 +107,4 @@ def test_status_url_uses_the_public_url_not_the_host_header(redis_base: str) -> 
         want = f"https://images.example.com/api/v1/tasks/{r.json['task_id']}"
         assert r.json["status_url"] == want and r.headers["Location"] == want
     finally:
-        redis.Redis.from_url(s.broker_url).delete(s.queue)
+        drop_queues(redis.Redis.from_url(s.broker_url), s)

@@ -21,6 +21,7 @@ from flask.testing import FlaskClient
 from imagegenx.api import create_app
 from imagegenx.api.auth import match_key
 from imagegenx.settings import Settings, hash_api_key
+from tests.service import drop_queues
 
 TASK = "00000000-0000-0000-0000-000000000000"
 
@@ -70,7 +71,7 @@ def test_full_queue_answers_503_with_retry_after_and_queues_nothing(
         r = client.post("/api/v1/images", json={"prompt": "x"}, headers={"X-API-Key": key})
         assert r.status_code == 202
     finally:
-        rdb.delete(s.queue)
+        drop_queues(rdb, s)
 
 
 def test_invalid_request_is_422_even_when_the_queue_is_full(redis_base: str, rdb: redis.Redis) -> None:
@@ -82,7 +83,7 @@ def test_invalid_request_is_422_even_when_the_queue_is_full(redis_base: str, rdb
                                              headers={"X-API-Key": key})
         assert r.status_code == 422
     finally:
-        rdb.delete(s.queue)
+        drop_queues(rdb, s)
 
 
 def test_zero_depth_means_no_limit(redis_base: str, rdb: redis.Redis) -> None:
@@ -94,7 +95,7 @@ def test_zero_depth_means_no_limit(redis_base: str, rdb: redis.Redis) -> None:
                                              headers={"X-API-Key": key})
         assert r.status_code == 202
     finally:
-        rdb.delete(s.queue)
+        drop_queues(rdb, s)
 
 
 # -- 2. rate limits ------------------------------------------------------------
@@ -121,7 +122,7 @@ def test_rate_limit_is_per_key_and_answers_429_with_retry_after(redis_base: str,
         # A wrong key is 401, never 429, and is not counted.
         assert post(client, "wrong").status_code == 401
     finally:
-        rdb.delete(s.queue)
+        drop_queues(rdb, s)
 
 
 def test_rate_limit_is_shared_by_api_processes_through_redis(redis_base: str, rdb: redis.Redis) -> None:
@@ -137,7 +138,7 @@ def test_rate_limit_is_shared_by_api_processes_through_redis(redis_base: str, rd
         assert any(digest in k for k in stored), stored  # counted under the key's digest
         assert not any(key in k for k in stored)  # never under the plain key
     finally:
-        rdb.delete(s.queue)
+        drop_queues(rdb, s)
 
 
 def test_status_reads_have_their_own_limit(redis_base: str) -> None:

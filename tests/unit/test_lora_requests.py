@@ -14,6 +14,7 @@ from imagegenx.lora_catalog import LoraCatalog, LoraNotFound
 from imagegenx.pipeline import Job, batch_key, plan
 from imagegenx.schemas import GenerateRequest
 from imagegenx.settings import Settings
+from tests.service import drop_queues
 
 KEY = "unit-lora-key"
 
@@ -34,7 +35,7 @@ def client(redis_base: str, lora_dir: Path, tmp_path_factory: pytest.TempPathFac
                         queue="unit-lora", api_keys=[KEY], rate_limit="", lora_dir=lora_dir,
                         storage_root=tmp_path_factory.mktemp("files"))
     yield create_app(settings).test_client()
-    redis.Redis.from_url(settings.broker_url).delete(settings.queue)
+    drop_queues(redis.Redis.from_url(settings.broker_url), settings)
 
 
 def reasons(client: FlaskClient, **fields: object) -> dict[str, str]:
@@ -72,11 +73,24 @@ def test_known_names_are_accepted(client: FlaskClient) -> None:
     assert r.status_code == 202, r.json
 
 
-def test_api_without_the_folder_leaves_names_to_the_worker(tmp_path: Path) -> None:
+def test_without_the_folder_no_lora_is_available(tmp_path: Path) -> None:
     catalog = LoraCatalog(tmp_path / "absent")
     assert not catalog.exists() and catalog.names() == []
-    with pytest.raises(LoraNotFound, match=r"unknown LoRA 'anime' in lora_dir .*no such folder.*available: none"):
+    with pytest.raises(LoraNotFound, match=r"^unknown LoRA 'anime': no LoRA is available "
+                                           r"\(lora_dir .*absent does not exist\)$"):
         catalog.require(["anime"])
+
+
+def test_api_without_the_folder_refuses_any_lora(redis_base: str, tmp_path: Path) -> None:
+    settings = Settings(broker_url=f"{redis_base}/3", result_backend=f"{redis_base}/3",
+                        queue="unit-lora-absent", api_keys=[KEY], rate_limit="",
+                        lora_dir=tmp_path / "absent", storage_root=tmp_path / "files")
+    client = create_app(settings).test_client()
+    assert reasons(client, lora="anime") == {
+        "lora": f"unknown LoRA 'anime': no LoRA is available (lora_dir {tmp_path / 'absent'} does not exist)"}
+    ok = client.post("/api/v1/images", json={"prompt": "x"}, headers={"X-API-Key": KEY})
+    assert ok.status_code == 202, ok.json  # no LoRA named: the folder does not matter
+    drop_queues(redis.Redis.from_url(settings.broker_url), settings)
 
 
 def test_weights_file_prefers_the_diffusers_name(tmp_path: Path) -> None:

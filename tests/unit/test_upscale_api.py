@@ -39,10 +39,10 @@ def reasons(response) -> dict[str, str]:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize(("upscale", "reason"), [
-    (3, "Input should be 1, 2 or 4"),
-    (8, "Input should be 1, 2 or 4"),
-    (0, "Input should be 1, 2 or 4"),
-    ("2", "Input should be 1, 2 or 4"),
+    (3, "must be 1, 2 or 4"),
+    (8, "must be 1, 2 or 4"),
+    (0, "must be 1, 2 or 4"),
+    ("2", "must be a number, not a string"),
     (True, "not true or false"),
 ])
 def test_only_1_2_and_4_are_factors(client: FlaskClient, upscale: object, reason: str) -> None:
