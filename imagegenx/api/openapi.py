@@ -13,6 +13,7 @@ from pydantic.json_schema import models_json_schema
 
 from imagegenx import __version__
 from imagegenx.api.services import services
+from imagegenx.lora_catalog import LoraCatalog
 from imagegenx.api.queue_status import QueueResponse
 from imagegenx.api.workers import WorkersResponse
 from imagegenx.storage import MAX_KEY_CHARS
@@ -91,7 +92,20 @@ def _error(description: str) -> dict[str, Any]:
         "schema": {"$ref": REF.format(model="ErrorResponse")}}}}
 
 
-def build_spec(limits: Limits) -> dict[str, Any]:
+def _apply_loras(schema: dict[str, Any], loras: list[str]) -> None:
+    """The LoRA names this server serves: the only values ``lora`` accepts (none: only null)."""
+    prop = schema["properties"]["lora"]
+    if not loras:
+        schema["properties"]["lora"] = {"type": "null", "default": None, "title": prop.get("title"),
+                                        "description": "no LoRA is served by this server"}
+        return
+    one, many = prop["anyOf"][0], prop["anyOf"][1]
+    one["enum"] = list(loras)
+    many["items"]["enum"] = list(loras)
+
+
+def build_spec(limits: Limits, loras: list[str] | None = None) -> dict[str, Any]:
+    """The OpenAPI document with this server's limits and, when given, its LoRA names."""
     _, defs = models_json_schema(
         [(m, "validation") for m in (GenerateRequest, SubmitResponse, TaskStatus, ErrorResponse)]
         + [(WorkersResponse, "serialization"), (QueueResponse, "serialization")],
@@ -99,6 +113,8 @@ def build_spec(limits: Limits) -> dict[str, Any]:
     )
     schemas = defs["$defs"]
     _apply_limits(schemas["GenerateRequest"], limits)
+    if loras is not None:
+        _apply_loras(schemas["GenerateRequest"], loras)
     task_id = {"name": "task_id", "in": "path", "required": True,
                "schema": {"type": "string", "format": "uuid"}}
     status = {"description": "task state", "content": {"application/json": {
@@ -237,4 +253,5 @@ def build_spec(limits: Limits) -> dict[str, Any]:
 
 @bp.get("/api/v1/openapi.json")
 def openapi_json():  # type: ignore[no-untyped-def]
-    return jsonify(build_spec(services().settings.limits))
+    settings = services().settings
+    return jsonify(build_spec(settings.limits, LoraCatalog(settings.lora_dir).names()))

@@ -16,3 +16,17 @@ def test_spec_is_valid_openapi_with_server_limits(redis_base: str) -> None:
     assert props["steps"]["maximum"] == 50
     assert props["width"]["anyOf"][0]["maximum"] == 768
     assert set(spec["paths"]) >= {"/api/v1/images", "/api/v1/tasks/{task_id}", "/api/v1/files/{key}"}
+
+
+def test_the_document_names_the_served_loras() -> None:
+    from imagegenx.api.openapi import build_spec
+    from imagegenx.schemas import Limits
+
+    def lora(names: list[str] | None) -> dict:  # type: ignore[type-arg]
+        return build_spec(Limits(), names)["components"]["schemas"]["GenerateRequest"]["properties"]["lora"]
+
+    served = lora(["style", "toon"])
+    assert served["anyOf"][0]["enum"] == ["style", "toon"]
+    assert served["anyOf"][1]["items"]["enum"] == ["style", "toon"]
+    assert lora([])["type"] == "null"  # none served: a request may not name one
+    assert "enum" not in lora(None)["anyOf"][0]  # unknown (no catalogue given): the name pattern only
