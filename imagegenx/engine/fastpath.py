@@ -409,6 +409,10 @@ class FastPath:
             report["vae_bucket_s"] = self.decode.prepare()
             report["vae_s"] = sum(report["vae_bucket_s"].values())
         report["captured_buckets"] = sorted(self.unet.slots)
+        if self.options.compile:  # graphs Dynamo compiled in this process (1 UNet + 1 VAE decode expected)
+            from torch._dynamo.utils import counters
+
+            report["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
         report["total_s"] = time.perf_counter() - t_start
         self.report = report
         return report
