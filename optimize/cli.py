@@ -92,7 +92,7 @@ def _scorer_errors_as_usage(score: Any) -> Any:
 
 @click.group()
 def optimize() -> None:
-    """ONNX export, calibration, quantization, TensorRT builds and backend checks."""
+    """ONNX export, calibration, quantization, TensorRT builds, backend checks and compiled artifacts."""
 
 
 @optimize.command()
