@@ -20,6 +20,10 @@ def build_pipeline(settings: Settings) -> BatchPipeline:
                            batch_buckets=s.batch_buckets, synthetic_faults=s.synthetic_faults,
                            model_config_dir=s.model_config_dir, lora_dir=s.lora_dir,
                            unet_backend=s.unet_backend, trt_engine=s.trt_engine)
+    if s.compile_cache:
+        from imagegenx.compile_cache import use_compile_cache
+
+        use_compile_cache(engine, s)  # before warm-up compiles: its compile becomes cache hits
     upscaler = load_upscaler(s.upscaler_model, getattr(engine, "device", s.device),
                              getattr(engine, "dtype", s.dtype), executor=render_pool())
     shapes = s.engine == "diffusion" and is_shipped_shapes_model(s.model)

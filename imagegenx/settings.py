@@ -132,6 +132,11 @@ class Settings(BaseSettings):
         default_factory=lambda: [1, 2, 4, 8, 16, 32],
         description="batch sizes (images) the UNet is captured at; a batch runs padded to the next one",
     )
+    # Compiled artifact from `imagegenx optimize warmup`, loaded before the fast path compiles.
+    compile_cache: str = Field(
+        default="", description="folder or s3://bucket/prefix of a compiled artifact (optimize warmup); "
+                                "a mismatched one is refused with a one-line reason and the worker compiles",
+    )
     # UNet backend: PyTorch, or a TensorRT engine built by `imagegenx optimize build` (CUDA only).
     unet_backend: Literal["torch", "trt"] = Field(
         default="torch", description="torch, or trt: the UNet runs as the TensorRT engine trt_engine",
@@ -348,6 +353,16 @@ class Settings(BaseSettings):
     def _check_buckets(cls, v: list[int]) -> list[int]:
         if not v or any(b < 1 for b in v) or v != sorted(set(v)):
             raise ValueError("batch_buckets must be distinct positive batch sizes in ascending order")
+        return v
+
+    @field_validator("compile_cache")
+    @classmethod
+    def _check_compile_cache(cls, v: str) -> str:
+        v = v.strip()
+        if v.startswith("s3://") and not v.removeprefix("s3://").split("/", 1)[0]:
+            raise ValueError("compile_cache: an s3:// location needs a bucket, e.g. s3://bucket/prefix")
+        if "://" in v and not v.startswith("s3://"):
+            raise ValueError("compile_cache: a local folder or an s3://bucket/prefix location")
         return v
 
     @field_validator("synthetic_faults")

@@ -92,7 +92,7 @@ def _scorer_errors_as_usage(score: Any) -> Any:
 
 @click.group()
 def optimize() -> None:
-    """ONNX export, calibration, quantization, TensorRT builds and backend checks."""
+    """ONNX export, calibration, quantization, TensorRT builds, backend checks and compiled artifacts."""
 
 
 @optimize.command()
@@ -351,3 +351,43 @@ def verify(backend_a: str, backend_b: str, model: Path | None, device: str, num_
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(to_json(report), indent=2) + "\n")
         click.echo(f"wrote {json_path}")
+
+
+@optimize.command()
+@click.option("-o", "--out", required=True, metavar="DIR",
+              help="Folder or s3://bucket/prefix (written with the IMAGEGENX_S3_* settings) to save the artifact to.")
+def warmup(out: str) -> None:
+    """Compile the fast path once (every bucket) and save it for fresh workers.
+
+    Builds the engine the workers build (the IMAGEGENX_* settings: model, dtype,
+    buckets, compile), prepares it as a worker does, and writes PyTorch's portable
+    compile cache with a manifest.json of what it fits (GPU architecture, torch and
+    Triton versions, model, buckets, dtype, compile options). Point workers at it
+    with IMAGEGENX_COMPILE_CACHE=DIR. Run it on the GPU kind the workers use.
+    """
+    from imagegenx.cli import _ensure_model, load_settings
+    from imagegenx.compile_cache import compiles, engine_manifest, save_compile_cache
+    from imagegenx.engine.quiet import silence_library_progress
+    from imagegenx.pipeline_factory import build_pipeline
+
+    # Built from scratch, not from an artifact named for the workers.
+    settings = load_settings().model_copy(update={"compile_cache": ""})
+    if settings.engine != "diffusion":
+        raise click.UsageError("IMAGEGENX_ENGINE is not diffusion: there is nothing to compile")
+    silence_library_progress()
+    _ensure_model(settings.model)
+    t0 = time.perf_counter()
+    engine = build_pipeline(settings).engine
+    t_loaded = time.perf_counter()
+    report = engine.warmup()
+    build_s = time.perf_counter() - t_loaded
+    manifest = save_compile_cache(out, engine_manifest(settings, engine), settings, build_s=build_s)
+    click.echo(f"engine loaded in {t_loaded - t0:.1f} s, warm-up {build_s:.1f} s "
+               f"(UNet {report.get('unet_s', 0):.1f} s, VAE {report.get('vae_s', 0):.1f} s, "
+               f"{report.get('compiled_graphs', 0)} graphs compiled)")
+    if not compiles(engine):
+        click.echo("note: this engine compiles nothing (CPU, or IMAGEGENX_COMPILE=false): the artifact "
+                   "holds no compiled code and workers will refuse it")
+    click.echo(f"{manifest.gpu_arch} ({manifest.device_name}), torch {manifest.torch_version}, "
+               f"model {manifest.model_id}, buckets {','.join(map(str, manifest.buckets))}, {manifest.dtype}: "
+               f"{manifest.artifact_bytes / 1e6:.1f} MB -> {out}")

@@ -282,9 +282,9 @@ class DiffusionEngine:
         self.fast = fast
         report["warmup_s"] = time.perf_counter() - t0
         self.warmup_report = report
-        log.info("fast path ready in %.1f s: buckets %s, compile %s, CUDA graphs %s (UNet %.1f s, VAE %.1f s)",
-                 report["warmup_s"], report["buckets"], report["compile"], report["cuda_graphs"],
-                 report["unet_s"], report["vae_s"])
+        log.info("fast path ready in %.1f s: buckets %s, compile %s, CUDA graphs %s (UNet %.1f s, VAE %.1f s; "
+                 "%s graphs compiled)", report["warmup_s"], report["buckets"], report["compile"],
+                 report["cuda_graphs"], report["unet_s"], report["vae_s"], report.get("compiled_graphs", 0))
         return report
 
     def _fast_ready(self) -> FastPath | None:

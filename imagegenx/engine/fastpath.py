@@ -6,7 +6,8 @@ On CUDA the engine runs its three networks through this module:
   and channels_last weights; attention is PyTorch's SDPA (diffusers' default
   processor, kept by the fused one);
 - the UNet is compiled once with ``torch.compile`` with a dynamic batch
-  dimension, and one CUDA graph is captured around the compiled call per
+  dimension (its upsamplers get a branch-free forward, ``upsample.py``, so
+  the batch size never splits the graph), and one CUDA graph is captured around the compiled call per
   batch-size bucket (by default 1, 2, 4, 8, 16 and 32 images), over static
   input and output buffers. A batch of n images runs in the smallest bucket
   that holds it, padded with dummy rows whose outputs are dropped; a batch
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 
 from imagegenx.engine.buckets import bucket_for, split_rows  # noqa: F401 - bucket_for: re-exported
+from imagegenx.engine.upsample import single_branch_upsamplers
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +207,9 @@ class BucketedCFGUNet:
         self.options = options
         self.compiled = options.compile
         self.graphs = options.cuda_graphs and device.type == "cuda"
+        if self.compiled:
+            # One compile for every bucket (diffusers' Upsample2D branches on the batch size).
+            single_branch_upsamplers(unet)
         self.fn = _compile(unet) if self.compiled else unet
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.slots: dict[int, _UNetSlot] = {}
@@ -404,6 +409,10 @@ class FastPath:
             report["vae_bucket_s"] = self.decode.prepare()
             report["vae_s"] = sum(report["vae_bucket_s"].values())
         report["captured_buckets"] = sorted(self.unet.slots)
+        if self.options.compile:  # graphs Dynamo compiled in this process (1 UNet + 1 VAE decode expected)
+            from torch._dynamo.utils import counters
+
+            report["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
         report["total_s"] = time.perf_counter() - t_start
         self.report = report
         return report

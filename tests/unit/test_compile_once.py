@@ -1,0 +1,76 @@
+"""The UNet compiles once for every batch-size bucket (imagegenx/engine/upsample.py).
+
+Counted with a Dynamo backend that records each compiled graph instead of
+running Inductor, so the check is fast on the CPU: what decides the number of
+compiles is Dynamo's guards, not the backend. Buckets 16 and 32 are 32 and 64
+UNet rows under CFG, the two sides of diffusers' ``shape[0] >= 64`` branch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+from imagegenx.engine import fastpath, upsample
+from imagegenx.engine.fastpath import BucketedCFGUNet, FastPathOptions
+
+BUCKETS = (16, 32)
+
+
+def _bucketed_unet(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[BucketedCFGUNet, CompileCounter]:
+    from diffusers import UNet2DConditionModel
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    monkeypatch.setattr(fastpath, "_compile", lambda fn: torch.compile(fn, backend=counter, dynamic=None))
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval().requires_grad_(False)
+    size = unet.config.sample_size
+    bucketed = BucketedCFGUNet(unet, dtype=torch.float32, device=torch.device("cpu"),
+                               sample_shape=(unet.config.in_channels, size, size),
+                               context_shape=(8, unet.config.cross_attention_dim),
+                               options=FastPathOptions(compile=True, cuda_graphs=False, buckets=BUCKETS,
+                                                       allow_cpu=True))
+    return bucketed, counter
+
+
+def test_unet_compiles_once_for_all_buckets(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bucketed, counter = _bucketed_unet(tiny_model, monkeypatch)
+    with torch.inference_mode():
+        bucketed.prepare()
+    assert sorted(bucketed.slots) == list(BUCKETS)
+    assert counter.frame_count == 1
+
+
+def test_without_the_fix_it_compiles_twice(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control: diffusers' own forward splits the graph at 64 rows."""
+    monkeypatch.setattr(fastpath, "single_branch_upsamplers", lambda model: 0)
+    bucketed, counter = _bucketed_unet(tiny_model, monkeypatch)
+    with torch.inference_mode():
+        bucketed.prepare()
+    assert counter.frame_count == 2
+
+
+def test_branch_free_forward_matches_diffusers_eagerly() -> None:
+    from diffusers.models.upsampling import Upsample2D
+
+    torch.manual_seed(0)
+    original = Upsample2D(8, use_conv=True).eval()
+    patched = Upsample2D(8, use_conv=True).eval()
+    patched.load_state_dict(original.state_dict())
+    assert upsample.single_branch_upsamplers(patched) == 1
+    assert upsample.single_branch_upsamplers(patched) == 0  # once only
+    for rows in (2, 64):
+        x = torch.randn(rows, 8, 4, 4).to(memory_format=torch.channels_last)
+        torch.testing.assert_close(patched(x), original(x), rtol=0, atol=0)
+        torch.testing.assert_close(patched(x, output_size=(7, 9)), original(x, output_size=(7, 9)),
+                                   rtol=0, atol=0)
+
+
+def test_upsamplers_with_a_norm_keep_diffusers_forward() -> None:
+    from diffusers.models.upsampling import Upsample2D
+
+    assert upsample.single_branch_upsamplers(Upsample2D(8, use_conv=True, norm_type="ln_norm", eps=1e-5,
+                                                        elementwise_affine=True)) == 0
+    assert upsample.single_branch_upsamplers(Upsample2D(8, use_conv_transpose=True)) == 0
