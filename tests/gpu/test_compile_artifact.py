@@ -39,7 +39,8 @@ print("REPORT " + json.dumps({"compiled_graphs": report.get("compiled_graphs"),
 
 def _env(model: Path, tmp: Path, name: str, **extra: str) -> dict[str, str]:
     caches = tmp / f"inductor-{name}"
-    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "IMAGEGENX_ENGINE": "diffusion",
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "IMAGEGENX_ENGINE": "diffusion",
             "IMAGEGENX_MODEL": str(model), "IMAGEGENX_DEVICE": "cuda",
             "IMAGEGENX_DTYPE": os.environ.get("IMAGEGENX_GPU_TEST_DTYPE", "fp16"),
             "IMAGEGENX_COMPILE": "true", "IMAGEGENX_CUDA_GRAPHS": "true", "IMAGEGENX_COMPILE_CACHE": "",
