@@ -113,25 +113,28 @@ def test_worker_host_cut_off_mid_batch(net: Lan, tmp_path: Path) -> None:
     w2 = start_worker(env, tmp_path, name="w2", prefix=tuple(net.hosts["w2"].argv([])))
     svc.workers += [w1, w2]
     try:
-        run(net, svc, w1, w2, tmp_path)
+        cut_and_restore(net, svc, w1, w2, tmp_path)
     finally:
         net.restore(net.hosts["w1"])
         for worker in (w1, w2):
             worker.stop(timeout=10)
 
 
-def run(net: Lan, svc: Service, w1: Worker, w2: Worker, tmp_path: Path) -> None:
+def cut_and_restore(net: Lan, svc: Service, w1: Worker, w2: Worker, tmp_path: Path) -> None:
     bodies = [{"prompt": f"a harbour {i}", "seed": 900 + i, "steps": STEPS} for i in range(REQUESTS)]
     ids = [svc.submit(b) for b in bodies]
 
     # Cut w1 while it runs a batch (PROGRESS) and holds more requests.
+    held: list[tuple[list[str], list[str]]] = []
+
     def mid_batch() -> bool:
-        running, _ = held_by(svc, w1)
-        return bool(running) and any(svc.status(t)["state"] == "PROGRESS" for t in running)
+        held[:] = [held_by(svc, w1)]
+        running_now = held[0][0]
+        return bool(running_now) and any(svc.status(t)["state"] == "PROGRESS" for t in running_now)
 
     wait_until(mid_batch, 30, "a running batch on w1", interval=0.1)
-    running, waiting = held_by(svc, w1)
     net.cut(net.hosts["w1"])
+    running, waiting = held[0]
     cut_at = time.monotonic()
     # What w1 held and had not finished just before its packets stopped: it comes back.
     lost = [t for t in running + waiting if svc.status(t)["state"] != "SUCCESS"]
