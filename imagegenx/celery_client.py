@@ -11,6 +11,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
+from imagegenx.result_backend import backend_url
 from imagegenx.settings import Settings
 
 # Task names: the contract between the API, the worker and the webhook queue.
@@ -22,7 +23,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
     """Celery settings derived from ours."""
     return {
         "broker_url": settings.broker_url,
-        "result_backend": settings.result_backend,
+        # Redis result writes never replace a SUCCESS, atomically (imagegenx.result_backend).
+        "result_backend": backend_url(settings.result_backend),
         # JSON only: a pickle message is refused by the worker.
         "task_serializer": "json",
         "result_serializer": "json",

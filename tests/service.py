@@ -83,14 +83,17 @@ class Worker:
 
 
 def start_worker(env: dict[str, str], log_dir: Path, name: str = "w1",
-                 ready_timeout: float = 90.0) -> Worker:
-    """Start ``celery -A tasks worker`` with no pool/prefetch flags; wait until it is ready."""
+                 ready_timeout: float = 90.0, prefix: tuple[str, ...] = ()) -> Worker:
+    """Start ``celery -A tasks worker`` with no pool/prefetch flags; wait until it is ready.
+
+    ``prefix`` runs it through another command, e.g. ``ip netns exec NS`` for a worker
+    on another (namespaced) host."""
     hostname = f"{name}@{socket.gethostname()}"
     log = log_dir / f"worker-{name}-{time.time_ns()}.log"
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     fh = log.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel", "INFO",
+        [*prefix, sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel", "INFO",
          "--hostname", hostname, "--without-gossip", "--without-mingle"],
         env=full_env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
     )
