@@ -114,7 +114,7 @@ def submit():  # type: ignore[no-untyped-def]
         raise
     if cacheable:  # queued: a later identical request may take its result
         _quietly(ResultIndex(svc.redis, svc.settings.result_expires_s).remember, digest, pixels_fp,
-                 task_id)
+                 task_id, use_cache)
     COST_UNITS.labels("accepted").inc(cost)
     return _accepted(claim, 202)
 

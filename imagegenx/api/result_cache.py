@@ -6,7 +6,8 @@ fixed seed, is answered from the earlier task's stored images without a GPU.
   fields that only change how or when a request runs (priority, callback_url,
   timeout_s, preview, cache) are left out.
 - Redis holds ``(key digest, fingerprint) -> task id`` for the results' lifetime,
-  written when a cacheable request is queued. A later identical request reads it
+  written when a seeded request is queued (by one that skipped the cache only
+  where nothing is remembered yet). A later identical request reads it
   and takes the earlier result only if that task is SUCCESS and its files still
   exist; otherwise it runs, and its task becomes the one remembered.
 - The index is per API key: a hit answers a new task of the caller's own key
@@ -91,5 +92,7 @@ class ResultIndex:
         raw = self.redis.get(self.key(digest, fp))
         return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
 
-    def remember(self, digest: str, fp: str, task_id: str) -> None:
-        self.redis.set(self.key(digest, fp), task_id, ex=self.ttl_s)
+    def remember(self, digest: str, fp: str, task_id: str, replace: bool = True) -> None:
+        """Point at ``task_id``; with ``replace`` False only where nothing is remembered
+        (a request that skipped the cache must not displace a result that answers)."""
+        self.redis.set(self.key(digest, fp), task_id, ex=self.ttl_s, nx=not replace)
