@@ -1,6 +1,7 @@
 """Result cache through HTTP: API -> Redis -> worker (tiny real model) -> cached answer."""
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ OTHER_KEY = "other-key-0123456789"
 
 @pytest.fixture(scope="module")
 def stack(redis_base: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # A worker name of its own: the broadcast inspect must reach this worker only.
     with running_stack(redis_base, tmp_path_factory.mktemp("cache"), tiny_model,
+                       name=f"cache-{uuid.uuid4().hex[:8]}",
                        IMAGEGENX_API_KEYS=f"{API_KEY},{OTHER_KEY}") as s:
         yield s
 
