@@ -119,3 +119,19 @@ def test_a_request_without_preview_has_none(stack: Stack) -> None:
             return
         time.sleep(0.01)
     raise AssertionError("task did not finish")
+
+
+def test_a_model_without_a_map_gets_one_fitted_from_its_vae_at_the_first_preview(tiny_model: Path) -> None:
+    from imagegenx.engine.base import BatchSpec, Sample
+    from imagegenx.engine.diffusion import DiffusionEngine
+
+    assert not map_file(tiny_model).exists()
+    engine = DiffusionEngine.load(tiny_model, device="cpu", dtype="fp32")
+    assert engine.preview_map is None
+    w, h = engine.native_size
+    state = engine.begin(BatchSpec(w, h, 4, "euler", (Sample("a red circle", 1),)))
+    engine.step([state])
+    (frames,) = engine.preview([state]).arrays()
+    assert frames.shape == (1, h // engine.vae_scale_factor, w // engine.vae_scale_factor, 3)
+    assert engine.preview_map is not None and engine.preview_map.channels == state.latents.shape[1]
+    assert "first preview" in engine.preview_map.info["source"]
