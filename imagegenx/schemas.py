@@ -25,6 +25,8 @@ SCHEMA_VERSION = 1
 MAX_SEED = 2**32 - 1
 CALLBACK_URL_MAX = 2048
 MAX_LORAS = 4
+# A preview every K steps: K at most this (the longest run a server allows is max_steps).
+MAX_PREVIEW_EVERY = 1000
 LORA_WEIGHT_MAX = 2.0  # |lora_weight| at most this
 # A LoRA name is a folder name in lora_dir: no path separators, no leading dot.
 LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -81,6 +83,7 @@ _REASONS = {
     "float_parsing": "must be a number",
     "literal_error": "must be {expected}",
     "enum": "must be {expected}",
+    "bool_type": "must be true or false",
 }
 
 
@@ -121,6 +124,16 @@ class Postprocess(BaseModel):
 
     _numbers = field_validator("thumbnail", "upscale", mode="before")(_json_number)
     watermark: Watermark | None = None
+
+
+class PreviewRequest(BaseModel):
+    """Ask for a small preview image of the running latents every ``every`` steps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(ge=1, le=MAX_PREVIEW_EVERY, description="a preview after every this many steps")
+
+    _numbers = field_validator("every", mode="before")(_json_number)
 
 
 class Limits(BaseModel):
@@ -207,6 +220,12 @@ class GenerateRequest(BaseModel):
         default=None, description=f"a LoRA name from the server's lora_dir, or a list of up to {MAX_LORAS}")
     lora_weight: LoraWeight | Annotated[list[LoraWeight], Field(max_length=MAX_LORAS)] = Field(
         default=1.0, description="LoRA strength: one number for all, or a list matching lora; 0 leaves one out")
+    preview: PreviewRequest | None = Field(
+        default=None, description="small preview images of the running latents in the task's progress "
+                                  "(step scheduler only)")
+    cache: bool | None = Field(
+        default=None, strict=True, description="with a seed: answer from the stored images of an identical earlier "
+                                  "request of the same API key; default: the server's result_cache")
 
     _numbers = field_validator("width", "height", "steps", "guidance_scale", "seed", "num_images",
                                "timeout_s", "priority", mode="before")(_json_number)
@@ -368,11 +387,23 @@ class GenerateResult(BaseModel):
                                                        "absent from results of older workers")
     warnings: list[str] = Field(default_factory=list, description="what the images may not show as asked, "
                                 "e.g. prompt words the shipped shapes model never saw")
+    cached: bool = Field(default=False, description="answered from the stored images of an identical "
+                                                    "earlier request, without drawing")
+
+
+class Preview(BaseModel):
+    """A small preview of a running request (the cheap latent-to-RGB projection)."""
+
+    step: int = Field(description="steps done when the preview was taken")
+    width: int
+    height: int
+    png_base64: str
 
 
 class Progress(BaseModel):
     step: int
     total: int
+    preview: Preview | None = Field(default=None, description="the latest preview, when asked for")
 
 
 TaskState = Literal[
@@ -384,7 +415,9 @@ class SubmitResponse(BaseModel):
     task_id: str
     status_url: str
     seed: int
-    cost: int = Field(description="cost units charged to the key's budget (imagegenx.cost)")
+    cost: int = Field(description="cost units charged to the key's budget (imagegenx.cost); 0 when cached")
+    cached: bool = Field(default=False, description="answered from the result cache: the task is "
+                                                    "already SUCCESS")
 
 
 class FieldError(BaseModel):

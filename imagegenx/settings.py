@@ -66,6 +66,11 @@ class Settings(BaseSettings):
         default="", description="Redis Sentinel master name, for sentinel:// broker/backend URLs",
     )
     result_expires_s: int = 86400
+    result_cache: bool = Field(
+        default=True,
+        description="a request with a seed and no \"cache\" field is answered from the stored images of "
+                    "an identical earlier request of the same API key (within result_expires_s)",
+    )
     visibility_timeout_s: int = 3600
 
     # Batching

@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,8 @@ from celery.worker.request import Request
 from imagegenx.batching import Batch
 from imagegenx.errors import GenerationError
 from imagegenx.pipeline import BatchPipeline, Drawn, Job, Outcome
+from imagegenx.preview import encode as encode_preview
+from imagegenx.preview import preview_due
 from workers.callbacks import notify
 from workers.finisher import Finisher
 
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # How long a finished request waits for the result backend to come back.
 STORE_RETRY_S = 120.0
+# Preview batches (one per progress store) queued for the preview thread at most.
+PREVIEW_BACKLOG = 4
 
 
 @dataclass(eq=False)  # one record per delivery: compared by identity
@@ -61,6 +66,11 @@ class Entry:
     peak_rows: int = 0
     peak_requests: int = 0
     progress_at: float = float("-inf")
+    # Previews: the step of the last one taken, the latest one encoded (the progress
+    # data's "preview"), and the step of the last progress stored.
+    preview_step: int = 0
+    preview: dict[str, Any] | None = None
+    progress_step: int = 0
 
 
 @dataclass
@@ -186,6 +196,11 @@ class BatchExecutor:
         self.ledger = ledger  # workers.deliveries.DeliveryLedger, or None
         self.store_retry_s = store_retry_s
         self._finisher: Finisher[DrawnBatch] = Finisher(self._finish, backlog=finish_backlog)
+        # Previews are encoded and stored off the model thread; the lock orders the
+        # PROGRESS stores of both threads so the latest preview is never replaced by an older one.
+        self._preview_pool = ThreadPoolExecutor(1, thread_name_prefix="imagegenx-preview")
+        self._progress_lock = threading.Lock()
+        self._previews_queued = 0
 
     def __call__(self, batch: Batch[Entry]) -> None:
         """On the model thread: the engine phase; the rest goes to the finisher."""
@@ -219,6 +234,7 @@ class BatchExecutor:
     def close(self, timeout: float | None = None) -> bool:
         """Finish the drawn batches, then stop the finishing thread (batches
         handed over later are finished in the caller's thread)."""
+        self._preview_pool.shutdown(wait=False, cancel_futures=True)
         return self._finisher.close(timeout)
 
     def _finish(self, d: DrawnBatch) -> None:
@@ -301,21 +317,90 @@ class BatchExecutor:
         if self.ledger is not None:
             self.ledger.started(e.req.id for e in entries)
 
-    def progress(self, entries: list[Entry], now: float) -> None:
+    def progress(self, entries: list[Entry], now: float, engine: Any = None) -> None:
         """Store PROGRESS (each request's own step and total) for the entries whose
-        last store is ``progress_interval_s`` old; a backend outage only logs."""
+        last store is ``progress_interval_s`` old; a backend outage only logs.
+
+        Entries due a preview (``imagegenx.preview``: the rule) get it here: the
+        engine projects their latents (queued on the device), and the preview
+        thread encodes the PNGs and stores their PROGRESS with it. The others'
+        PROGRESS carries their latest preview, if any.
+        """
         due = [e for e in entries if now - e.progress_at >= self.progress_interval_s
                and e.denoising is not None and not e.denoising.done]
+        if not due:
+            return
+        wanting = self._previews_due(due, engine)
         for e in due:
             e.progress_at = now
+            e.progress_step = e.denoising.index
+        for e in (e for e in due if e not in wanting):
             try:
-                e.req.task.backend.store_result(
-                    e.req.id, {"step": e.denoising.index, "total": e.denoising.steps}, "PROGRESS",
-                    request=e.req._context,
-                )
+                with self._progress_lock:
+                    e.req.task.backend.store_result(
+                        e.req.id, self._progress_meta(e, e.denoising.index, e.denoising.steps),
+                        "PROGRESS", request=e.req._context,
+                    )
             except Exception as exc:  # noqa: BLE001 - progress is for watchers only
                 log.warning("could not store progress of %s: %r", e.req.id, exc)
                 return
+
+    @staticmethod
+    def _progress_meta(e: Entry, step: int, total: int) -> dict[str, Any]:
+        meta: dict[str, Any] = {"step": step, "total": total}
+        if e.preview is not None:
+            meta["preview"] = e.preview
+        return meta
+
+    def _previews_due(self, due: list[Entry], engine: Any) -> list[Entry]:
+        """Take the previews due among ``due`` (one projection) and queue their
+        encoding and storing; the entries whose PROGRESS the preview thread stores."""
+        if engine is None or not callable(getattr(engine, "preview", None)):
+            return []
+        wanting = [e for e in due if e.job.request.preview is not None
+                   and preview_due(e.denoising.index, e.job.request.preview.every, e.preview_step)]
+        # A preview thread that fell behind (a slow backend): the previews stay due
+        # and are taken at a later progress store.
+        if not wanting or self._previews_queued >= PREVIEW_BACKLOG:
+            return []
+        try:
+            frames = engine.preview([e.denoising for e in wanting])
+        except Exception as exc:  # noqa: BLE001 - previews are for watchers only
+            log.warning("could not take previews of %d requests: %r", len(wanting), exc)
+            return []
+        steps = [(e.denoising.index, e.denoising.steps) for e in wanting]
+        for e, (step, _) in zip(wanting, steps):
+            e.preview_step = step
+        with self._progress_lock:
+            self._previews_queued += 1
+        try:
+            self._preview_pool.submit(self._store_previews, wanting, steps, frames)
+        except RuntimeError:  # shutting down: the model thread stores plain progress
+            with self._progress_lock:
+                self._previews_queued -= 1
+            return []
+        return wanting
+
+    def _store_previews(self, entries: list[Entry], steps: list[tuple[int, int]], frames: Any) -> None:
+        """On the preview thread: wait for the pixels, encode each request's PNG and
+        store its PROGRESS with it (unless it has finished meanwhile)."""
+        try:
+            arrays = frames.arrays()
+            for e, (step, total), images in zip(entries, steps, arrays):
+                preview = encode_preview(images, step)
+                with self._progress_lock:
+                    e.preview = preview
+                    if e.denoising is None or e.denoising.done or e.req.id in worker_state.revoked:
+                        continue  # its result (or revocation) is on its way: no PROGRESS after it
+                    e.req.task.backend.store_result(
+                        e.req.id, self._progress_meta(e, max(step, e.progress_step), total),
+                        "PROGRESS", request=e.req._context,
+                    )
+        except Exception as exc:  # noqa: BLE001 - previews are for watchers only
+            log.warning("could not store previews: %r", exc)
+        finally:
+            with self._progress_lock:
+                self._previews_queued -= 1
 
     def _step_callback(self, entries: list[Entry]) -> Callable[[int, int], list[str]]:
         live = {e.job.id: e for e in entries}

@@ -180,7 +180,7 @@ class StepRunner(ModelThread):
         if not running:
             return
         advanced = self._execute(engine, running)
-        self.executor.progress(advanced, time.monotonic())
+        self.executor.progress(advanced, time.monotonic(), engine)
         done = [e for e in advanced if e.denoising.done]
         if done:
             self._finish(engine, done)

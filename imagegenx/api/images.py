@@ -5,22 +5,27 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
+from celery import states
 from flask import Blueprint, Response, jsonify, request, url_for
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from imagegenx.api.cost_limits import COST_UNITS, refuse_too_costly
 from imagegenx.api.errors import ApiError
+from imagegenx.api.files import app_storage
 from imagegenx.api.fairness import UnfinishedTasks, refuse_priority
 from imagegenx.api.guards import json_body, require_key
 from imagegenx.api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from imagegenx.api.idempotency import Claim, IdempotencyStore, body_hash, check_header
+from imagegenx.api.result_cache import LOOKUPS, ResultIndex, fingerprint, reusable, wants_cache
 from imagegenx.api.services import Services, services
 from imagegenx.celery_client import GENERATE_TASK
 from imagegenx.cost import request_cost
 from imagegenx.lora_catalog import LoraCatalog
 from imagegenx.scaling import SENT_AT_HEADER
+from imagegenx.storage import S3Storage
 from imagegenx.schemas import MAX_SEED, TENANT_HEADER, GenerateRequest, SubmitResponse
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1")
@@ -45,13 +50,23 @@ def submit():  # type: ignore[no-untyped-def]
     refuse_priority(req.priority, digest, svc.settings)
     cost = request_cost(req, svc.settings.cost_unset_side)
     refuse_too_costly(req, cost, svc.settings)
-    fingerprint = body_hash(req.model_dump(mode="json"))  # before the server picks a seed
+    body_fp = body_hash(req.model_dump(mode="json"))  # before the server picks a seed
+    cacheable = req.seed is not None  # only a seed the caller chose names the same pixels again
+    pixels_fp = fingerprint(req, svc.settings.served_model_name) if cacheable else ""
+    use_cache = wants_cache(req, svc.settings.result_cache)
     if req.seed is None:  # chosen here so a redelivered message draws the same image
         req = req.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - req.num_images)})
     task_id = str(uuid.uuid4())
     retry_after = {"Retry-After": str(svc.settings.retry_after_s)}
     assert req.seed is not None
-    claim = Claim(fingerprint, task_id, req.seed, cost)
+    cached = None
+    try:
+        if use_cache:
+            cached = _cached_result(svc, digest, pixels_fp)
+            LOOKUPS.labels("miss" if cached is None else "hit").inc()
+    except (RedisError, OperationalError, ConnectionError) as exc:
+        raise ApiError(503, f"queue unavailable: {type(exc).__name__}", headers=retry_after) from exc
+    claim = Claim(body_fp, task_id, req.seed, 0 if cached is not None else cost)
     idem = IdempotencyStore(svc.redis, svc.settings.result_expires_s)
     claimed = admitted = False
     unfinished = UnfinishedTasks(svc.redis, _state_reader(svc), svc.settings.max_unfinished_per_key,
@@ -60,8 +75,12 @@ def submit():  # type: ignore[no-untyped-def]
         if idem_key is not None:
             earlier = idem.claim(digest, idem_key, claim)
             if earlier is not None:
-                return _replay(earlier, fingerprint)
+                return _replay(earlier, body_fp)
             claimed = True
+        if cached is not None:  # nothing to queue or charge: the images exist
+            svc.owners.record(task_id, digest)
+            svc.celery.backend.store_result(task_id, cached, states.SUCCESS)
+            return _accepted(claim, 202, cached=True)
         limit = svc.settings.max_queue_depth
         if limit:
             # Messages not yet taken by a worker. Concurrent submissions may
@@ -93,8 +112,23 @@ def submit():  # type: ignore[no-untyped-def]
             raise ApiError(503, f"queue unavailable: {type(exc).__name__}",
                            headers=retry_after) from exc
         raise
+    if cacheable:  # queued: a later identical request may take its result
+        _quietly(ResultIndex(svc.redis, svc.settings.result_expires_s).remember, digest, pixels_fp,
+                 task_id, use_cache)
     COST_UNITS.labels("accepted").inc(cost)
     return _accepted(claim, 202)
+
+
+def _cached_result(svc: Services, digest: str, pixels_fp: str) -> dict[str, Any] | None:
+    """The stored result (marked cached) of an identical earlier request of this key,
+    or None when there is none that can answer (not SUCCESS, files gone, expired)."""
+    earlier = ResultIndex(svc.redis, svc.settings.result_expires_s).lookup(digest, pixels_fp)
+    if earlier is None or svc.owners.owner(earlier) != digest:
+        return None
+    storage = app_storage()
+    exists = storage.exists if isinstance(storage, S3Storage) else lambda key: storage.path(key).is_file()
+    return reusable(earlier, svc.celery.backend.get_task_meta(earlier),
+                    svc.settings.served_model_name, exists)
 
 
 def _state_reader(svc: Services) -> Callable[[str], str]:
@@ -120,11 +154,11 @@ def _replay(earlier: Claim, fingerprint: str) -> Response:
     return _accepted(earlier, 200)
 
 
-def _accepted(claim: Claim, status: int) -> Response:
+def _accepted(claim: Claim, status: int, cached: bool = False) -> Response:
     # The configured public address, never the request's Host header (a client could set it).
     status_url = services().settings.public_base + url_for("tasks.get_task", task_id=claim.task_id)
     resp = jsonify(SubmitResponse(task_id=claim.task_id, status_url=status_url, seed=claim.seed,
-                                  cost=claim.cost).model_dump())
+                                  cost=claim.cost, cached=cached).model_dump())
     resp.status_code = status
     resp.headers["Location"] = status_url
     return resp

@@ -143,7 +143,11 @@ def build_spec(limits: Limits, loras: list[str] | None = None) -> dict[str, Any]
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": {"$ref": REF.format(model="GenerateRequest")}}}},
                 "responses": {
-                    "202": {"description": "queued", "content": {"application/json": {
+                    "202": {"description": "queued; or, with cached true, answered from the result "
+                                           "cache: the task is already SUCCESS with the images of an "
+                                           "identical earlier request of this API key (a seed given, "
+                                           "cache on, no callback_url; not charged to the cost budget)",
+                            "content": {"application/json": {
                         "schema": {"$ref": REF.format(model="SubmitResponse")}}}},
                     "200": {"description": "an earlier submission with this Idempotency-Key and "
                                            "body: its task", "content": {"application/json": {

@@ -44,6 +44,8 @@ def describe(result: AsyncResult) -> dict[str, Any]:
                             "result": None, "error": None}
     if state == "PROGRESS" and isinstance(info, dict):
         body["progress"] = {"step": info.get("step"), "total": info.get("total")}
+        if isinstance(info.get("preview"), dict):  # the latest preview, when one was asked for
+            body["progress"]["preview"] = info["preview"]
     elif state == states.SUCCESS:
         body["result"] = info
         steps = info.get("steps") if isinstance(info, dict) else None

@@ -29,6 +29,7 @@ from imagegenx.engine.base import BatchSpec, StepCallback
 from imagegenx.engine import row_samplers
 from imagegenx.engine.fastpath import FastPath, FastPathOptions, cfg_unet_eager, optimise_modules
 from imagegenx.engine.lora import EngineLoras
+from imagegenx.engine.preview_gpu import PreviewFrames, Projection, project_states
 from imagegenx.engine.samplers import (
     SAMPLERS,
     SchedulerConfig,
@@ -37,6 +38,7 @@ from imagegenx.engine.samplers import (
     make_scheduler,
 )
 from imagegenx.engine.tokenizer import MAX_LENGTH
+from imagegenx.preview import PreviewMap, map_file
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -192,6 +194,10 @@ class DiffusionEngine:
         # Set to False to run the eager modules (benchmarks compare both).
         self.fast_path_enabled = fast_path is not None
         self.warmup_report: dict[str, object] = {}
+        # Previews: the model's fitted latent-to-RGB map (preview.json next to it), or
+        # one fitted from its VAE at the first preview (imagegenx.engine.preview_fit).
+        self.preview_map: PreviewMap | None = None
+        self._projection: Projection | None = None
         if fast_path is not None and device.type == "cuda":
             optimise_modules(unet, vae, fuse_qkv=fast_path.fuse_qkv, channels_last=fast_path.channels_last)
 
@@ -219,7 +225,7 @@ class DiffusionEngine:
         tokenizer = CLIPTokenizer.from_pretrained(**where, subfolder="tokenizer")
         if tokenizer.model_max_length > MAX_LENGTH:  # configs without a limit load as "infinite"
             tokenizer.model_max_length = MAX_LENGTH
-        return cls.on_device(
+        engine = cls.on_device(
             unet=unet,
             vae=vae,
             text_encoder=text_encoder,
@@ -232,6 +238,9 @@ class DiffusionEngine:
             fast_path=fast_path,
             lora_dir=lora_dir,
         )
+        if map_file(model_dir).is_file():
+            engine.preview_map = PreviewMap.load(map_file(model_dir))
+        return engine
 
     @classmethod
     def on_device(cls, *, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
@@ -445,6 +454,26 @@ class DiffusionEngine:
         for s in states:
             s.latents = latents[start:start + s.rows]
             start += s.rows
+
+    def preview(self, states: Sequence[DiffusionDenoising]) -> PreviewFrames:
+        """Cheap previews of the running latents of ``states`` (only those): the
+        latent-to-RGB projection on the device, copied to the host without waiting."""
+        if self._projection is None:
+            if self.preview_map is None:
+                self.preview_map = self._fit_preview_map()
+            self._projection = Projection(self.preview_map, self.device)
+        return project_states(self._projection, [s.latents for s in states])
+
+    def _fit_preview_map(self) -> PreviewMap:
+        from imagegenx.engine.preview_fit import fit
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            fitted = fit(self.vae, count=64, source=f"{self.name} VAE, fitted at the first preview")
+        log.warning("no preview.json with model %s: fitted a preview map from its VAE in %.1f s "
+                    "(held-out correlation %s); write one with python -m imagegenx.shapes.fit_preview",
+                    self.name, time.perf_counter() - t0, (fitted.info or {}).get("correlation"))
+        return fitted
 
     def step_seconds(self, rows: int) -> float | None:
         """Measured seconds of one UNet call of ``rows`` image rows on the fast path

@@ -69,6 +69,8 @@ def stack_env(redis_base: str, tmp: Path, model: Path | None, api_port: int,
         "IMAGEGENX_STATUS_RATE_LIMIT": "",
         "IMAGEGENX_MAX_REQUEST_COST": "0",
         "IMAGEGENX_COST_BUDGET_PER_MINUTE": "0",
+        # Every request runs unless a test asks for the result cache ("cache": true).
+        "IMAGEGENX_RESULT_CACHE": "false",
         # No fixed port per worker; tests that scrape a worker pass a free one.
         "IMAGEGENX_WORKER_METRICS_PORT": "0",
     }
