@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from imagegenx.models import MODEL_NAME_PATTERN
+
 SCHEMA_VERSION = 1
 MAX_SEED = 2**32 - 1
 CALLBACK_URL_MAX = 2048
@@ -205,6 +207,8 @@ class GenerateRequest(BaseModel):
     lora: LoraName | Annotated[list[LoraName], Field(max_length=MAX_LORAS,
                                                      json_schema_extra={"uniqueItems": True})] | None = Field(
         default=None, description=f"a LoRA name from the server's lora_dir, or a list of up to {MAX_LORAS}")
+    model: str | None = Field(default=None, pattern=MODEL_NAME_PATTERN,
+                              description="a served model's name (GET /api/v1/models); default: the first")
     lora_weight: LoraWeight | Annotated[list[LoraWeight], Field(max_length=MAX_LORAS)] = Field(
         default=1.0, description="LoRA strength: one number for all, or a list matching lora; 0 leaves one out")
 
@@ -362,6 +366,8 @@ class GenerateResult(BaseModel):
     batch: BatchInfo
     timings: dict[str, float]
     model: str
+    model_version: str | None = Field(default=None, description="the version of the model's weights "
+                                      "that drew the images; absent from results of older workers")
     sampler: Sampler
     steps: int
     cost: int | None = Field(default=None, description="cost units of what ran (imagegenx.cost); "

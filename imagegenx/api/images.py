@@ -16,6 +16,7 @@ from imagegenx.api.fairness import UnfinishedTasks, refuse_priority
 from imagegenx.api.guards import json_body, require_key
 from imagegenx.api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from imagegenx.api.idempotency import Claim, IdempotencyStore, body_hash, check_header
+from imagegenx.api.models import refuse_without_worker, resolve
 from imagegenx.api.services import Services, services
 from imagegenx.celery_client import GENERATE_TASK
 from imagegenx.cost import request_cost
@@ -38,8 +39,14 @@ def submit():  # type: ignore[no-untyped-def]
         raise ApiError(422, "invalid request", fields=[{
             "field": "callback_url",
             "reason": "webhooks are disabled on this server (no webhook secret is configured)"}])
+    model = resolve(svc, req.model)
+    spec = svc.settings.served_models[model]
+    queue = svc.settings.queue_for(model)
+    # Messages name the model only when several are configured, so that a worker of
+    # an earlier release (which knows no `model` field) still takes the one model's.
+    req = req.model_copy(update={"model": model if svc.settings.models else None})
     # The API's lora_dir is the one served: the API host needs the same folder as the workers.
-    unknown = LoraCatalog(svc.settings.lora_dir).unknown_reason(req.lora_names())
+    unknown = LoraCatalog(spec.lora_dir or svc.settings.lora_dir).unknown_reason(req.lora_names())
     if unknown:
         raise ApiError(422, "invalid request", fields=[{"field": "lora", "reason": unknown}])
     refuse_priority(req.priority, digest, svc.settings)
@@ -63,13 +70,14 @@ def submit():  # type: ignore[no-untyped-def]
                 return _replay(earlier, fingerprint)
             claimed = True
         limit = svc.settings.max_queue_depth
-        if limit:
+        if limit or svc.settings.max_queue_without_worker:
             # Messages not yet taken by a worker. Concurrent submissions may
-            # overshoot the limit by at most the number of API threads.
-            depth = svc.redis.llen(svc.settings.queue)
-            if depth >= limit:
+            # overshoot the limits by at most the number of API threads.
+            depth = svc.redis.llen(queue)
+            if limit and depth >= limit:
                 raise ApiError(503, f"overloaded: {depth} requests are waiting (limit {limit}); "
                                "retry later", headers=retry_after, queue_depth=depth)
+            refuse_without_worker(svc, model, queue, depth)
         unfinished.admit(digest, task_id, svc.settings.retry_after_s)
         admitted = True
         svc.cost_budget.charge(digest, cost)
@@ -78,7 +86,7 @@ def submit():  # type: ignore[no-untyped-def]
             TASK_NAME,
             kwargs=req.model_dump(mode="json"),
             task_id=task_id,
-            queue=svc.settings.queue,
+            queue=queue,
             expires=req.timeout_s,
             retry=False,
             headers={TENANT_HEADER: digest[:16], SENT_AT_HEADER: time.time()},
