@@ -209,3 +209,13 @@ def test_worker_info_reads_the_model_fields() -> None:
                                         "max_batch": 4, "max_wait_ms": 50})
     assert (w.model_version, w.consuming) == ("v", ["q.m"])
     assert "model_version" not in (w.batching.model_extra or {})
+
+
+def test_openapi_names_the_served_models_and_the_models_endpoint(redis_base: str) -> None:
+    s = settings(redis_base, models=json.dumps(TWO))
+    spec = create_app(s).test_client().get("/api/v1/openapi.json").json
+    model = spec["components"]["schemas"]["GenerateRequest"]["properties"]["model"]
+    assert model["anyOf"][0]["enum"] == ["base", "anime"] and "default: base" in model["description"]
+    assert "ModelsResponse" in spec["components"]["schemas"]
+    assert spec["paths"]["/api/v1/models"]["get"]["operationId"] == "listModels"
+    assert "model_version" in spec["components"]["schemas"]["GenerateResult"]["properties"]
