@@ -88,11 +88,12 @@ def up(flower: bool, worker: bool) -> None:
                 time.sleep(0.1)
             else:
                 raise click.ClickException("redis-server did not start")
-        if worker and settings.engine == "diffusion":
+        served = settings.for_model()  # the worker runs the first served model
+        if worker and served.engine == "diffusion":
             from imagegenx.engine.quiet import silence_library_progress
 
             silence_library_progress()
-            _ensure_model(settings.model)
+            _ensure_model(served.model)
         sup.spawn("api", api_command(settings), api_env(env, settings))
         if worker:
             sup.spawn("worker", worker_command(), env)
