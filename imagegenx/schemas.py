@@ -21,8 +21,6 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from imagegenx.models import MODEL_NAME_PATTERN
-
 SCHEMA_VERSION = 1
 MAX_SEED = 2**32 - 1
 CALLBACK_URL_MAX = 2048
@@ -207,7 +205,8 @@ class GenerateRequest(BaseModel):
     lora: LoraName | Annotated[list[LoraName], Field(max_length=MAX_LORAS,
                                                      json_schema_extra={"uniqueItems": True})] | None = Field(
         default=None, description=f"a LoRA name from the server's lora_dir, or a list of up to {MAX_LORAS}")
-    model: str | None = Field(default=None, pattern=MODEL_NAME_PATTERN,
+    # Any other text is checked against the served names (a 422 that lists them).
+    model: str | None = Field(default=None, min_length=1, max_length=64,
                               description="a served model's name (GET /api/v1/models); default: the first")
     lora_weight: LoraWeight | Annotated[list[LoraWeight], Field(max_length=MAX_LORAS)] = Field(
         default=1.0, description="LoRA strength: one number for all, or a list matching lora; 0 leaves one out")

@@ -219,3 +219,12 @@ def test_openapi_names_the_served_models_and_the_models_endpoint(redis_base: str
     assert "ModelsResponse" in spec["components"]["schemas"]
     assert spec["paths"]["/api/v1/models"]["get"]["operationId"] == "listModels"
     assert "model_version" in spec["components"]["schemas"]["GenerateResult"]["properties"]
+
+
+def test_a_name_that_could_never_be_served_gets_the_same_422(redis_base: str) -> None:
+    s = settings(redis_base, models=json.dumps(TWO))
+    r = create_app(s).test_client().post("/api/v1/images", json={"prompt": "x", "model": "../etc"},
+                                         headers={"X-API-Key": KEY})
+    assert r.status_code == 422
+    assert r.json["fields"] == [{"field": "model",
+                                 "reason": "unknown model '../etc'; this server serves: base, anime"}]
