@@ -15,6 +15,9 @@ about 13 s (the tiny model: about 3 s), which put the test far over two minutes;
 the synthetic engine keeps the new version's share (most of the 200 requests)
 fast. Each request draws one 64x64 image in 2 steps: the rollout, not the
 pictures, is under test. No timing is asserted; the timeouts are generous.
+The service runs on a Redis of its own: kombu keeps every queue's unacknowledged
+messages in one hash per database, which a worker of another test with a short
+visibility timeout on the shared database would sweep back into the queues.
 The test sends ``cancel_consumer`` from Python (``app.control.cancel_consumer``), the
 same broadcast as the documented ``celery -A tasks control cancel_consumer``
 command, whose start-up would add tens of seconds here.
@@ -25,12 +28,13 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.integration.fault_stack import Service, fault_service
+from tests.integration.fault_stack import PrivateRedis, Service, fault_service
 from tests.service import Worker, start_worker
 
 pytestmark = pytest.mark.integration
@@ -55,10 +59,20 @@ def cancel_consumer(svc: Service, queue: str, worker: Worker) -> str:
     return str(replies)
 
 
-def test_rolling_model_update_loses_no_request(redis_base: str, tmp_path: Path, tiny_model: Path) -> None:
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[str]:
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    try:
+        yield server.base
+    finally:
+        server.stop()
+
+
+def test_rolling_model_update_loses_no_request(own_redis: str, tmp_path: Path, tiny_model: Path) -> None:
     v1 = models_env("tiny-v1", tiny_model)
     v2 = models_env("synthetic-v2")
-    with fault_service(redis_base, tmp_path, IMAGEGENX_MODELS=v1, IMAGEGENX_DEVICE="cpu", IMAGEGENX_MAX_BATCH="8") as svc:
+    with fault_service(own_redis, tmp_path, IMAGEGENX_MODELS=v1, IMAGEGENX_DEVICE="cpu", IMAGEGENX_MAX_BATCH="8") as svc:
         queue = svc.settings.queue_for("art")
         assert queue == f"{svc.settings.queue}.art"
         old = start_worker({**svc.env, "IMAGEGENX_MODELS": v1}, tmp_path, name="old", ready_timeout=180)
