@@ -72,7 +72,8 @@ def own_redis(tmp_path: Path) -> Iterator[str]:
 def test_rolling_model_update_loses_no_request(own_redis: str, tmp_path: Path, tiny_model: Path) -> None:
     v1 = models_env("tiny-v1", tiny_model)
     v2 = models_env("synthetic-v2")
-    with fault_service(own_redis, tmp_path, IMAGEGENX_MODELS=v1, IMAGEGENX_DEVICE="cpu", IMAGEGENX_MAX_BATCH="8") as svc:
+    with fault_service(own_redis, tmp_path, IMAGEGENX_MODELS=v1, IMAGEGENX_DEVICE="cpu",
+                       IMAGEGENX_MAX_BATCH="8") as svc:
         queue = svc.settings.queue_for("art")
         assert queue == f"{svc.settings.queue}.art"
         old = start_worker({**svc.env, "IMAGEGENX_MODELS": v1}, tmp_path, name="old", ready_timeout=180)
@@ -107,8 +108,8 @@ def test_rolling_model_update_loses_no_request(own_redis: str, tmp_path: Path, t
         assert r.status_code == 200, r.text
         (art,) = r.json()["models"]
         seen = {w["hostname"]: w for w in art["workers"]}
-        assert seen[old.hostname]["consuming"] is False and seen[old.hostname]["model_version"] == "tiny-v1"
-        assert seen[new.hostname]["consuming"] is True and seen[new.hostname]["model_version"] == "synthetic-v2"
+        assert (seen[old.hostname]["consuming"], seen[old.hostname]["model_version"]) == (False, "tiny-v1")
+        assert (seen[new.hostname]["consuming"], seen[new.hostname]["model_version"]) == (True, "synthetic-v2")
 
         submit(25)  # only the new version takes these
         old.proc.send_signal(signal.SIGTERM)  # warm shutdown: finish what it holds
