@@ -161,6 +161,7 @@ def worker(gpus: str, loglevel: str, model: str) -> None:
 @click.option("--steps", type=int, help="Denoising steps.")
 @click.option("--guidance", "guidance_scale", type=float, help="Guidance scale.")
 @click.option("--sampler", help="euler, euler_a, ddim or dpmpp_2m.")
+@click.option("--model", help="A served model (GET /api/v1/models); default: the server's first.")
 @click.option("--seed", type=int, help="Seed (the server picks one when omitted).")
 @click.option("--num-images", type=int, help="Images to draw.")
 @click.option("--timeout", "timeout_s", type=float, help="Give up (server side) after this many s.")

@@ -228,3 +228,17 @@ def test_a_name_that_could_never_be_served_gets_the_same_422(redis_base: str) ->
     assert r.status_code == 422
     assert r.json["fields"] == [{"field": "model",
                                  "reason": "unknown model '../etc'; this server serves: base, anime"}]
+
+
+def test_generate_command_names_its_model_option_in_the_422(redis_base: str) -> None:
+    from click.testing import CliRunner
+
+    from imagegenx import cli
+    from tests.service import ApiServer
+
+    s = settings(redis_base, models=json.dumps(TWO))
+    with ApiServer(create_app(s)) as api:
+        result = CliRunner().invoke(cli.main, ["generate", "x", "--model", "photo", "--api-url", api.base,
+                                               "--api-key", KEY, "--no-wait"])
+    assert result.exit_code == 2, result.output
+    assert "--model: unknown model 'photo'; this server serves: base, anime" in result.output
