@@ -19,6 +19,16 @@ GENERATE_TASK = "imagegenx.generate"
 WEBHOOK_TASK = "imagegenx.deliver_webhook"
 
 
+def _queue(name: str) -> Queue:
+    return Queue(name, Exchange(name), routing_key=name)
+
+
+def worker_queues(settings: Settings) -> list[Queue]:
+    """What one worker consumes: its model's queue and the webhook queue."""
+    return [_queue(settings.queue_for(settings.worker_model or settings.default_model)),
+            _queue(settings.webhook_queue_name)]
+
+
 def celery_config(settings: Settings) -> dict[str, object]:
     """Celery settings derived from ours."""
     return {
@@ -37,13 +47,15 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_track_started": True,
         "result_expires": settings.result_expires_s,
         "result_extended": True,
-        "task_default_queue": settings.queue,
-        # A bare worker consumes both queues. Webhook deliveries run in the
-        # worker's pool thread, which the batching path (own model thread)
+        "task_default_queue": settings.queue_for(settings.default_model),
+        # One queue per served model (the API sends each request to its model's);
+        # a worker's app narrows this to its own model's (worker_queues). A bare
+        # worker consumes that one and the webhook queue. Webhook deliveries run in
+        # the worker's pool thread, which the batching path (own model thread)
         # leaves idle; a separate worker can take them with -Q <webhook queue>.
-        "task_queues": [Queue(name, Exchange(name), routing_key=name)
-                        for name in (settings.queue, settings.webhook_queue_name)],
-        "task_routes": {GENERATE_TASK: {"queue": settings.queue},
+        "task_queues": [_queue(name) for name in
+                        (*settings.generation_queues.values(), settings.webhook_queue_name)],
+        "task_routes": {GENERATE_TASK: {"queue": settings.queue_for(settings.default_model)},
                         WEBHOOK_TASK: {"queue": settings.webhook_queue_name}},
         # Messages stay unacknowledged while buffered and while their batch
         # runs: the visibility timeout must cover both, or tasks run twice.

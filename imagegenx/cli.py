@@ -88,11 +88,12 @@ def up(flower: bool, worker: bool) -> None:
                 time.sleep(0.1)
             else:
                 raise click.ClickException("redis-server did not start")
-        if worker and settings.engine == "diffusion":
+        served = settings.for_model()  # the worker runs the first served model
+        if worker and served.engine == "diffusion":
             from imagegenx.engine.quiet import silence_library_progress
 
             silence_library_progress()
-            _ensure_model(settings.model)
+            _ensure_model(served.model)
         sup.spawn("api", api_command(settings), api_env(env, settings))
         if worker:
             sup.spawn("worker", worker_command(), env)
@@ -111,8 +112,10 @@ def up(flower: bool, worker: bool) -> None:
 @click.option("--gpus", default="all", show_default=True,
               help="GPUs to serve: 'all', or comma-separated indices as nvidia-smi lists them, e.g. 0,1.")
 @click.option("--loglevel", default="INFO", show_default=True, help="Celery log level of the workers.")
-def worker(gpus: str, loglevel: str) -> None:
-    """Start one Celery worker per GPU, all on the same queue; Ctrl-C stops all.
+@click.option("--model", "model", default="",
+              help="Served model to run (a name from IMAGEGENX_MODELS); default: the first.")
+def worker(gpus: str, loglevel: str, model: str) -> None:
+    """Start one Celery worker per GPU, all on one model's queue; Ctrl-C stops all.
 
     Worker i sees only its GPU (CUDA_VISIBLE_DEVICES=i), is named gpu<i>@<host> and
     serves Prometheus metrics on IMAGEGENX_WORKER_METRICS_PORT + i.
@@ -127,12 +130,16 @@ def worker(gpus: str, loglevel: str) -> None:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--gpus'") from None
     settings = load_settings()
+    if model and model not in settings.served_models:
+        raise click.BadParameter(f"{model!r} is not served; served models: "
+                                 f"{', '.join(settings.served_models)}", param_hint="'--model'")
+    settings = settings.for_model(model)
     if settings.engine == "diffusion":
         from imagegenx.engine.quiet import silence_library_progress
 
         silence_library_progress()
         _ensure_model(settings.model)  # once here, not raced by the workers
-    env = dict(os.environ)
+    env = {**os.environ, "IMAGEGENX_WORKER_MODEL": settings.worker_model}
     sup = Supervisor()
     sup.trap_signals()
     for index in indices:
@@ -140,7 +147,8 @@ def worker(gpus: str, loglevel: str) -> None:
         port = worker_metrics_port(settings.worker_metrics_port, index)
         sup.spawn(f"gpu{index}", worker_command(f"gpu{index}@%h", loglevel),
                   {**gpu_worker_env(env, index), "IMAGEGENX_WORKER_METRICS_PORT": str(port)})
-    click.echo(f"started {len(indices)} worker(s) on GPU(s) {','.join(map(str, indices))}")
+    click.echo(f"started {len(indices)} worker(s) of model {settings.worker_model} on GPU(s) "
+               f"{','.join(map(str, indices))}")
     sys.exit(sup.wait())
 
 
@@ -153,6 +161,7 @@ def worker(gpus: str, loglevel: str) -> None:
 @click.option("--steps", type=int, help="Denoising steps.")
 @click.option("--guidance", "guidance_scale", type=float, help="Guidance scale.")
 @click.option("--sampler", help="euler, euler_a, ddim or dpmpp_2m.")
+@click.option("--model", help="A served model (GET /api/v1/models); default: the server's first.")
 @click.option("--seed", type=int, help="Seed (the server picks one when omitted).")
 @click.option("--num-images", type=int, help="Images to draw.")
 @click.option("--timeout", "timeout_s", type=float, help="Give up (server side) after this many s.")

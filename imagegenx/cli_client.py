@@ -21,6 +21,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 OPTION_OF_FIELD = {
     "prompt": "PROMPT", "negative_prompt": "--negative", "width": "--width", "height": "--height",
     "steps": "--steps", "guidance_scale": "--guidance", "sampler": "--sampler", "seed": "--seed",
+    "model": "--model",
     "num_images": "--num-images", "timeout_s": "--timeout", "postprocess.thumbnail": "--thumbnail",
     "postprocess.upscale": "--upscale", "postprocess.watermark.text": "--watermark",
 }

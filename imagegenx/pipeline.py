@@ -152,7 +152,7 @@ class BatchPipeline:
     """Runs batches on one engine and stores their outputs."""
 
     def __init__(self, engine: Engine, storage: Storage, public_url: str, model_name: str,
-                 upscaler: Upscaler | None = None,
+                 model_version: str | None = None, upscaler: Upscaler | None = None,
                  prompt_warnings: Callable[[str], list[str]] | None = None) -> None:
         self.engine = engine
         # What the model cannot draw of a prompt (the result's warnings); None: no check.
@@ -163,6 +163,7 @@ class BatchPipeline:
         self.storage = storage
         self.public_url = public_url.rstrip("/")
         self.model_name = model_name
+        self.model_version = model_version
         # Most images per engine batch, learnt from out-of-memory errors (None: no limit).
         self.image_limit: int | None = None
 
@@ -361,6 +362,7 @@ class BatchPipeline:
                 batch=d.batch,
                 timings=timings,
                 model=self.model_name,
+                model_version=self.model_version,
                 sampler=d.job.request.sampler,
                 steps=d.job.request.steps,
                 cost=request_cost(d.job.request),

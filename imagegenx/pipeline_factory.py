@@ -4,6 +4,7 @@ the worker and the in-process path, so both serve the same engine options
 from __future__ import annotations
 
 from imagegenx.engine import create_engine
+from imagegenx.model_version import derived_version
 from imagegenx.pipeline import BatchPipeline, render_pool
 from imagegenx.settings import Settings
 from imagegenx.shapes.model_files import is_shipped_shapes_model
@@ -27,5 +28,6 @@ def build_pipeline(settings: Settings) -> BatchPipeline:
     upscaler = load_upscaler(s.upscaler_model, getattr(engine, "device", s.device),
                              getattr(engine, "dtype", s.dtype), executor=render_pool())
     shapes = s.engine == "diffusion" and is_shipped_shapes_model(s.model)
+    version = s.model_version or derived_version(s.engine, s.model)
     return BatchPipeline(engine, create_storage(s), s.public_base, s.served_model_name,
-                         upscaler=upscaler, prompt_warnings=prompt_warnings if shapes else None)
+                         model_version=version, upscaler=upscaler, prompt_warnings=prompt_warnings if shapes else None)

@@ -218,6 +218,9 @@ class GenerateRequest(BaseModel):
     lora: LoraName | Annotated[list[LoraName], Field(max_length=MAX_LORAS,
                                                      json_schema_extra={"uniqueItems": True})] | None = Field(
         default=None, description=f"a LoRA name from the server's lora_dir, or a list of up to {MAX_LORAS}")
+    # Any other text is checked against the served names (a 422 that lists them).
+    model: str | None = Field(default=None, min_length=1, max_length=64,
+                              description="a served model's name (GET /api/v1/models); default: the first")
     lora_weight: LoraWeight | Annotated[list[LoraWeight], Field(max_length=MAX_LORAS)] = Field(
         default=1.0, description="LoRA strength: one number for all, or a list matching lora; 0 leaves one out")
     preview: PreviewRequest | None = Field(
@@ -381,6 +384,8 @@ class GenerateResult(BaseModel):
     batch: BatchInfo
     timings: dict[str, float]
     model: str
+    model_version: str | None = Field(default=None, description="the version of the model's weights "
+                                      "that drew the images; absent from results of older workers")
     sampler: Sampler
     steps: int
     cost: int | None = Field(default=None, description="cost units of what ran (imagegenx.cost); "

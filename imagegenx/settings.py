@@ -24,6 +24,7 @@ from pydantic_settings import (
 from typing_extensions import Annotated
 
 from imagegenx.batching import prefetch_window
+from imagegenx.models import ModelSpec, model_queue, parse_models
 from imagegenx.schemas import Limits
 from imagegenx.shapes.model_files import SHAPES_MODEL_SETTING
 
@@ -120,6 +121,23 @@ class Settings(BaseSettings):
                     "from the working directory is taken from the repository root",
     )
     model_name: str = ""
+    model_version: str = Field(
+        default="", description="names the weights in results (model_version); empty: derived from "
+                                "the model files' names, sizes and times",
+    )
+    # Several models behind one API: name -> {path, engine, version, lora_dir}. Unset: the
+    # one model above (engine, model, model_name) on the queue itself, as before.
+    models: Annotated[dict[str, ModelSpec], NoDecode] = Field(
+        default_factory=dict,
+        description="served models, 'name=path,name2=path2' or a JSON object "
+                    '{"name": {"path": .., "engine": .., "version": ..}}; the first is the default; '
+                    "each has its own queue <queue>.<name>",
+    )
+    worker_model: str = Field(default="", description="the served model a worker runs (default: the first)")
+    max_queue_without_worker: int = Field(
+        default=100, ge=0,
+        description="requests a model with no live worker may have waiting; more get 503",
+    )
     lora_dir: Path = Field(
         default=Path("var/loras"),
         description="one subfolder per named LoRA (name = folder name) holding its .safetensors file",
@@ -282,6 +300,11 @@ class Settings(BaseSettings):
             return [part.strip() for part in v.split(",") if part.strip()]
         return v
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, v: Any) -> Any:
+        return parse_models(v)
+
     @field_validator("key_max_priority", mode="before")
     @classmethod
     def _split_priorities(cls, v: Any) -> Any:
@@ -387,6 +410,14 @@ class Settings(BaseSettings):
             raise ValueError("sentinel:// URLs need sentinel_master (the master's name)")
         if self.max_num_images > self.max_batch:
             raise ValueError("max_num_images must not exceed max_batch")
+        for name, spec in self.models.items():
+            if (spec.engine or self.engine) == "diffusion" and spec.path is None:
+                raise ValueError(f"models: {name!r} runs the diffusion engine and needs a path")
+            if model_queue(self.queue, name) == self.webhook_queue_name:
+                raise ValueError(f"models: {name!r} would share the webhook queue's name")
+        if self.worker_model and self.worker_model not in self.served_models:
+            raise ValueError(f"worker_model {self.worker_model!r} is not served; served models: "
+                             f"{', '.join(self.served_models)}")
         if self.min_size > self.max_size:
             raise ValueError("min_size must not exceed max_size")
         if self.unet_backend == "trt" and not self.trt_engine:
@@ -453,6 +484,42 @@ class Settings(BaseSettings):
     @property
     def served_model_name(self) -> str:
         return self.model_name or (self.model.stem if self.model.suffix.lower() == ".safetensors" else self.model.name)
+
+    @property
+    def served_models(self) -> dict[str, ModelSpec]:
+        """Served models by name, the default first."""
+        if self.models:
+            return dict(self.models)
+        return {self.served_model_name: ModelSpec(path=self.model, engine=self.engine,
+                                                  version=self.model_version)}
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.served_models))
+
+    def queue_for(self, model: str) -> str:
+        """The queue of ``model``'s requests: <queue>.<model>, or the queue itself when
+        IMAGEGENX_MODELS is unset (one model, as before)."""
+        return model_queue(self.queue, model) if self.models else self.queue
+
+    @property
+    def generation_queues(self) -> dict[str, str]:
+        """Queue of each served model, by model name."""
+        return {name: self.queue_for(name) for name in self.served_models}
+
+    def for_model(self, name: str = "") -> "Settings":
+        """These settings with one served model's engine, weights, name and version in
+        place of the single-model ones: what a worker for that model runs with."""
+        name = name or self.worker_model or self.default_model
+        spec = self.served_models[name]
+        return self.model_copy(update={
+            "engine": spec.engine or self.engine,
+            "model": spec.path if spec.path is not None else self.model,
+            "model_name": name,
+            "model_version": spec.version,
+            "lora_dir": spec.lora_dir or self.lora_dir,
+            "worker_model": name,
+        })
 
     @property
     def webhook_queue_name(self) -> str:

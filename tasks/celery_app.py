@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from celery import Celery
 
-from imagegenx.celery_client import celery_config, client_app, restore_interval_s
+from imagegenx.celery_client import celery_config, client_app, restore_interval_s, worker_queues
 from imagegenx.settings import Settings, get_settings
 
 __all__ = ["app", "celery_config", "create_celery_app", "restore_interval_s"]
 
 
 def create_celery_app(settings: Settings | None = None) -> Celery:
-    settings = settings or get_settings()
+    # A worker runs one served model (worker_model, default the first) and consumes its queue.
+    settings = (settings or get_settings()).for_model()
     app = client_app(settings)
+    app.conf.task_queues = worker_queues(settings)
     import workers.control  # noqa: F401 - remote-control commands, known to clients too
     from workers.bootstep import BatchingWorkerStep, ConnectionLossStep
     from workers.message_guard import UnknownTaskStep

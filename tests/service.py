@@ -27,7 +27,7 @@ def drop_queues(client: Any, settings: Any) -> None:
     """Delete the queues of a test's settings with the bindings kombu keeps for each in
     Redis (``_kombu.binding.<queue>``, ``_kombu.binding_permanent.<queue>``): every queue
     declared creates them, and they outlive the queue."""
-    names = (settings.queue, settings.webhook_queue_name)
+    names = (settings.queue, *settings.generation_queues.values(), settings.webhook_queue_name)
     client.delete(*names, *(f"_kombu.{kind}.{name}" for kind in ("binding", "binding_permanent")
                             for name in names))
 

@@ -33,8 +33,12 @@ class Arg:
 
 @inspect_command()
 def batching(state: Any, **_: Any) -> dict[str, Any]:
-    """Batching state and statistics of this worker."""
-    return current_runtime().describe()
+    """Batching state and statistics of this worker, and the queues it consumes now
+    (fewer after ``celery control cancel_consumer``)."""
+    consumer = getattr(state, "consumer", None)
+    task_consumer = getattr(consumer, "task_consumer", None)
+    queues = [q.name for q in getattr(task_consumer, "queues", None) or []]
+    return {**current_runtime().describe(), "consuming": queues}
 
 
 @control_command(

@@ -183,6 +183,9 @@ class WorkerRuntime:
             request = GenerateRequest.model_validate(
                 req.kwargs, context={"limits": self.settings.limits}
             )
+            if request.model not in (None, self.settings.served_model_name):
+                raise GenerationError(f"this worker serves model {self.settings.served_model_name!r}, "
+                                      f"not {request.model!r}")
             if request.sampler.value not in self.engine.samplers:
                 raise GenerationError(f"sampler {request.sampler.value!r} is not supported")
             LoraCatalog(self.settings.lora_dir).require(request.lora_names())
@@ -280,6 +283,9 @@ class WorkerRuntime:
         return {
             "engine": self.engine.name if self.engine else None,
             "model": self.settings.served_model_name,
+            "model_version": self.pipeline.model_version if self.pipeline else None,
+            "native_size": list(self.engine.native_size) if self.engine else None,
+            "samplers": list(self.engine.samplers) if self.engine else [],
             "device": self.device,
             "gpus": [g.as_dict() for g in self.gpus()],
             "metrics_port": self.settings.worker_metrics_port if self._metrics_server else None,

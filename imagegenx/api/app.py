@@ -12,6 +12,7 @@ from imagegenx.api.files import bp as files_bp
 from imagegenx.api.health import bp as health_bp
 from imagegenx.api.images import bp as images_bp
 from imagegenx.api.metrics import bp as metrics_bp
+from imagegenx.api.models import bp as models_bp
 from imagegenx.api.openapi import bp as openapi_bp
 from imagegenx.api.playground import bp as playground_bp
 from imagegenx.api.queue_status import bp as queue_bp
@@ -34,9 +35,10 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
     if not settings.key_digests():
         log.warning("no API keys configured (IMAGEGENX_API_KEYS): every request gets 401")
     register_error_handlers(app)
-    svc.limiter = build_limiter(app, svc, images_bp, tasks_bp, workers_bp, health_bp, queue_bp)
+    svc.limiter = build_limiter(app, svc, images_bp, tasks_bp, workers_bp, health_bp, queue_bp,
+                                  models_bp)
     svc.cost_budget = CostBudget(svc.redis, settings.cost_budget_per_minute)
     for bp in (images_bp, tasks_bp, files_bp, health_bp, openapi_bp, playground_bp, workers_bp,
-               metrics_bp, queue_bp):
+               metrics_bp, queue_bp, models_bp):
         app.register_blueprint(bp)
     return app

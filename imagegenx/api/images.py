@@ -19,6 +19,7 @@ from imagegenx.api.fairness import UnfinishedTasks, refuse_priority
 from imagegenx.api.guards import json_body, require_key
 from imagegenx.api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from imagegenx.api.idempotency import Claim, IdempotencyStore, body_hash, check_header
+from imagegenx.api.models import refuse_without_worker, resolve
 from imagegenx.api.result_cache import LOOKUPS, ResultIndex, fingerprint, reusable, wants_cache
 from imagegenx.api.services import Services, services
 from imagegenx.celery_client import GENERATE_TASK
@@ -43,8 +44,14 @@ def submit():  # type: ignore[no-untyped-def]
         raise ApiError(422, "invalid request", fields=[{
             "field": "callback_url",
             "reason": "webhooks are disabled on this server (no webhook secret is configured)"}])
+    model = resolve(svc, req.model)
+    spec = svc.settings.served_models[model]
+    queue = svc.settings.queue_for(model)
+    # Messages name the model only when several are configured, so that a worker of
+    # an earlier release (which knows no `model` field) still takes the one model's.
+    req = req.model_copy(update={"model": model if svc.settings.models else None})
     # The API's lora_dir is the one served: the API host needs the same folder as the workers.
-    unknown = LoraCatalog(svc.settings.lora_dir).unknown_reason(req.lora_names())
+    unknown = LoraCatalog(spec.lora_dir or svc.settings.lora_dir).unknown_reason(req.lora_names())
     if unknown:
         raise ApiError(422, "invalid request", fields=[{"field": "lora", "reason": unknown}])
     refuse_priority(req.priority, digest, svc.settings)
@@ -52,7 +59,7 @@ def submit():  # type: ignore[no-untyped-def]
     refuse_too_costly(req, cost, svc.settings)
     body_fp = body_hash(req.model_dump(mode="json"))  # before the server picks a seed
     cacheable = req.seed is not None  # only a seed the caller chose names the same pixels again
-    pixels_fp = fingerprint(req, svc.settings.served_model_name) if cacheable else ""
+    pixels_fp = fingerprint(req, model) if cacheable else ""
     use_cache = wants_cache(req, svc.settings.result_cache)
     if req.seed is None:  # chosen here so a redelivered message draws the same image
         req = req.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - req.num_images)})
@@ -62,7 +69,7 @@ def submit():  # type: ignore[no-untyped-def]
     cached = None
     try:
         if use_cache:
-            cached = _cached_result(svc, digest, pixels_fp)
+            cached = _cached_result(svc, digest, pixels_fp, model)
             LOOKUPS.labels("miss" if cached is None else "hit").inc()
     except (RedisError, OperationalError, ConnectionError) as exc:
         raise ApiError(503, f"queue unavailable: {type(exc).__name__}", headers=retry_after) from exc
@@ -82,13 +89,14 @@ def submit():  # type: ignore[no-untyped-def]
             svc.celery.backend.store_result(task_id, cached, states.SUCCESS)
             return _accepted(claim, 202, cached=True)
         limit = svc.settings.max_queue_depth
-        if limit:
+        if limit or svc.settings.max_queue_without_worker:
             # Messages not yet taken by a worker. Concurrent submissions may
-            # overshoot the limit by at most the number of API threads.
-            depth = svc.redis.llen(svc.settings.queue)
-            if depth >= limit:
+            # overshoot the limits by at most the number of API threads.
+            depth = svc.redis.llen(queue)
+            if limit and depth >= limit:
                 raise ApiError(503, f"overloaded: {depth} requests are waiting (limit {limit}); "
                                "retry later", headers=retry_after, queue_depth=depth)
+            refuse_without_worker(svc, model, queue, depth)
         unfinished.admit(digest, task_id, svc.settings.retry_after_s)
         admitted = True
         svc.cost_budget.charge(digest, cost)
@@ -97,7 +105,7 @@ def submit():  # type: ignore[no-untyped-def]
             TASK_NAME,
             kwargs=req.model_dump(mode="json"),
             task_id=task_id,
-            queue=svc.settings.queue,
+            queue=queue,
             expires=req.timeout_s,
             retry=False,
             headers={TENANT_HEADER: digest[:16], SENT_AT_HEADER: time.time()},
@@ -119,7 +127,7 @@ def submit():  # type: ignore[no-untyped-def]
     return _accepted(claim, 202)
 
 
-def _cached_result(svc: Services, digest: str, pixels_fp: str) -> dict[str, Any] | None:
+def _cached_result(svc: Services, digest: str, pixels_fp: str, model: str) -> dict[str, Any] | None:
     """The stored result (marked cached) of an identical earlier request of this key,
     or None when there is none that can answer (not SUCCESS, files gone, expired)."""
     earlier = ResultIndex(svc.redis, svc.settings.result_expires_s).lookup(digest, pixels_fp)
@@ -127,8 +135,7 @@ def _cached_result(svc: Services, digest: str, pixels_fp: str) -> dict[str, Any]
         return None
     storage = app_storage()
     exists = storage.exists if isinstance(storage, S3Storage) else lambda key: storage.path(key).is_file()
-    return reusable(earlier, svc.celery.backend.get_task_meta(earlier),
-                    svc.settings.served_model_name, exists)
+    return reusable(earlier, svc.celery.backend.get_task_meta(earlier), model, exists)
 
 
 def _state_reader(svc: Services) -> Callable[[str], str]:

@@ -54,12 +54,22 @@ def queue_keys(queue: str) -> list[str]:
     return [queue] + [f"{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS]
 
 
-def queue_depth(svc: Services) -> int:
-    """Messages waiting in the service's queue (raises RedisError when Redis is down)."""
+def queue_depths(svc: Services) -> dict[str, int]:
+    """Messages waiting in each served model's queue, by queue (raises RedisError when
+    Redis is down)."""
+    queues = list(svc.settings.generation_queues.values())
     pipe = svc.redis.pipeline(transaction=False)
-    for key in queue_keys(svc.settings.queue):
-        pipe.llen(key)
-    return int(sum(pipe.execute()))
+    for queue in queues:
+        for key in queue_keys(queue):
+            pipe.llen(key)
+    counts = pipe.execute()
+    n = len(PRIORITY_STEPS) + 1
+    return {queue: int(sum(counts[i * n:(i + 1) * n])) for i, queue in enumerate(queues)}
+
+
+def queue_depth(svc: Services) -> int:
+    """Messages waiting in the service's queues (raises RedisError when Redis is down)."""
+    return sum(queue_depths(svc).values())
 
 
 class QueueDepthCollector(Collector):
@@ -70,19 +80,20 @@ class QueueDepthCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         try:
-            depth: int | None = queue_depth(self.svc)
+            depths: dict[str, int] | None = queue_depths(self.svc)
         except RedisError:
-            depth = None
+            depths = None
         yield GaugeMetricFamily("imagegenx_queue_redis_up",
                                 "Whether Redis answered the queue-depth query",
-                                value=0 if depth is None else 1)
-        if depth is None:
+                                value=0 if depths is None else 1)
+        if depths is None:
             return  # no reading: the series is absent rather than a false 0
         family = GaugeMetricFamily(
             "imagegenx_queue_depth",
             "Messages waiting in the Celery queue, not yet taken by a worker (LLEN at scrape time)",
             labels=["queue"])
-        family.add_metric([self.svc.settings.queue], depth)
+        for queue, depth in depths.items():
+            family.add_metric([queue], depth)
         yield family
 
 

@@ -14,6 +14,7 @@ from pydantic.json_schema import models_json_schema
 from imagegenx import __version__
 from imagegenx.api.services import services
 from imagegenx.lora_catalog import LoraCatalog
+from imagegenx.api.models import ModelsResponse
 from imagegenx.api.queue_status import QueueResponse
 from imagegenx.api.workers import WorkersResponse
 from imagegenx.storage import MAX_KEY_CHARS
@@ -104,17 +105,28 @@ def _apply_loras(schema: dict[str, Any], loras: list[str]) -> None:
     many["items"]["enum"] = list(loras)
 
 
-def build_spec(limits: Limits, loras: list[str] | None = None) -> dict[str, Any]:
-    """The OpenAPI document with this server's limits and, when given, its LoRA names."""
+def _apply_models(schema: dict[str, Any], models: list[str]) -> None:
+    """The served model names: the only values ``model`` accepts; the first is the default."""
+    prop = schema["properties"]["model"]
+    prop["anyOf"][0]["enum"] = list(models)
+    prop["description"] = f"a served model (GET /api/v1/models); default: {models[0]}"
+
+
+def build_spec(limits: Limits, loras: list[str] | None = None,
+               models: list[str] | None = None) -> dict[str, Any]:
+    """The OpenAPI document with this server's limits and, when given, its LoRA and model names."""
     _, defs = models_json_schema(
         [(m, "validation") for m in (GenerateRequest, SubmitResponse, TaskStatus, ErrorResponse)]
-        + [(WorkersResponse, "serialization"), (QueueResponse, "serialization")],
+        + [(WorkersResponse, "serialization"), (QueueResponse, "serialization"),
+           (ModelsResponse, "serialization")],
         ref_template=REF,
     )
     schemas = defs["$defs"]
     _apply_limits(schemas["GenerateRequest"], limits)
     if loras is not None:
         _apply_loras(schemas["GenerateRequest"], loras)
+    if models:
+        _apply_models(schemas["GenerateRequest"], models)
     task_id = {"name": "task_id", "in": "path", "required": True,
                "schema": {"type": "string", "format": "uuid"}}
     status = {"description": "task state", "content": {"application/json": {
@@ -156,7 +168,8 @@ def build_spec(limits: Limits, loras: list[str] | None = None) -> dict[str, Any]
                     "401": _error("missing or invalid API key"),
                     "409": _error("Idempotency-Key already used with another body (body: task_id)"),
                     "413": _error("body larger than max_body_bytes (body: the limit, max_body_bytes)"),
-                    "422": _error("invalid fields, each named with the reason; a request costing "
+                    "422": _error("invalid fields, each named with the reason (an unknown model "
+                                  "lists the served ones); a request costing "
                                   "more than max_request_cost names the field cost (body: cost, "
                                   "max_cost); a priority above this key's key_max_priority names "
                                   "priority"),
@@ -164,7 +177,9 @@ def build_spec(limits: Limits, loras: list[str] | None = None) -> dict[str, Any]
                                     "exceeded (cost budget: the body has cost, budget_per_minute, "
                                     "retry_after_s and frees_at; unfinished tasks: unfinished, "
                                     "max_unfinished, retry_after_s)"),
-                    "503": _limited("queue full (max_queue_depth) or unavailable"),
+                    "503": _limited("queue full (max_queue_depth), the model has no live worker "
+                                    "and max_queue_without_worker requests wait for it (body: "
+                                    "model, queue_depth), or the queue is unavailable"),
                 },
             }},
             "/api/v1/tasks/{task_id}": {
@@ -204,6 +219,21 @@ def build_spec(limits: Limits, loras: list[str] | None = None) -> dict[str, Any]
                                           "$ref": REF.format(model="WorkersResponse")}}}},
                               "401": _error("missing or invalid API key"),
                               "503": _error("broker unavailable")},
+            }},
+            "/api/v1/models": {"get": {
+                "summary": "Served models: queue, depth, live workers and their versions, native "
+                           "size, samplers, LoRAs",
+                "description": "Workers are those that answer within workers_inspect_timeout_s; a "
+                               "worker drained with cancel_consumer is listed with consuming false "
+                               "until it stops.",
+                "operationId": "listModels",
+                "security": secured,
+                "responses": {"200": {"description": "the served models, the default first",
+                                      "content": {"application/json": {"schema": {
+                                          "$ref": REF.format(model="ModelsResponse")}}}},
+                              "401": _error("missing or invalid API key"),
+                              "429": _limited("rate limit of this API key exceeded"),
+                              "503": _limited("broker unavailable")},
             }},
             "/api/v1/queue": {"get": {
                 "summary": "Scaling signals: queue depth and oldest age, worker capacity, drain time",
@@ -258,4 +288,5 @@ def build_spec(limits: Limits, loras: list[str] | None = None) -> dict[str, Any]
 @bp.get("/api/v1/openapi.json")
 def openapi_json():  # type: ignore[no-untyped-def]
     settings = services().settings
-    return jsonify(build_spec(settings.limits, LoraCatalog(settings.lora_dir).names()))
+    return jsonify(build_spec(settings.limits, LoraCatalog(settings.lora_dir).names(),
+                              list(settings.served_models)))

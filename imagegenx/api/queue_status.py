@@ -1,5 +1,5 @@
 """GET /api/v1/queue: the signals an autoscaler needs. Depth and oldest age of
-the generation and webhook queues, live workers and their capacity, and an
+each served model's generation queue and of the webhook queue, live workers and their capacity, and an
 estimated drain time (imagegenx.scaling says how it is estimated).
 
 Workers are asked as ``GET /api/v1/workers`` asks them (``batching``, waiting
@@ -28,6 +28,8 @@ SAMPLE = 100
 
 class QueueInfo(BaseModel):
     name: str
+    model: str | None = Field(None, description="the served model whose requests it holds "
+                                                "(null: the webhook queue)")
     depth: int = Field(description="messages waiting in Redis (not yet taken by a worker)")
     oldest_age_s: float | None = Field(description="seconds since the oldest waiting message was "
                                                    "sent (null when the queue is empty)")
@@ -61,7 +63,8 @@ class QueueResponse(BaseModel):
     timeout_s: float = Field(description="how long workers had to answer")
 
 
-def _queue(svc: Services, name: str, now: float) -> tuple[QueueInfo, list[bytes]]:
+def _queue(svc: Services, name: str, now: float,
+           model: str | None = None) -> tuple[QueueInfo, list[bytes]]:
     """A queue's depth and age over its priority lists, and its oldest messages."""
     keys = queue_keys(name)
     pipe = svc.redis.pipeline(transaction=False)
@@ -72,13 +75,18 @@ def _queue(svc: Services, name: str, now: float) -> tuple[QueueInfo, list[bytes]
     depth = sum(replies[0::2])
     oldest = [lst[-1] for lst in replies[1::2] if lst]
     sample = [raw for lst in replies[1::2] for raw in lst]
-    return QueueInfo(name=name, depth=depth, oldest_age_s=scaling.oldest_age_s(oldest, now)), sample
+    return QueueInfo(name=name, model=model, depth=depth,
+                     oldest_age_s=scaling.oldest_age_s(oldest, now)), sample
 
 
 def snapshot(svc: Services) -> QueueResponse:
     """The queue and the workers now (raises RedisError, OperationalError)."""
     now = time.time()
-    gen, sample = _queue(svc, svc.settings.queue, now)
+    gens, sample = [], []
+    for model, queue in svc.settings.generation_queues.items():
+        info, oldest = _queue(svc, queue, now, model)
+        gens.append(info)
+        sample += oldest
     hooks, _ = _queue(svc, svc.settings.webhook_queue_name, now)
     timeout = svc.settings.workers_inspect_timeout_s
     workers = [WorkerCapacity(
@@ -90,11 +98,11 @@ def snapshot(svc: Services) -> QueueResponse:
     steps = [s for s in map(scaling.image_steps, sample) if s is not None]
     mean = sum(steps) / len(steps) if steps else None
     rate = sum(w.image_steps_per_s or 0.0 for w in workers)
-    waiting = gen.depth + sum(w.buffered_requests for w in workers)
+    waiting = sum(g.depth for g in gens) + sum(w.buffered_requests for w in workers)
     drain = DrainEstimate(waiting_requests=waiting, mean_image_steps=mean,
                           image_steps_per_s=round(rate, 3),
                           estimate_s=scaling.drain_s(waiting, mean, rate))
-    return QueueResponse(queues=[gen, hooks], workers=workers,
+    return QueueResponse(queues=[*gens, hooks], workers=workers,
                          capacity_rows=sum(w.max_batch for w in workers), drain=drain,
                          timeout_s=timeout)
 

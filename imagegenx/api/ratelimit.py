@@ -32,7 +32,7 @@ def _no_valid_key() -> bool:
 
 def build_limiter(app: Flask, svc: Services, submit_bp: Blueprint, status_bp: Blueprint,
                   workers_bp: Blueprint, health_bp: Blueprint,
-                  queue_bp: Blueprint) -> Limiter:
+                  queue_bp: Blueprint, models_bp: Blueprint | None = None) -> Limiter:
     """A limiter for this app, counting in the broker's Redis through the API's
     own connection pool (same timeouts: a dead Redis answers 503 fast)."""
     limiter = Limiter(
@@ -52,7 +52,9 @@ def build_limiter(app: Flask, svc: Services, submit_bp: Blueprint, status_bp: Bl
                             (svc.settings.status_rate_limit, status_bp, "task requests"),
                             (svc.settings.workers_rate_limit, workers_bp, "worker listings"),
                             # the queue status asks every worker too
-                            (svc.settings.workers_rate_limit, queue_bp, "queue listings")):
+                            (svc.settings.workers_rate_limit, queue_bp, "queue listings"),
+                            *(((svc.settings.workers_rate_limit, models_bp, "model listings"),)
+                              if models_bp is not None else ())):
         if value:
             limiter.shared_limit(
                 value, scope=bp.name, exempt_when=_no_valid_key,

@@ -61,6 +61,12 @@ class WorkerInfo(BaseModel):
                                             "or where NVML is not installed")
     engine: str | None
     model: str
+    model_version: str | None = Field(None, description="version of the model's weights it draws with")
+    native_size: list[int] | None = Field(None, description="[width, height] drawn when a request "
+                                                            "leaves them unset")
+    samplers: list[str] = Field(default_factory=list)
+    consuming: list[str] | None = Field(None, description="queues it takes requests from now; "
+                                                          "empty after cancel_consumer (draining)")
     buffered_requests: int = Field(description="received, waiting for a batch")
     running_requests: int = Field(description="in the batch that is running")
     finishing_requests: int = Field(0, description="drawn, being stored and reported")
@@ -73,8 +79,8 @@ class WorkersResponse(BaseModel):
     timeout_s: float = Field(description="how long workers had to answer")
 
 
-_LIVE = ("engine", "model", "device", "gpus", "metrics_port", "buffered_requests",
-         "running_requests", "finishing_requests")
+_LIVE = ("engine", "model", "model_version", "native_size", "samplers", "consuming", "device",
+         "gpus", "metrics_port", "buffered_requests", "running_requests", "finishing_requests")
 
 
 def worker_info(hostname: str, reply: dict[str, Any]) -> WorkerInfo:
@@ -85,6 +91,10 @@ def worker_info(hostname: str, reply: dict[str, Any]) -> WorkerInfo:
         gpus=reply.get("gpus") or [],
         engine=reply.get("engine"),
         model=reply.get("model") or "",
+        model_version=reply.get("model_version"),
+        native_size=reply.get("native_size"),
+        samplers=reply.get("samplers") or [],
+        consuming=reply.get("consuming"),
         buffered_requests=reply.get("buffered_requests", 0),
         running_requests=reply.get("running_requests", 0),
         finishing_requests=reply.get("finishing_requests", 0),

@@ -54,3 +54,34 @@ def test_cli_names_the_option_in_its_error(monkeypatch: pytest.MonkeyPatch) -> N
     assert result.exit_code == 2
     assert "--gpus" in result.output
     assert "GPU 1 does not exist (this machine has GPUs 0 to 0)" in result.output
+
+
+MODELS = '{"base": {"engine": "synthetic"}, "anime": {"engine": "synthetic"}}'
+
+
+def test_worker_model_must_be_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher, "count_gpus", lambda: 1)
+    monkeypatch.setenv("IMAGEGENX_MODELS", MODELS)
+    result = CliRunner().invoke(cli.main, ["worker", "--gpus", "0", "--model", "photo"])
+    assert result.exit_code == 2 and "--model" in result.output
+    assert "'photo' is not served; served models: base, anime" in result.output
+
+
+def test_workers_of_one_model_get_it_in_their_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    spawned: list[tuple[str, dict[str, str]]] = []
+
+    class Recorder:
+        def trap_signals(self) -> None: ...
+        def spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+            spawned.append((name, env))
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(launcher, "count_gpus", lambda: 2)
+    monkeypatch.setattr(launcher, "Supervisor", Recorder)
+    monkeypatch.setenv("IMAGEGENX_MODELS", MODELS)
+    result = CliRunner().invoke(cli.main, ["worker", "--gpus", "all", "--model", "anime"])
+    assert result.exit_code == 0, result.output
+    assert [(n, e["IMAGEGENX_WORKER_MODEL"], e["CUDA_VISIBLE_DEVICES"]) for n, e in spawned] == [
+        ("gpu0", "anime", "0"), ("gpu1", "anime", "1")]
+    assert "started 2 worker(s) of model anime on GPU(s) 0,1" in result.output

@@ -63,7 +63,8 @@ def test_queue_reports_depth_age_and_drain(redis_base: str, rdb: redis.Redis,
         gen, hooks = r.json["queues"]
         assert gen["name"] == s.queue and gen["depth"] == 2
         assert 0.2 <= gen["oldest_age_s"] <= time.time() - t0 + 0.05
-        assert hooks == {"name": s.webhook_queue_name, "depth": 0, "oldest_age_s": None}
+        assert gen["model"] == s.default_model
+        assert hooks == {"name": s.webhook_queue_name, "model": None, "depth": 0, "oldest_age_s": None}
         assert r.json["workers"] == [{"hostname": "gpu0@host", "scheduler": "step", "max_batch": 8,
                                       "buffered_requests": 2, "running_requests": 1,
                                       "image_steps_per_s": 350.0}]
