@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from imagegenx.webhook_events import CallbackEvent
+
 SCHEMA_VERSION = 1
 MAX_SEED = 2**32 - 1
 CALLBACK_URL_MAX = 2048
@@ -199,6 +201,10 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(default=1, ge=1)
     postprocess: Postprocess = Field(default_factory=Postprocess)
     callback_url: str | None = Field(default=None, max_length=CALLBACK_URL_MAX)
+    callback_events: Annotated[list[CallbackEvent], Field(min_length=1, max_length=3)] = Field(
+        default_factory=lambda: ["completed"],
+        description="which events callback_url receives: started, progress (at most one every "
+                    "500 ms), completed")
     timeout_s: float | None = Field(default=None, gt=0, le=86400)
     priority: int = Field(default=0, ge=0, description="admission order on the worker: higher first; "
                           "a waiting request gains one level per priority_age_s")

@@ -29,6 +29,7 @@ from celery.worker.request import Request
 from imagegenx.batching import Batch
 from imagegenx.errors import GenerationError
 from imagegenx.pipeline import BatchPipeline, Drawn, Job, Outcome
+from workers import callbacks
 from workers.callbacks import notify
 from workers.finisher import Finisher
 
@@ -261,6 +262,7 @@ class BatchExecutor:
             return True
         if revoked:
             self.stats.record_outcome(states.REVOKED)
+            callbacks.revoked(entry.req)
             return True
         return False
 
@@ -291,13 +293,12 @@ class BatchExecutor:
             req.worker_pid = pid
             worker_state.task_accepted(req)
             req.send_event("task-started")
+            info = {"hostname": req.hostname, "pid": pid}
             try:  # a state for watchers only: the batch runs without it
-                req.task.backend.store_result(
-                    req.id, {"hostname": req.hostname, "pid": pid}, states.STARTED,
-                    request=req._context,
-                )
+                req.task.backend.store_result(req.id, info, states.STARTED, request=req._context)
             except Exception as exc:  # noqa: BLE001
                 log.warning("could not store STARTED for %s: %r", req.id, exc)
+            callbacks.started(req, info)
         if self.ledger is not None:
             self.ledger.started(e.req.id for e in entries)
 
@@ -308,14 +309,19 @@ class BatchExecutor:
                and e.denoising is not None and not e.denoising.done]
         for e in due:
             e.progress_at = now
+            data = self.progress_data(e)
             try:
-                e.req.task.backend.store_result(
-                    e.req.id, {"step": e.denoising.index, "total": e.denoising.steps}, "PROGRESS",
-                    request=e.req._context,
-                )
+                e.req.task.backend.store_result(e.req.id, data, "PROGRESS", request=e.req._context)
             except Exception as exc:  # noqa: BLE001 - progress is for watchers only
                 log.warning("could not store progress of %s: %r", e.req.id, exc)
                 return
+            callbacks.progress(e.req, data)
+
+    @staticmethod
+    def progress_data(e: Entry) -> dict[str, Any]:
+        """What PROGRESS stores for a request: its step and total (and, where a
+        preview was drawn, ``preview``: step, width, height, png_base64)."""
+        return {"step": e.denoising.index, "total": e.denoising.steps}
 
     def _step_callback(self, entries: list[Entry]) -> Callable[[int, int], list[str]]:
         live = {e.job.id: e for e in entries}
@@ -337,6 +343,7 @@ class BatchExecutor:
                             e.req.id, {"step": step, "total": total}, "PROGRESS",
                             request=e.req._context,
                         )
+                        callbacks.progress(e.req, {"step": step, "total": total})
                 except Exception as exc:  # noqa: BLE001
                     if not progress_failed[0]:
                         log.warning("could not store progress (step %d/%d): %r", step, total, exc)

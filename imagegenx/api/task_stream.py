@@ -1,0 +1,191 @@
+"""GET /api/v1/tasks/<id>/events: the task's life as server-sent events.
+
+``queued`` (position and estimated wait, while it waits), ``started``,
+``progress``, ``preview`` and one final ``succeeded`` / ``failed`` /
+``revoked`` whose data is what ``GET /api/v1/tasks/<id>`` answers; then the
+stream closes. Events with an ``id`` come from the task's Redis Stream
+(``imagegenx.task_events``): a client that reconnects with ``Last-Event-ID``
+gets exactly the entries after it; one that already had the final event gets
+204 (which tells a browser's EventSource to stop reconnecting). ``queued`` has
+no id: it is recomputed on every connection.
+
+Under gunicorn's gevent workers a stream is one greenlet waiting in a Redis
+``XREAD BLOCK`` on a patched socket: open streams hold no thread and do not
+stall other requests. Every ``events_poll_s`` the stream also reads the task's
+state in the result backend, so a task that ended without its final entry (an
+invalid message, a revoke before it ran, a stream that expired) still gets its
+final event.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from celery import states
+from celery.exceptions import BackendError
+from celery.result import AsyncResult
+from flask import Response, request
+from redis.exceptions import RedisError
+
+from imagegenx import scaling, task_events
+from imagegenx.api.errors import ApiError
+from imagegenx.api.guards import require_key
+from imagegenx.api.metrics import queue_keys
+from imagegenx.api.services import Services, services
+# The tasks blueprint: the stream shares the task reads' rate limit.
+from imagegenx.api.task_status import _owned, bp, status_body
+
+log = logging.getLogger(__name__)
+
+# Waiting messages scanned (oldest first) to find a task's place in the queue.
+QUEUE_SCAN = 1000
+QUEUE_CHECK_S = 5.0
+RATE_CACHE_S = 30.0
+RETRY_MS = 2000
+WAITING = (states.PENDING, "RECEIVED")
+
+
+# -- queue position (Redis I/O over imagegenx.scaling's arithmetic) --------------
+
+def queue_position(svc: Services, task_id: str) -> tuple[int | None, int, list[bytes]]:
+    """(1-based place among the waiting messages or None when not among them,
+    depth, the messages ahead of it and itself). Lists are read oldest first in
+    the order kombu serves them (its priority lists)."""
+    keys = queue_keys(svc.settings.queue)
+    pipe = svc.redis.pipeline(transaction=False)
+    for key in keys:
+        pipe.llen(key)
+        pipe.lrange(key, -QUEUE_SCAN, -1)
+    replies = pipe.execute()
+    depth = int(sum(replies[0::2]))
+    needle = task_id.encode()
+    seen: list[bytes] = []
+    for lst in replies[1::2]:
+        for raw in reversed(lst):  # kombu LPUSHes and BRPOPs: oldest at the tail
+            seen.append(raw)
+            if needle in raw:
+                return len(seen), depth, seen
+    return None, depth, []
+
+
+class _Rate:
+    """The live workers' image-steps per second, asked at most every RATE_CACHE_S
+    (one asker at a time; the others use the last answer)."""
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+        self.at = float("-inf")
+        self.lock = threading.Lock()
+
+    def get(self, svc: Services) -> float | None:
+        if time.monotonic() - self.at < RATE_CACHE_S or not self.lock.acquire(blocking=False):
+            return self.value
+        try:
+            replies = svc.celery.control.broadcast(
+                "batching", reply=True, timeout=svc.settings.workers_inspect_timeout_s) or []
+            rates = [scaling.throughput(body) for reply in replies for body in reply.values()
+                     if isinstance(body, dict)]
+            total = sum(r for r in rates if r)
+            self.value = total if total > 0 else None
+        except Exception as exc:  # noqa: BLE001 - no estimate, the stream goes on
+            log.warning("could not ask the workers for their throughput: %r", exc)
+            self.value = None
+        finally:
+            self.at = time.monotonic()
+            self.lock.release()
+        return self.value
+
+
+_rates: dict[int, _Rate] = {}
+
+
+def queued_data(svc: Services, task_id: str, state: str) -> dict[str, Any]:
+    """The ``queued`` event: place in the queue, depth and estimated wait."""
+    if state != states.PENDING:  # RECEIVED: a worker holds it until a row is free
+        return {"state": state, "position": None, "queue_depth": None, "estimate_s": None,
+                "where": "worker"}
+    position, depth, ahead = queue_position(svc, task_id)
+    estimate = None
+    if position is not None:
+        steps = [s for s in map(scaling.image_steps, ahead) if s is not None]
+        mean = sum(steps) / len(steps) if steps else None
+        rate = _rates.setdefault(id(svc), _Rate()).get(svc)
+        estimate = scaling.drain_s(position, mean, rate or 0.0)
+    return {"state": state, "position": position, "queue_depth": depth, "estimate_s": estimate,
+            "where": "queue" if position is not None else "unknown"}
+
+
+# -- the stream ------------------------------------------------------------------
+
+def stream(svc: Services, result: AsyncResult, after: str) -> Iterator[str]:
+    """The server-sent events of one connection, from stream id ``after`` on."""
+    settings = svc.settings
+    poll_ms = int(settings.events_poll_s * 1000)
+    events = task_events.event_log(settings, socket_timeout_s=settings.events_poll_s + 5)
+    task_id = result.id
+    end = time.monotonic() + settings.events_max_stream_s
+    quiet_since = time.monotonic()
+    last_queued: tuple[Any, ...] | None = None
+    queue_check = float("-inf")
+    yield task_events.format_retry(RETRY_MS)
+
+    def final(entry_id: str, event: str) -> str:
+        return task_events.format_event(event, status_body(svc, result), entry_id)
+
+    try:
+        while True:
+            for e in events.read(task_id, after, block_ms=poll_ms):
+                after = e.id
+                if e.terminal:
+                    yield final(e.id, e.event)
+                    return
+                yield task_events.format_event(e.event, e.data, e.id)
+                quiet_since = time.monotonic()
+            state = result.backend.get_task_meta(task_id, cache=False)["status"]
+            if state in states.READY_STATES:
+                # Entries the worker wrote just before: in order, then the final one.
+                for e in events.read(task_id, after):
+                    if e.terminal:
+                        yield final(e.id, e.event)
+                        return
+                    yield task_events.format_event(e.event, e.data, e.id)
+                event = task_events.STATE_EVENT.get(state, "failed")
+                (entry_id,) = events.append(task_id, [(event, {"state": state})])
+                yield final(entry_id, event)
+                return
+            now = time.monotonic()
+            if state in WAITING and now - queue_check >= QUEUE_CHECK_S:
+                queue_check = now
+                data = queued_data(svc, task_id, state)
+                key = (data["state"], data["position"], data["estimate_s"])
+                if key != last_queued:
+                    last_queued = key
+                    yield task_events.format_event("queued", data)
+                    quiet_since = now
+            if now - quiet_since >= settings.events_heartbeat_s:
+                yield task_events.format_comment("keep-alive")
+                quiet_since = now
+            if now >= end:
+                return  # the client reconnects with Last-Event-ID
+    except (RedisError, BackendError, ConnectionError) as exc:
+        log.warning("event stream of %s ended: %r", task_id, exc)
+        yield task_events.format_comment(f"unavailable: {type(exc).__name__}")
+
+
+@bp.get("/tasks/<task_id>/events")
+def task_event_stream(task_id: str):  # type: ignore[no-untyped-def]
+    svc = services()
+    result = _owned(svc, task_id, require_key())
+    after = task_events.resume_after(request.headers.get("Last-Event-ID")
+                                     or request.args.get("last_event_id"))
+    retry = {"Retry-After": str(svc.settings.retry_after_s)}
+    try:
+        if after != "0-0" and task_events.event_log(svc.settings).terminal_at_or_before(task_id, after):
+            return Response(status=204)  # it has the final event: nothing more will come
+    except RedisError as exc:
+        raise ApiError(503, "event stream unavailable", headers=retry) from exc
+    return Response(stream(svc, result, after), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
