@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 # Waiting messages scanned (oldest first) to find a task's place in the queue.
 QUEUE_SCAN = 1000
-QUEUE_CHECK_S = 5.0
+QUEUE_CHECK_S = 2.0
 RATE_CACHE_S = 30.0
 RETRY_MS = 2000
 WAITING = (states.PENDING, "RECEIVED")
@@ -50,56 +50,77 @@ WAITING = (states.PENDING, "RECEIVED")
 
 # -- queue position (Redis I/O over imagegenx.scaling's arithmetic) --------------
 
-def queue_position(svc: Services, task_id: str) -> tuple[int | None, int, list[bytes]]:
-    """(1-based place among the waiting messages or None when not among them,
-    depth, the messages ahead of it and itself). Lists are read oldest first in
-    the order kombu serves them (its priority lists)."""
-    keys = queue_keys(svc.settings.queue)
-    pipe = svc.redis.pipeline(transaction=False)
-    for key in keys:
-        pipe.llen(key)
-        pipe.lrange(key, -QUEUE_SCAN, -1)
-    replies = pipe.execute()
-    depth = int(sum(replies[0::2]))
-    needle = task_id.encode()
-    seen: list[bytes] = []
-    for lst in replies[1::2]:
-        for raw in reversed(lst):  # kombu LPUSHes and BRPOPs: oldest at the tail
-            seen.append(raw)
-            if needle in raw:
-                return len(seen), depth, seen
-    return None, depth, []
+def queue_order(lists: list[list[bytes]]) -> list[tuple[str, int | None]]:
+    """(task id, image steps) of the waiting messages in the order kombu serves them:
+    its priority lists in order, each oldest first (kombu LPUSHes and BRPOPs)."""
+    out: list[tuple[str, int | None]] = []
+    for lst in lists:
+        for raw in reversed(lst):
+            headers, _ = scaling._headers_and_kwargs(raw)
+            task_id = headers.get("id")
+            if isinstance(task_id, str):
+                out.append((task_id, scaling.image_steps(raw)))
+    return out
 
 
-class _Rate:
-    """The live workers' image-steps per second, asked at most every RATE_CACHE_S
-    (one asker at a time; the others use the last answer)."""
+def place(order: list[tuple[str, int | None]], task_id: str) -> tuple[int | None, float | None]:
+    """(1-based place in the queue or None, mean image steps of it and those ahead)."""
+    for i, (tid, _) in enumerate(order):
+        if tid == task_id:
+            steps = [s for _, s in order[:i + 1] if s is not None]
+            return i + 1, (sum(steps) / len(steps) if steps else None)
+    return None, None
+
+
+class _QueueView:
+    """The waiting messages and the workers' throughput, read at most every
+    QUEUE_CHECK_S per API process and shared by all its streams (one reader at a
+    time; the others use the last reading): 200 queued streams cost one scan."""
 
     def __init__(self) -> None:
-        self.value: float | None = None
+        self.order: list[tuple[str, int | None]] = []
+        self.depth = 0
         self.at = float("-inf")
+        self.rate: float | None = None
+        self.rate_at = float("-inf")
         self.lock = threading.Lock()
 
-    def get(self, svc: Services) -> float | None:
-        if time.monotonic() - self.at < RATE_CACHE_S or not self.lock.acquire(blocking=False):
-            return self.value
+    def read(self, svc: Services) -> "_QueueView":
+        now = time.monotonic()
+        if now - self.at < QUEUE_CHECK_S or not self.lock.acquire(blocking=False):
+            return self
         try:
-            replies = svc.celery.control.broadcast(
-                "batching", reply=True, timeout=svc.settings.workers_inspect_timeout_s) or []
-            rates = [scaling.throughput(body) for reply in replies for body in reply.values()
-                     if isinstance(body, dict)]
-            total = sum(r for r in rates if r)
-            self.value = total if total > 0 else None
-        except Exception as exc:  # noqa: BLE001 - no estimate, the stream goes on
-            log.warning("could not ask the workers for their throughput: %r", exc)
-            self.value = None
+            keys = queue_keys(svc.settings.queue)
+            pipe = svc.redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.llen(key)
+                pipe.lrange(key, -QUEUE_SCAN, -1)
+            replies = pipe.execute()
+            self.depth = int(sum(replies[0::2]))
+            self.order = queue_order(replies[1::2])
+            if now - self.rate_at >= RATE_CACHE_S:
+                self.rate, self.rate_at = _worker_rate(svc), now
         finally:
             self.at = time.monotonic()
             self.lock.release()
-        return self.value
+        return self
 
 
-_rates: dict[int, _Rate] = {}
+def _worker_rate(svc: Services) -> float | None:
+    """The live workers' image-steps per second (None when none has measured it)."""
+    try:
+        replies = svc.celery.control.broadcast(
+            "batching", reply=True, timeout=svc.settings.workers_inspect_timeout_s) or []
+    except Exception as exc:  # noqa: BLE001 - no estimate, the stream goes on
+        log.warning("could not ask the workers for their throughput: %r", exc)
+        return None
+    rates = [scaling.throughput(body) for reply in replies for body in reply.values()
+             if isinstance(body, dict)]
+    total = sum(r for r in rates if r)
+    return total if total > 0 else None
+
+
+_views: dict[int, _QueueView] = {}
 
 
 def queued_data(svc: Services, task_id: str, state: str) -> dict[str, Any]:
@@ -107,15 +128,11 @@ def queued_data(svc: Services, task_id: str, state: str) -> dict[str, Any]:
     if state != states.PENDING:  # RECEIVED: a worker holds it until a row is free
         return {"state": state, "position": None, "queue_depth": None, "estimate_s": None,
                 "where": "worker"}
-    position, depth, ahead = queue_position(svc, task_id)
-    estimate = None
-    if position is not None:
-        steps = [s for s in map(scaling.image_steps, ahead) if s is not None]
-        mean = sum(steps) / len(steps) if steps else None
-        rate = _rates.setdefault(id(svc), _Rate()).get(svc)
-        estimate = scaling.drain_s(position, mean, rate or 0.0)
-    return {"state": state, "position": position, "queue_depth": depth, "estimate_s": estimate,
-            "where": "queue" if position is not None else "unknown"}
+    view = _views.setdefault(id(svc), _QueueView()).read(svc)
+    position, mean = place(view.order, task_id)
+    estimate = None if position is None else scaling.drain_s(position, mean, view.rate or 0.0)
+    return {"state": state, "position": position, "queue_depth": view.depth,
+            "estimate_s": estimate, "where": "queue" if position is not None else "unknown"}
 
 
 # -- the stream ------------------------------------------------------------------
@@ -129,7 +146,7 @@ def stream(svc: Services, result: AsyncResult, after: str) -> Iterator[str]:
     end = time.monotonic() + settings.events_max_stream_s
     quiet_since = time.monotonic()
     last_queued: tuple[Any, ...] | None = None
-    queue_check = float("-inf")
+    queue_check = next_check = float("-inf")
     yield task_events.format_retry(RETRY_MS)
 
     def final(entry_id: str, event: str) -> str:
@@ -137,6 +154,34 @@ def stream(svc: Services, result: AsyncResult, after: str) -> Iterator[str]:
 
     try:
         while True:
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + settings.events_poll_s
+                state = result.backend.get_task_meta(task_id, cache=False)["status"]
+                if state in states.READY_STATES:
+                    # Entries the worker wrote before: in order, then the final one.
+                    for e in events.read(task_id, after):
+                        if e.terminal:
+                            yield final(e.id, e.event)
+                            return
+                        yield task_events.format_event(e.event, e.data, e.id)
+                    event = task_events.STATE_EVENT.get(state, "failed")
+                    (entry_id,) = events.append(task_id, [(event, {"state": state})])
+                    yield final(entry_id, event)
+                    return
+                if state in WAITING and now - queue_check >= QUEUE_CHECK_S:
+                    queue_check = now
+                    data = queued_data(svc, task_id, state)
+                    key = (data["state"], data["position"], data["estimate_s"])
+                    if key != last_queued:
+                        last_queued = key
+                        yield task_events.format_event("queued", data)
+                        quiet_since = now
+                if now - quiet_since >= settings.events_heartbeat_s:
+                    yield task_events.format_comment("keep-alive")
+                    quiet_since = now
+                if now >= end:
+                    return  # the client reconnects with Last-Event-ID
             for e in events.read(task_id, after, block_ms=poll_ms):
                 after = e.id
                 if e.terminal:
@@ -144,32 +189,6 @@ def stream(svc: Services, result: AsyncResult, after: str) -> Iterator[str]:
                     return
                 yield task_events.format_event(e.event, e.data, e.id)
                 quiet_since = time.monotonic()
-            state = result.backend.get_task_meta(task_id, cache=False)["status"]
-            if state in states.READY_STATES:
-                # Entries the worker wrote just before: in order, then the final one.
-                for e in events.read(task_id, after):
-                    if e.terminal:
-                        yield final(e.id, e.event)
-                        return
-                    yield task_events.format_event(e.event, e.data, e.id)
-                event = task_events.STATE_EVENT.get(state, "failed")
-                (entry_id,) = events.append(task_id, [(event, {"state": state})])
-                yield final(entry_id, event)
-                return
-            now = time.monotonic()
-            if state in WAITING and now - queue_check >= QUEUE_CHECK_S:
-                queue_check = now
-                data = queued_data(svc, task_id, state)
-                key = (data["state"], data["position"], data["estimate_s"])
-                if key != last_queued:
-                    last_queued = key
-                    yield task_events.format_event("queued", data)
-                    quiet_since = now
-            if now - quiet_since >= settings.events_heartbeat_s:
-                yield task_events.format_comment("keep-alive")
-                quiet_since = now
-            if now >= end:
-                return  # the client reconnects with Last-Event-ID
     except (RedisError, BackendError, ConnectionError) as exc:
         log.warning("event stream of %s ended: %r", task_id, exc)
         yield task_events.format_comment(f"unavailable: {type(exc).__name__}")
