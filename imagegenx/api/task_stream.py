@@ -30,6 +30,8 @@ from celery.result import AsyncResult
 from flask import Response, request
 from redis.exceptions import RedisError
 
+from pydantic import BaseModel, Field
+
 from imagegenx import scaling, task_events
 from imagegenx.api.errors import ApiError
 from imagegenx.api.guards import require_key
@@ -46,6 +48,32 @@ QUEUE_CHECK_S = 2.0
 RATE_CACHE_S = 30.0
 RETRY_MS = 2000
 WAITING = (states.PENDING, "RECEIVED")
+
+
+# -- what the events carry (for the OpenAPI document) ------------------------------
+
+class QueuedEvent(BaseModel):
+    """``queued``: the task waits (no id: recomputed on every connection)."""
+
+    state: str = Field(description="PENDING (in the queue) or RECEIVED (held by a worker)")
+    position: int | None = Field(description="1-based place in the order workers take messages; "
+                                             "null when a worker holds it or it was not found")
+    queue_depth: int | None = Field(description="messages waiting in the queue")
+    estimate_s: float | None = Field(description="image-steps of it and those ahead / the live "
+                                                 "workers' measured image-steps per second")
+    where: str = Field(description="queue, worker or unknown")
+
+
+class StartedEvent(BaseModel):
+    hostname: str | None = None
+    pid: int | None = None
+
+
+class PreviewEvent(BaseModel):
+    step: int
+    width: int
+    height: int
+    png_base64: str = Field(description="a small PNG of the image at this step")
 
 
 # -- queue position (Redis I/O over imagegenx.scaling's arithmetic) --------------
