@@ -117,3 +117,42 @@ def test_webhook_payload_names_its_event() -> None:
                                             "progress": {"step": 1, "total": 2}, "result": None,
                                             "error": None}
     assert payload("t", "SUCCESS", {"images": []})["event"] == "completed"
+
+
+def _message(task_id: str, steps: int, images: int = 1) -> bytes:
+    import base64
+
+    body = base64.b64encode(json.dumps([[], {"steps": steps, "num_images": images}, {}]).encode())
+    return json.dumps({"body": body.decode(), "headers": {"id": task_id},
+                       "properties": {"body_encoding": "base64"}}).encode()
+
+
+def test_queue_place_follows_the_order_workers_take_messages() -> None:
+    from imagegenx.api.task_stream import place, queue_order
+
+    # kombu LPUSHes: the oldest message is at the tail of each list; lists in priority order.
+    first = [_message("c", 30), _message("b", 20), _message("a", 10, images=2)]
+    second = [_message("d", 40)]
+    order = queue_order([first, second])
+    assert [t for t, _ in order] == ["a", "b", "c", "d"]
+    assert place(order, "a") == (1, 20.0)
+    assert place(order, "c") == (3, (20 + 20 + 30) / 3)
+    assert place(order, "d") == (4, (20 + 20 + 30 + 40) / 4)
+    assert place(order, "missing") == (None, None)
+    assert queue_order([[b"not json"]]) == []
+
+
+def test_the_openapi_document_describes_the_event_stream() -> None:
+    from openapi_spec_validator import validate
+
+    from imagegenx.api.openapi import build_spec
+    from imagegenx.schemas import Limits
+
+    spec = build_spec(Limits())
+    validate(spec)
+    op = spec["paths"]["/api/v1/tasks/{task_id}/events"]["get"]
+    assert "text/event-stream" in op["responses"]["200"]["content"]
+    assert {"204", "401", "404"} <= set(op["responses"])
+    assert set(op["x-events"]) == set(task_events.EVENTS)
+    events = spec["components"]["schemas"]["GenerateRequest"]["properties"]["callback_events"]
+    assert events["items"]["enum"] == ["started", "progress", "completed"]
