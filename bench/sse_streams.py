@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -38,7 +39,9 @@ TIMEOUT_S = 5.0
 
 
 class Streams:
-    """One thread per open stream, counting the events each receives."""
+    """One thread per open stream, counting the events each receives. Runs in a
+    process of its own (:func:`run_streams`), so that its 200 threads do not
+    share an interpreter lock with the clients whose latency is measured."""
 
     def __init__(self, base: str, task_ids: list[str]) -> None:
         self.base = base
@@ -80,6 +83,23 @@ class Streams:
     def start(self) -> None:
         for t in self.threads:
             t.start()
+
+    def counts(self) -> dict[str, Any]:
+        with self.lock:
+            return {"open": self.open, "errors": self.errors, "finished": self.finished,
+                    "events": dict(self.events)}
+
+
+def run_streams(base: str, task_ids: list[str], commands: Any, reports: Any) -> None:
+    """In a child process: open the streams; answer each command with the counts."""
+    streams = Streams(base, task_ids)
+    streams.start()
+    while True:
+        command = commands.get()
+        reports.put(streams.counts())
+        if command == "stop":
+            streams.stop.set()
+            return
 
 
 def measure(base: str, task_id: str, clients: int, seconds: float) -> dict[str, Any]:
@@ -171,19 +191,26 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.1)
             baseline = measure(base, probe, args.clients, 5.0)
             ids = submit(base, args.streams, args.steps)
-            streams = Streams(base, ids)
-            streams.start()
+            ctx = multiprocessing.get_context("spawn")
+            commands, reports = ctx.Queue(), ctx.Queue()
+            child = ctx.Process(target=run_streams, args=(base, ids, commands, reports))
+            child.start()
+            counts: dict[str, Any] = {"open": 0, "errors": 0, "finished": 0}
             for _ in range(100):
-                if streams.open + streams.errors + streams.finished >= args.streams:
+                commands.put("count")
+                counts = reports.get(timeout=30)
+                if counts["open"] + counts["errors"] + counts["finished"] >= args.streams:
                     break
                 time.sleep(0.1)
-            opened = streams.open
             t0 = time.monotonic()
             loaded = measure(base, probe, args.clients, args.seconds)
-            held = {"open_at_start": opened, "open_at_end": streams.open,
-                    "finished_during": streams.finished, "errors": streams.errors,
-                    "events": dict(streams.events), "seconds": round(time.monotonic() - t0, 2)}
-            streams.stop.set()
+            commands.put("stop")
+            end = reports.get(timeout=30)
+            child.join(30)
+            held = {"open_at_start": counts["open"], "open_at_end": end["open"],
+                    "finished_during": end["finished"] - counts["finished"],
+                    "errors": end["errors"], "events": end["events"],
+                    "seconds": round(time.monotonic() - t0, 2)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = {"benchmark": "sse_streams", "date": now_utc(), "machine": machine(),

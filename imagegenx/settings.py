@@ -182,7 +182,7 @@ class Settings(BaseSettings):
         description="an event stream sends a comment line after this long without an event",
     )
     events_poll_s: float = Field(
-        default=1.0, gt=0, le=30,
+        default=2.0, gt=0, le=30,
         description="an event stream waits this long for an event before it looks at the task's "
                     "state and queue position",
     )
