@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 STREAM_PREFIX = "imagegenx:events:"
 # Events a stream keeps at most (Redis trims the oldest, approximately).
 MAXLEN = 1000
+# Once the final entry is written the stream is kept this long (at most the results'
+# lifetime): previews are not held for a day. A client that resumes later than that
+# still gets the final event, read from the result backend.
+FINISHED_TTL_S = 3600
 TERMINAL = {"succeeded": "SUCCESS", "failed": "FAILURE", "revoked": "REVOKED"}
 STATE_EVENT = {state: event for event, state in TERMINAL.items()}
 EVENTS = ("queued", "started", "progress", "preview", *TERMINAL)
@@ -144,7 +148,8 @@ class EventLog:
         for event, data in events:
             pipe.xadd(key, {"event": event, "data": json.dumps(data, separators=(",", ":"))},
                       maxlen=self.maxlen, approximate=True)
-        pipe.expire(key, self.ttl_s)
+        ended = any(event in TERMINAL for event, _ in events)
+        pipe.expire(key, min(self.ttl_s, FINISHED_TTL_S) if ended else self.ttl_s)
         replies = pipe.execute()
         return [r.decode() if isinstance(r, bytes) else str(r) for r in replies[:-1]]
 

@@ -75,6 +75,7 @@ def test_the_event_log_resumes_after_an_id_with_nothing_twice(redis_base: str) -
     try:
         ids = log.append(task, [("started", {}), ("progress", {"step": 1, "total": 3}),
                                 ("progress", {"step": 2, "total": 3})])
+        assert 0 < client.ttl(log.key(task)) <= 60
         ids += log.append(task, [("succeeded", {"state": "SUCCESS"})])
         assert 0 < client.ttl(log.key(task)) <= 60
         whole = log.read(task, "0-0")
@@ -84,6 +85,19 @@ def test_the_event_log_resumes_after_an_id_with_nothing_twice(redis_base: str) -
         assert log.read(task, ids[-1], block_ms=10) == []
         assert not log.terminal_at_or_before(task, ids[2])
         assert log.terminal_at_or_before(task, ids[3])
+    finally:
+        client.delete(log.key(task))
+
+
+def test_a_finished_stream_is_kept_an_hour_not_the_results_lifetime(redis_base: str) -> None:
+    client = redis_client(f"{redis_base}/5")
+    log = task_events.EventLog(client, ttl_s=86400)
+    task = f"unit-{uuid.uuid4()}"
+    try:
+        log.append(task, [("progress", {"step": 1, "total": 2})])
+        assert client.ttl(log.key(task)) > task_events.FINISHED_TTL_S
+        log.append(task, [("failed", {"state": "FAILURE"})])
+        assert 0 < client.ttl(log.key(task)) <= task_events.FINISHED_TTL_S
     finally:
         client.delete(log.key(task))
 
