@@ -2,12 +2,15 @@
 
 Starts a synthetic-engine worker (cost model ``sd15-h200``: a step of n images
 takes 13 + 3.3 n ms, so requests run for seconds and report progress) and the
-API under gunicorn's gevent workers, submits ``--streams`` requests and opens
-one ``GET /api/v1/tasks/<id>/events`` stream per request (some of them queued,
-some running). While all streams are open it measures other requests
-(``GET /healthz`` and an authenticated ``GET /api/v1/tasks/<id>``) from a few
-concurrent clients for ``--seconds``; the same clients measure first with no
-stream open, for comparison. A request unanswered within 5 s counts as an error.
+API under gunicorn's gevent workers. Other requests (``GET /healthz`` and an
+authenticated ``GET /api/v1/tasks/<id>``) from a few concurrent clients are
+measured for ``--seconds`` in three phases: the service idle; the worker busy
+with ``2 x --streams`` requests and no stream open; the same load with one
+``GET /api/v1/tasks/<id>/events`` stream open for each of ``--streams`` requests
+not finished yet (the running ones and the queued ones), read by a process of
+its own (one thread, a selector over raw sockets). The second and third phases differ only by the streams. A request
+unanswered within 5 s counts as an error. The API processes' CPU time is
+recorded per phase.
 
     python -m bench.sse_streams        # prints a table, writes docs/benchmarks/sse_streams.json
 """
@@ -17,7 +20,9 @@ import argparse
 import json
 import multiprocessing
 import os
+import selectors
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -26,11 +31,12 @@ import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
 from bench.harness import REPO, celery_worker_cmd, free_port, machine, now_utc, percentiles, process
-from imagegenx.client import FINAL_EVENTS, parse_sse
+from imagegenx.client import FINAL_EVENTS
 from imagegenx.launcher import api_command
 from imagegenx.settings import Settings
 
@@ -39,12 +45,13 @@ TIMEOUT_S = 5.0
 
 
 class Streams:
-    """One thread per open stream, counting the events each receives. Runs in a
-    process of its own (:func:`run_streams`), so that its 200 threads do not
-    share an interpreter lock with the clients whose latency is measured."""
+    """All streams on one thread: raw sockets under a selector, HTTP/1.0 so the body
+    ends when the server closes it. Lighter than a thread and an HTTP client per
+    stream: on a 2-core machine the load generator competes with the API."""
 
     def __init__(self, base: str, task_ids: list[str]) -> None:
-        self.base = base
+        parts = urlsplit(base)
+        self.address = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.task_ids = task_ids
         self.events: Counter[str] = Counter()
         self.open = 0
@@ -52,37 +59,62 @@ class Streams:
         self.finished = 0
         self.lock = threading.Lock()
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._follow, args=(t,), daemon=True)
-                        for t in task_ids]
+        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _follow(self, task_id: str) -> None:
-        try:
-            with requests.get(f"{self.base}/api/v1/tasks/{task_id}/events", stream=True,
-                              headers={"X-API-Key": KEY}, timeout=(5, 60)) as r:
-                if r.status_code != 200:
-                    raise RuntimeError(f"{r.status_code}")
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        buffers: dict[socket.socket, bytes] = {}
+        for task_id in self.task_ids:
+            try:
+                sock = socket.create_connection(self.address, timeout=5)
+                sock.sendall(f"GET /api/v1/tasks/{task_id}/events HTTP/1.0\r\nHost: x\r\n"
+                             f"X-API-Key: {KEY}\r\nAccept: text/event-stream\r\n\r\n".encode())
+                sock.setblocking(False)
+                sel.register(sock, selectors.EVENT_READ)
+                buffers[sock] = b""
+            except OSError:
                 with self.lock:
-                    self.open += 1
+                    self.errors += 1
+        headers_done: set[socket.socket] = set()
+        opened: set[socket.socket] = set()
+        while buffers and not self.stop.is_set():
+            for key, _ in sel.select(timeout=0.2):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
                 try:
-                    for event in parse_sse(r.iter_lines(decode_unicode=True)):
-                        with self.lock:
-                            self.events[event.event] += 1
-                        if event.event in FINAL_EVENTS:
-                            with self.lock:
-                                self.finished += 1
-                            break
-                        if self.stop.is_set():
-                            break
-                finally:
+                    chunk = sock.recv(65536)
+                except OSError:
+                    chunk = b""
+                data = buffers[sock] + chunk
+                if sock not in headers_done and b"\r\n\r\n" in data:
+                    head, data = data.split(b"\r\n\r\n", 1)
+                    headers_done.add(sock)
+                    ok = head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200")
+                    if ok:
+                        opened.add(sock)
                     with self.lock:
-                        self.open -= 1
-        except Exception:  # noqa: BLE001 - counted
-            with self.lock:
-                self.errors += 1
+                        self.open += int(ok)
+                        self.errors += int(not ok)
+                *blocks, rest = data.split(b"\n\n")
+                buffers[sock] = rest
+                for block in blocks:
+                    for line in block.split(b"\n"):
+                        if line.startswith(b"event: "):
+                            name = line[7:].decode()
+                            with self.lock:
+                                self.events[name] += 1
+                                self.finished += int(name in FINAL_EVENTS)
+                if not chunk:
+                    sel.unregister(sock)
+                    sock.close()
+                    del buffers[sock]
+                    with self.lock:
+                        self.open -= int(sock in opened)
+        for sock in list(buffers):
+            sock.close()
 
     def start(self) -> None:
-        for t in self.threads:
-            t.start()
+        self.thread.start()
 
     def counts(self) -> dict[str, Any]:
         with self.lock:
@@ -141,6 +173,22 @@ def measure(base: str, task_id: str, clients: int, seconds: float) -> dict[str, 
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (gunicorn's workers)."""
+    import psutil
+
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def submit(base: str, n: int, steps: int) -> list[str]:
     session = requests.Session()
     ids = []
@@ -180,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = api_command(Settings(api_host="127.0.0.1", api_port=port))
     try:
         with process(celery_worker_cmd(hostname=f"{queue}@%h"), env, tmp / "worker.log", ready=" ready."), \
-                process(cmd, env, tmp / "api.log", ready_url=f"{base}/api/v1/openapi.json", grace_s=15):
+                process(cmd, env, tmp / "api.log", ready_url=f"{base}/api/v1/openapi.json",
+                        grace_s=15) as api:
             for _ in range(100):  # the worker answers its first ping
                 if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
                     break
@@ -189,8 +238,22 @@ def main(argv: list[str] | None = None) -> int:
             while requests.get(f"{base}/api/v1/tasks/{probe}", headers={"X-API-Key": KEY},
                                timeout=5).json()["state"] != "SUCCESS":
                 time.sleep(0.1)
+            cpu0, t_base = cpu_seconds(api.pid), time.monotonic()
             baseline = measure(base, probe, args.clients, 5.0)
-            ids = submit(base, args.streams, args.steps)
+            baseline["api_cpu_share"] = round(
+                (cpu_seconds(api.pid) - cpu0) / (time.monotonic() - t_base), 3)
+            # The worker busy with twice as many requests as streams; first no stream open.
+            ids = submit(base, 2 * args.streams, args.steps)
+            t1, cpu0 = time.monotonic(), cpu_seconds(api.pid)
+            busy = measure(base, probe, args.clients, args.seconds)
+            busy["api_cpu_share"] = round((cpu_seconds(api.pid) - cpu0) / (time.monotonic() - t1), 3)
+            # Then streams on the requests not finished yet (running ones and queued ones).
+            done = 0
+            while done < len(ids) and requests.get(
+                    f"{base}/api/v1/tasks/{ids[done]}", headers={"X-API-Key": KEY},
+                    timeout=5).json()["state"] == "SUCCESS":
+                done += 1
+            ids = ids[done:done + args.streams]
             ctx = multiprocessing.get_context("spawn")
             commands, reports = ctx.Queue(), ctx.Queue()
             child = ctx.Process(target=run_streams, args=(base, ids, commands, reports))
@@ -202,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                 if counts["open"] + counts["errors"] + counts["finished"] >= args.streams:
                     break
                 time.sleep(0.1)
-            t0 = time.monotonic()
+            t0, cpu0 = time.monotonic(), cpu_seconds(api.pid)
             loaded = measure(base, probe, args.clients, args.seconds)
+            # CPU seconds per second of the API's processes (1.0 = one core busy).
+            loaded["api_cpu_share"] = round((cpu_seconds(api.pid) - cpu0) / (time.monotonic() - t0), 3)
             commands.put("stop")
             end = reports.get(timeout=30)
             child.join(30)
@@ -217,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python -m bench.sse_streams " + " ".join(argv or sys.argv[1:]),
               "api_command": cmd, "streams": args.streams, "steps": args.steps,
               "clients": args.clients, "seconds": args.seconds, "timeout_s": TIMEOUT_S,
-              "no_streams": baseline, "with_streams": loaded, "stream_stats": held,
+              "idle_no_streams": baseline, "busy_no_streams": busy, "busy_with_streams": loaded, "stream_stats": held,
               # The machine is shared: its load says how much else ran meanwhile.
               "load_average_1m_at_end": round(os.getloadavg()[0], 2)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -227,12 +292,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.seconds:g} s, {report['machine']['cpus']} CPUs, load average "
           f"{report['load_average_1m_at_end']}, {report['date']}")
     print(f"  events received meanwhile: {held['events']}")
-    print(f"  {'streams':<10} {'request':<8} {'n':>6} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8}")
-    for label, block in (("none", baseline), (str(args.streams), loaded)):
+    print(f"  {'phase':<26} {'request':<8} {'n':>6} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'API CPU':>8}")
+    for label, block in (("idle, no stream", baseline), ("busy, no stream", busy),
+                         (f"busy, {args.streams} streams", loaded)):
         for name in ("healthz", "task", "all"):
             r = block[name]
-            print(f"  {label:<10} {name:<8} {r['requests']:>6} {r['errors']:>6} "
-                  f"{r['p50']:>8.1f} {r['p99']:>8.1f}")
+            print(f"  {label:<26} {name:<8} {r['requests']:>6} {r['errors']:>6} "
+                  f"{r['p50']:>8.1f} {r['p99']:>8.1f} {block['api_cpu_share']:>8.3f}")
+    print("  API CPU: the API processes' CPU seconds per second (1.0 = one core busy)")
     print(f"wrote {args.out}")
     return 0
 
