@@ -1,11 +1,15 @@
-"""The ``imagegenx.deliver_webhook`` task: POST a finished task's status to its
-``callback_url``, signed, retried with exponential backoff, every attempt recorded.
+"""The ``imagegenx.deliver_webhook`` task: POST a task's status (finished, or
+started / progress when asked) to its ``callback_url``, signed, retried with
+exponential backoff, every attempt recorded.
 
 It runs on its own queue (``webhook_queue``, default ``<queue>.webhooks``),
 which a bare ``celery -A tasks worker`` consumes along with the generation
-queue. Retries are Celery's own (``Task.retry`` with a countdown); the delivery
-record lives under ``imagegenx:webhook:<task id>`` in the broker's Redis and is
-shown by ``GET /api/v1/tasks/<id>`` as ``webhook``.
+queue. Retries are Celery's own (``Task.retry`` with a countdown). Each delivery
+has its own id (``delivery_id``: the task id for the completion, which
+``GET /api/v1/tasks/<id>`` shows as ``webhook``; ``<task id>:started:0`` and
+``<task id>:progress:<step>`` for the events ``callback_events`` asks for), its
+own record under ``imagegenx:webhook:<delivery id>`` in the broker's Redis and its
+own retries; it is sent as ``X-ImageGenX-Delivery``.
 """
 from __future__ import annotations
 

@@ -185,3 +185,46 @@ def test_unknown_callback_event_is_422_naming_the_field(stack: Stack) -> None:
     assert r.status_code == 422
     (err,) = r.json()["fields"]
     assert err["field"] == "callback_events.1" and "started" in err["reason"]
+
+
+# -- an API with no worker: requests stay in the queue ------------------------------
+
+@pytest.fixture(scope="module")
+def api_only(redis_base: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    from imagegenx.api import create_app
+    from imagegenx.redis_client import redis_client
+    from tasks import create_celery_app
+    from tests.integration.stack import settings_from_env, stack_env
+    from tests.service import ApiServer, drop_queues, free_port
+
+    port = free_port()
+    env = stack_env(redis_base, tmp_path_factory.mktemp("events-queued"), None, port,
+                    IMAGEGENX_ENGINE="synthetic", IMAGEGENX_EVENTS_POLL_S="0.2",
+                    IMAGEGENX_WORKERS_INSPECT_TIMEOUT_S="0.2")
+    settings = settings_from_env(env)
+    celery = create_celery_app(settings)
+    try:
+        with ApiServer(create_app(settings, celery), port) as api:
+            yield Stack(settings, env, api, None, celery, tmp_path_factory.mktemp("unused"))  # type: ignore[arg-type]
+    finally:
+        drop_queues(redis_client(settings.broker_url, settings.sentinel_master), settings)
+
+
+def test_a_queued_task_hears_its_place_and_a_revoke_ends_its_stream(api_only: Stack) -> None:
+    ids = [api_only.submit({"prompt": f"queued {i}", "seed": i, "steps": 10}) for i in range(3)]
+    _, (queued,) = read_events(api_only, ids[2], stop_after=1)
+    assert queued["event"] == "queued" and queued["id"] is None
+    assert queued["data"]["position"] == 3 and queued["data"]["queue_depth"] == 3
+    assert queued["data"]["where"] == "queue"
+    # Workers on the same broker (other tests' too) answer the throughput question.
+    assert queued["data"]["estimate_s"] is None or queued["data"]["estimate_s"] > 0
+    _, (first,) = read_events(api_only, ids[0], stop_after=1)
+    assert first["data"]["position"] == 1
+    # Revoked while queued: no worker writes an entry; the stream reads the state.
+    assert requests.delete(f"{api_only.base}/api/v1/tasks/{ids[1]}", headers=api_only.headers,
+                           timeout=5).status_code == 202
+    _, events = read_events(api_only, ids[1])
+    assert events[-1]["event"] == "revoked" and events[-1]["data"]["state"] == "REVOKED"
+    assert events[-1]["id"] is not None
+    status, rest = read_events(api_only, ids[1], last_id=events[-1]["id"])
+    assert status == 204 and rest == []
