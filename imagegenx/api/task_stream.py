@@ -19,6 +19,7 @@ final event.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import threading
 import time
@@ -187,8 +188,8 @@ def queued_data(svc: Services, task_id: str, state: str) -> dict[str, Any]:
 def stream(svc: Services, result: AsyncResult, after: str) -> Iterator[str]:
     """The server-sent events of one connection, from stream id ``after`` on."""
     settings = svc.settings
-    poll_ms = int(settings.events_poll_s * 1000)
-    events = task_events.event_log(settings, socket_timeout_s=settings.events_poll_s + 5)
+    poll_ms = int(settings.events_poll_s * 1500)
+    events = task_events.event_log(settings, socket_timeout_s=settings.events_poll_s * 1.5 + 5)
     task_id = result.id
     end = time.monotonic() + settings.events_max_stream_s
     quiet_since = time.monotonic()
@@ -203,7 +204,8 @@ def stream(svc: Services, result: AsyncResult, after: str) -> Iterator[str]:
         while True:
             now = time.monotonic()
             if now >= next_check:
-                next_check = now + settings.events_poll_s
+                # Jittered: streams opened together do not all wake together.
+                next_check = now + settings.events_poll_s * random.uniform(0.5, 1.5)
                 state = result.backend.get_task_meta(task_id, cache=False)["status"]
                 if state in states.READY_STATES:
                     # Entries the worker wrote before: in order, then the final one.
@@ -229,7 +231,8 @@ def stream(svc: Services, result: AsyncResult, after: str) -> Iterator[str]:
                     quiet_since = now
                 if now >= end:
                     return  # the client reconnects with Last-Event-ID
-            for e in events.read(task_id, after, block_ms=poll_ms):
+            wait_ms = max(1, min(poll_ms, int((next_check - time.monotonic()) * 1000)))
+            for e in events.read(task_id, after, block_ms=wait_ms):
                 after = e.id
                 if e.terminal:
                     yield final(e.id, e.event)
