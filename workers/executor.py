@@ -1,5 +1,6 @@
 """Celery side of running one batch: worker-state bookkeeping, task events,
-per-request results in the result backend, progress, revocation and acks.
+per-request results in the result backend, progress, revocation and acks; each
+request's event stream and webhooks through ``workers.callbacks``.
 
 Each request gets its own STARTED / PROGRESS / SUCCESS or FAILURE or REVOKED
 state, its own task events (so Flower shows it with its own runtime) and is
@@ -30,7 +31,6 @@ from imagegenx.batching import Batch
 from imagegenx.errors import GenerationError
 from imagegenx.pipeline import BatchPipeline, Drawn, Job, Outcome
 from workers import callbacks
-from workers.callbacks import notify
 from workers.finisher import Finisher
 
 log = logging.getLogger(__name__)
@@ -366,7 +366,7 @@ class BatchExecutor:
                                                                      request=req._context)):
                 worker_state.task_ready(req)
                 return
-            notify(req, states.SUCCESS, result=result)  # webhook, if any; before the ack
+            callbacks.notify(req, states.SUCCESS, result=result)  # final event, webhook; before the ack
             worker_state.task_ready(req, successful=True)
             self._ack(req)
             req.send_event("task-succeeded", result=_summary(result), runtime=runtime)
@@ -382,7 +382,7 @@ class BatchExecutor:
                                                                     request=req._context)):
             worker_state.task_ready(req)
             return
-        notify(req, states.FAILURE, error=error)  # webhook, if any; before the ack
+        callbacks.notify(req, states.FAILURE, error=error)  # final event, webhook; before the ack
         worker_state.task_ready(req)
         self._ack(req)
         req.send_event("task-failed", exception=repr(error), traceback=tb)
