@@ -143,27 +143,45 @@ class EventLog:
 
     def append(self, task_id: str, events: list[tuple[str, dict[str, Any]]]) -> list[str]:
         """Append events in order (raises RedisError); their ids."""
+        return self.append_many([(task_id, events)])[0]
+
+    def append_many(self, batch: list[tuple[str, list[tuple[str, dict[str, Any]]]]]
+                    ) -> list[list[str]]:
+        """Append each task's events in one round trip (the worker's model thread
+        reports many requests at once); the ids per task."""
         pipe = self.client.pipeline(transaction=False)
-        key = self.key(task_id)
-        for event, data in events:
-            pipe.xadd(key, {"event": event, "data": json.dumps(data, separators=(",", ":"))},
-                      maxlen=self.maxlen, approximate=True)
-        ended = any(event in TERMINAL for event, _ in events)
-        pipe.expire(key, min(self.ttl_s, FINISHED_TTL_S) if ended else self.ttl_s)
-        replies = pipe.execute()
-        return [r.decode() if isinstance(r, bytes) else str(r) for r in replies[:-1]]
+        for task_id, events in batch:
+            key = self.key(task_id)
+            for event, data in events:
+                pipe.xadd(key, {"event": event, "data": json.dumps(data, separators=(",", ":"))},
+                          maxlen=self.maxlen, approximate=True)
+            ended = any(event in TERMINAL for event, _ in events)
+            pipe.expire(key, min(self.ttl_s, FINISHED_TTL_S) if ended else self.ttl_s)
+        replies = iter(pipe.execute())
+        out = []
+        for _, events in batch:
+            ids = [next(replies) for _ in events]
+            next(replies)  # EXPIRE
+            out.append([r.decode() if isinstance(r, bytes) else str(r) for r in ids])
+        return out
 
     def publish(self, task_id: str, event: str, data: dict[str, Any] | None = None) -> None:
         """Append one event for watchers; a Redis outage only logs (once)."""
         self.publish_many(task_id, [(event, data or {})])
 
     def publish_many(self, task_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
+        self.publish_batch([(task_id, events)])
+
+    def publish_batch(self, batch: list[tuple[str, list[tuple[str, dict[str, Any]]]]]) -> None:
+        """Append for watchers (one round trip); a Redis outage only logs (once)."""
+        if not batch:
+            return
         try:
-            self.append(task_id, events)
+            self.append_many(batch)
             self._warned = False
         except Exception as exc:  # noqa: BLE001 - events are for watchers only
             if not self._warned:
-                log.warning("could not publish events of %s: %r", task_id, exc)
+                log.warning("could not publish events of %s: %r", batch[0][0], exc)
                 self._warned = True
 
     def read(self, task_id: str, after: str, block_ms: int | None = None,

@@ -20,12 +20,16 @@ _throttle = webhook_events.ProgressThrottle()
 
 
 def _publish(req: Request, events: list[tuple[str, dict[str, Any]]]) -> None:
+    _publish_batch([(req, events)])
+
+
+def _publish_batch(batch: list[tuple[Request, list[tuple[str, dict[str, Any]]]]]) -> None:
     try:
-        settings = getattr(req.task.app, "imagegenx_settings", None)
+        settings = getattr(batch[0][0].task.app, "imagegenx_settings", None) if batch else None
         if settings is not None:  # an app without settings (tests' fakes) has no stream
-            task_events.event_log(settings).publish_many(req.id, events)
+            task_events.event_log(settings).publish_batch([(r.id, ev) for r, ev in batch])
     except Exception:  # noqa: BLE001
-        log.exception("could not publish the events of %s", req.id)
+        log.exception("could not publish the events of %d requests", len(batch))
 
 
 def _webhook(req: Request, event: str, payload: dict[str, Any], sequence: int = 0) -> None:
@@ -52,11 +56,22 @@ def started(req: Request, info: dict[str, Any]) -> None:
         log.exception("could not queue the started webhook of %s", req.id)
 
 
+def progress_many(items: list[tuple[Request, dict[str, Any]]], now: float | None = None) -> None:
+    """PROGRESS is stored for several requests: their events in one round trip,
+    then each one's progress webhook (when asked for)."""
+    _publish_batch([(req, task_events.split_progress(data)) for req, data in items])
+    for req, data in items:
+        _progress_webhook(req, data, now)
+
+
 def progress(req: Request, data: dict[str, Any], now: float | None = None) -> None:
     """PROGRESS is stored: ``progress`` (and ``preview``) events; a progress
     webhook at most every 500 ms per task."""
-    events = task_events.split_progress(data)
-    _publish(req, events)
+    _publish(req, task_events.split_progress(data))
+    _progress_webhook(req, data, now)
+
+
+def _progress_webhook(req: Request, data: dict[str, Any], now: float | None) -> None:
     try:
         kwargs = req.kwargs or {}
         if not kwargs.get("callback_url") or not webhook_events.wanted(
@@ -66,7 +81,7 @@ def progress(req: Request, data: dict[str, Any], now: float | None = None) -> No
             return
         from imagegenx.webhooks import payload
 
-        step = events[0][1]
+        step = {"step": data.get("step"), "total": data.get("total")}
         _webhook(req, "progress", payload(req.id, "PROGRESS", event="progress", progress=step),
                  sequence=int(step.get("step") or 0))
     except Exception:  # noqa: BLE001

@@ -307,6 +307,7 @@ class BatchExecutor:
         last store is ``progress_interval_s`` old; a backend outage only logs."""
         due = [e for e in entries if now - e.progress_at >= self.progress_interval_s
                and e.denoising is not None and not e.denoising.done]
+        stored = []
         for e in due:
             e.progress_at = now
             data = self.progress_data(e)
@@ -314,8 +315,9 @@ class BatchExecutor:
                 e.req.task.backend.store_result(e.req.id, data, "PROGRESS", request=e.req._context)
             except Exception as exc:  # noqa: BLE001 - progress is for watchers only
                 log.warning("could not store progress of %s: %r", e.req.id, exc)
-                return
-            callbacks.progress(e.req, data)
+                break
+            stored.append((e.req, data))
+        callbacks.progress_many(stored)  # their event streams, in one round trip
 
     @staticmethod
     def progress_data(e: Entry) -> dict[str, Any]:
@@ -337,17 +339,19 @@ class BatchExecutor:
             now = time.monotonic()
             if step < total and now - last[0] >= self.progress_interval_s:
                 last[0] = now
+                stored = []
                 try:  # progress is for watchers: a backend outage must not fail the batch
                     for e in live.values():
                         e.req.task.backend.store_result(
                             e.req.id, {"step": step, "total": total}, "PROGRESS",
                             request=e.req._context,
                         )
-                        callbacks.progress(e.req, {"step": step, "total": total})
+                        stored.append((e.req, {"step": step, "total": total}))
                 except Exception as exc:  # noqa: BLE001
                     if not progress_failed[0]:
                         log.warning("could not store progress (step %d/%d): %r", step, total, exc)
                     progress_failed[0] = True
+                callbacks.progress_many(stored)
             return list(gone)
 
         return on_step

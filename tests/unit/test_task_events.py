@@ -170,3 +170,19 @@ def test_the_openapi_document_describes_the_event_stream() -> None:
     assert set(op["x-events"]) == set(task_events.EVENTS)
     events = spec["components"]["schemas"]["GenerateRequest"]["properties"]["callback_events"]
     assert events["items"]["enum"] == ["started", "progress", "completed"]
+
+
+def test_many_tasks_are_appended_in_one_round_trip_in_order(redis_base: str) -> None:
+    client = redis_client(f"{redis_base}/5")
+    log = task_events.EventLog(client, ttl_s=60)
+    a, b = f"unit-{uuid.uuid4()}", f"unit-{uuid.uuid4()}"
+    try:
+        ids = log.append_many([(a, [("progress", {"step": 1, "total": 2}),
+                                    ("preview", {"step": 1, "width": 1, "height": 1, "png_base64": ""})]),
+                               (b, [("succeeded", {"state": "SUCCESS"})])])
+        assert [len(x) for x in ids] == [2, 1]
+        assert [e.event for e in log.read(a, "0-0")] == ["progress", "preview"]
+        assert [e.id for e in log.read(b, "0-0")] == ids[1]
+        assert client.ttl(log.key(b)) <= 60
+    finally:
+        client.delete(log.key(a), log.key(b))
