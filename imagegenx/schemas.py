@@ -201,7 +201,8 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(default=1, ge=1)
     postprocess: Postprocess = Field(default_factory=Postprocess)
     callback_url: str | None = Field(default=None, max_length=CALLBACK_URL_MAX)
-    callback_events: Annotated[list[CallbackEvent], Field(min_length=1, max_length=3)] = Field(
+    callback_events: Annotated[list[CallbackEvent], Field(
+        min_length=1, max_length=3, json_schema_extra={"uniqueItems": True})] = Field(
         default_factory=lambda: ["completed"],
         description="which events callback_url receives: started, progress (at most one every "
                     "500 ms), completed")
@@ -311,6 +312,13 @@ class GenerateRequest(BaseModel):
                                  "starting with a letter or digit")
         if len(set(names)) < len(names):
             raise ValueError("a LoRA is named twice")
+        return v
+
+    @field_validator("callback_events")
+    @classmethod
+    def _events_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) < len(v):
+            raise ValueError("an event is named twice")
         return v
 
     @field_validator("lora_weight", mode="before")

@@ -185,6 +185,10 @@ def test_unknown_callback_event_is_422_naming_the_field(stack: Stack) -> None:
     assert r.status_code == 422
     (err,) = r.json()["fields"]
     assert err["field"] == "callback_events.1" and "started" in err["reason"]
+    r = requests.post(f"{stack.base}/api/v1/images", headers=stack.headers, timeout=5,
+                      json={"prompt": "x", "callback_events": ["started", "started"]})
+    assert r.status_code == 422
+    assert r.json()["fields"] == [{"field": "callback_events", "reason": "an event is named twice"}]
 
 
 # -- an API with no worker: requests stay in the queue ------------------------------
