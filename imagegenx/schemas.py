@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from imagegenx.webhook_events import CallbackEvent
+
 SCHEMA_VERSION = 1
 MAX_SEED = 2**32 - 1
 CALLBACK_URL_MAX = 2048
@@ -212,6 +214,11 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(default=1, ge=1)
     postprocess: Postprocess = Field(default_factory=Postprocess)
     callback_url: str | None = Field(default=None, max_length=CALLBACK_URL_MAX)
+    callback_events: Annotated[list[CallbackEvent], Field(
+        min_length=1, max_length=3, json_schema_extra={"uniqueItems": True})] = Field(
+        default_factory=lambda: ["completed"],
+        description="which events callback_url receives: started, progress (at most one every "
+                    "500 ms), completed")
     timeout_s: float | None = Field(default=None, gt=0, le=86400)
     priority: int = Field(default=0, ge=0, description="admission order on the worker: higher first; "
                           "a waiting request gains one level per priority_age_s")
@@ -327,6 +334,13 @@ class GenerateRequest(BaseModel):
                                  "starting with a letter or digit")
         if len(set(names)) < len(names):
             raise ValueError("a LoRA is named twice")
+        return v
+
+    @field_validator("callback_events")
+    @classmethod
+    def _events_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) < len(v):
+            raise ValueError("an event is named twice")
         return v
 
     @field_validator("lora_weight", mode="before")

@@ -204,6 +204,21 @@ class Settings(BaseSettings):
         default=1.0, gt=0, le=30, description="how long GET /api/v1/workers waits for worker replies"
     )
 
+    # Server-sent events (GET /api/v1/tasks/<id>/events)
+    events_heartbeat_s: float = Field(
+        default=15.0, gt=0, le=300,
+        description="an event stream sends a comment line after this long without an event",
+    )
+    events_poll_s: float = Field(
+        default=2.0, gt=0, le=30,
+        description="an event stream waits this long for an event before it looks at the task's "
+                    "state and queue position",
+    )
+    events_max_stream_s: float = Field(
+        default=600.0, gt=0, le=86400,
+        description="an event stream closes after this long; the client reconnects with Last-Event-ID",
+    )
+
     # Overload and abuse protection (API)
     max_queue_depth: int = Field(
         default=1000, ge=0,

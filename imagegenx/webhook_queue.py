@@ -33,8 +33,13 @@ def delivery_record(settings: Settings) -> DeliveryRecord:
 
 
 def enqueue_delivery(celery_app: Celery, settings: Settings, task_id: str, url: str,
-                     payload: dict[str, Any]) -> None:
-    """Record the delivery as queued and send the delivery task."""
-    delivery_record(settings).queued(task_id)
-    celery_app.send_task(WEBHOOK_TASK, kwargs={"task_id": task_id, "url": url, "payload": payload},
-                         queue=settings.webhook_queue_name)
+                     payload: dict[str, Any], delivery_id: str | None = None) -> None:
+    """Record the delivery as queued and send the delivery task. ``delivery_id``
+    (default: the task id, the completion's) keys its record and is sent as
+    ``X-ImageGenX-Delivery``."""
+    delivery = delivery_id or task_id
+    delivery_record(settings).queued(delivery)
+    kwargs: dict[str, Any] = {"task_id": task_id, "url": url, "payload": payload}
+    if delivery != task_id:
+        kwargs["delivery_id"] = delivery
+    celery_app.send_task(WEBHOOK_TASK, kwargs=kwargs, queue=settings.webhook_queue_name)

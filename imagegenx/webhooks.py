@@ -12,7 +12,10 @@ Bodies are signed with HMAC-SHA256 over ``"<timestamp>.<body>"``::
 
     X-ImageGenX-Timestamp: 1718000000
     X-ImageGenX-Signature: sha256=<hex>
-    X-ImageGenX-Delivery: <task id>      (the same on every retry: deduplicate on it)
+    X-ImageGenX-Delivery: <task id>      (the completion; the same on every retry:
+                                          deduplicate on it; ``<task id>:<event>:<n>``
+                                          for started and progress, see
+                                          imagegenx.webhook_events)
 
 A receiver recomputes the signature with the shared secret over the raw body
 and refuses timestamps older than a few minutes (see :func:`verify_signature`).
@@ -298,11 +301,15 @@ def signed_headers(secret: str, body: bytes, delivery_id: str, now: float | None
 
 
 def payload(task_id: str, state: str, result: dict[str, Any] | None = None,
-            error: BaseException | None = None) -> dict[str, Any]:
-    """The body a receiver gets: the same fields as GET /api/v1/tasks/<id>."""
+            error: BaseException | None = None, event: str = "completed",
+            progress: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The body a receiver gets: the fields of GET /api/v1/tasks/<id>, and which
+    event (``callback_events``) it reports."""
     return {
         "task_id": task_id,
+        "event": event,
         "state": state,
+        "progress": progress,
         "result": result,
         "error": None if error is None else {"type": type(error).__name__, "message": str(error)},
     }

@@ -1,5 +1,6 @@
 """Celery side of running one batch: worker-state bookkeeping, task events,
-per-request results in the result backend, progress, revocation and acks.
+per-request results in the result backend, progress, revocation and acks; each
+request's event stream and webhooks through ``workers.callbacks``.
 
 Each request gets its own STARTED / PROGRESS / SUCCESS or FAILURE or REVOKED
 state, its own task events (so Flower shows it with its own runtime) and is
@@ -32,7 +33,7 @@ from imagegenx.errors import GenerationError
 from imagegenx.pipeline import BatchPipeline, Drawn, Job, Outcome
 from imagegenx.preview import encode as encode_preview
 from imagegenx.preview import preview_due
-from workers.callbacks import notify
+from workers import callbacks
 from workers.finisher import Finisher
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,7 @@ class BatchExecutor:
             return True
         if revoked:
             self.stats.record_outcome(states.REVOKED)
+            callbacks.revoked(entry.req)
             return True
         return False
 
@@ -307,13 +309,12 @@ class BatchExecutor:
             req.worker_pid = pid
             worker_state.task_accepted(req)
             req.send_event("task-started")
+            info = {"hostname": req.hostname, "pid": pid}
             try:  # a state for watchers only: the batch runs without it
-                req.task.backend.store_result(
-                    req.id, {"hostname": req.hostname, "pid": pid}, states.STARTED,
-                    request=req._context,
-                )
+                req.task.backend.store_result(req.id, info, states.STARTED, request=req._context)
             except Exception as exc:  # noqa: BLE001
                 log.warning("could not store STARTED for %s: %r", req.id, exc)
+            callbacks.started(req, info)
         if self.ledger is not None:
             self.ledger.started(e.req.id for e in entries)
 
@@ -334,16 +335,19 @@ class BatchExecutor:
         for e in due:
             e.progress_at = now
             e.progress_step = e.denoising.index
+        stored = []
         for e in (e for e in due if e not in wanting):
+            meta = self._progress_meta(e, e.denoising.index, e.denoising.steps)
             try:
                 with self._progress_lock:
-                    e.req.task.backend.store_result(
-                        e.req.id, self._progress_meta(e, e.denoising.index, e.denoising.steps),
-                        "PROGRESS", request=e.req._context,
-                    )
+                    e.req.task.backend.store_result(e.req.id, meta, "PROGRESS", request=e.req._context)
             except Exception as exc:  # noqa: BLE001 - progress is for watchers only
                 log.warning("could not store progress of %s: %r", e.req.id, exc)
-                return
+                break
+            # The event stream gets the step only: a preview is published once, by the
+            # preview thread that drew it.
+            stored.append((e.req, {"step": meta["step"], "total": meta["total"]}))
+        callbacks.progress_many(stored)  # their event streams, in one round trip
 
     @staticmethod
     def _progress_meta(e: Entry, step: int, total: int) -> dict[str, Any]:
@@ -392,10 +396,9 @@ class BatchExecutor:
                     e.preview = preview
                     if e.denoising is None or e.denoising.done or e.req.id in worker_state.revoked:
                         continue  # its result (or revocation) is on its way: no PROGRESS after it
-                    e.req.task.backend.store_result(
-                        e.req.id, self._progress_meta(e, max(step, e.progress_step), total),
-                        "PROGRESS", request=e.req._context,
-                    )
+                    meta = self._progress_meta(e, max(step, e.progress_step), total)
+                    e.req.task.backend.store_result(e.req.id, meta, "PROGRESS", request=e.req._context)
+                    callbacks.progress(e.req, meta)  # a progress and a preview event, before any final one
         except Exception as exc:  # noqa: BLE001 - previews are for watchers only
             log.warning("could not store previews: %r", exc)
         finally:
@@ -416,16 +419,19 @@ class BatchExecutor:
             now = time.monotonic()
             if step < total and now - last[0] >= self.progress_interval_s:
                 last[0] = now
+                stored = []
                 try:  # progress is for watchers: a backend outage must not fail the batch
                     for e in live.values():
                         e.req.task.backend.store_result(
                             e.req.id, {"step": step, "total": total}, "PROGRESS",
                             request=e.req._context,
                         )
+                        stored.append((e.req, {"step": step, "total": total}))
                 except Exception as exc:  # noqa: BLE001
                     if not progress_failed[0]:
                         log.warning("could not store progress (step %d/%d): %r", step, total, exc)
                     progress_failed[0] = True
+                callbacks.progress_many(stored)
             return list(gone)
 
         return on_step
@@ -444,7 +450,7 @@ class BatchExecutor:
                                                                      request=req._context)):
                 worker_state.task_ready(req)
                 return
-            notify(req, states.SUCCESS, result=result)  # webhook, if any; before the ack
+            callbacks.notify(req, states.SUCCESS, result=result)  # final event, webhook; before the ack
             worker_state.task_ready(req, successful=True)
             self._ack(req)
             req.send_event("task-succeeded", result=_summary(result), runtime=runtime)
@@ -460,7 +466,7 @@ class BatchExecutor:
                                                                     request=req._context)):
             worker_state.task_ready(req)
             return
-        notify(req, states.FAILURE, error=error)  # webhook, if any; before the ack
+        callbacks.notify(req, states.FAILURE, error=error)  # final event, webhook; before the ack
         worker_state.task_ready(req)
         self._ack(req)
         req.send_event("task-failed", exception=repr(error), traceback=tb)

@@ -18,6 +18,7 @@ from imagegenx.api.playground import bp as playground_bp
 from imagegenx.api.queue_status import bp as queue_bp
 from imagegenx.api.ratelimit import build_limiter
 from imagegenx.api.services import build_services
+from imagegenx.api import task_stream  # noqa: F401 - adds /tasks/<id>/events to tasks_bp
 from imagegenx.api.task_status import bp as tasks_bp
 from imagegenx.api.workers import bp as workers_bp
 from imagegenx.settings import Settings, get_settings

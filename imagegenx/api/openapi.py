@@ -16,6 +16,7 @@ from imagegenx.api.services import services
 from imagegenx.lora_catalog import LoraCatalog
 from imagegenx.api.models import ModelsResponse
 from imagegenx.api.queue_status import QueueResponse
+from imagegenx.api.task_stream import PreviewEvent, QueuedEvent, StartedEvent
 from imagegenx.api.workers import WorkersResponse
 from imagegenx.storage import MAX_KEY_CHARS
 from imagegenx.schemas import (
@@ -24,6 +25,7 @@ from imagegenx.schemas import (
     GenerateRequest,
     Limits,
     Postprocess,
+    Progress,
     SubmitResponse,
     TaskStatus,
 )
@@ -118,7 +120,8 @@ def build_spec(limits: Limits, loras: list[str] | None = None,
     _, defs = models_json_schema(
         [(m, "validation") for m in (GenerateRequest, SubmitResponse, TaskStatus, ErrorResponse)]
         + [(WorkersResponse, "serialization"), (QueueResponse, "serialization"),
-           (ModelsResponse, "serialization")],
+           (ModelsResponse, "serialization")]
+        + [(m, "serialization") for m in (QueuedEvent, StartedEvent, Progress, PreviewEvent)],
         ref_template=REF,
     )
     schemas = defs["$defs"]
@@ -198,6 +201,46 @@ def build_spec(limits: Limits, loras: list[str] | None = None,
                                          "429": _limited("rate limit of this API key exceeded"),
                                          "503": _limited("broker unavailable")}},
             },
+            "/api/v1/tasks/{task_id}/events": {
+                "parameters": [task_id],
+                "get": {
+                    "summary": "The task's events as server-sent events, until it ends",
+                    "description": (
+                        "text/event-stream, one JSON data line per event: queued (no id; "
+                        "QueuedEvent), started (StartedEvent), progress (Progress), preview "
+                        "(PreviewEvent, when the worker draws previews), then one of succeeded, "
+                        "failed, revoked whose data is exactly what GET /api/v1/tasks/{task_id} "
+                        "returns (TaskStatus), and the stream closes. Event ids are Redis Stream "
+                        "ids: reconnecting with Last-Event-ID gets the events after it, none "
+                        "twice; after the final event, 204. Comment lines (': keep-alive') keep "
+                        "an idle stream open; the server closes a stream after "
+                        "events_max_stream_s and the client resumes."),
+                    "operationId": "taskEvents",
+                    "security": secured,
+                    "parameters": [
+                        {"name": "Last-Event-ID", "in": "header", "required": False,
+                         "description": "the id of the last event received: resume after it",
+                         "schema": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"}},
+                        {"name": "last_event_id", "in": "query", "required": False,
+                         "description": "the same as the Last-Event-ID header",
+                         "schema": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"}}],
+                    "x-events": {
+                        "queued": {"$ref": REF.format(model="QueuedEvent")},
+                        "started": {"$ref": REF.format(model="StartedEvent")},
+                        "progress": {"$ref": REF.format(model="Progress")},
+                        "preview": {"$ref": REF.format(model="PreviewEvent")},
+                        **{name: {"$ref": REF.format(model="TaskStatus")}
+                           for name in ("succeeded", "failed", "revoked")}},
+                    "responses": {
+                        "200": {"description": "the event stream", "content": {
+                            "text/event-stream": {"schema": {"type": "string"}}}},
+                        "204": {"description": "the final event was already delivered "
+                                               "(Last-Event-ID at or after it)"},
+                        "401": _error("missing or invalid API key"),
+                        "404": _error("no such task for this key"),
+                        "429": _limited("rate limit of this API key exceeded"),
+                        "503": _limited("event stream unavailable")}},
+            },
             "/api/v1/files/{key}": {"get": {
                 "summary": "A stored image", "operationId": "getFile",
                 "parameters": [{"name": "key", "in": "path", "required": True,
@@ -263,8 +306,14 @@ def build_spec(limits: Limits, loras: list[str] | None = None,
             }},
         },
         "webhooks": {"taskFinished": {"post": {
-            "summary": "Sent to callback_url when the task ends in SUCCESS or FAILURE",
-            "description": "Body: the task's status (task_id, state, result, error). Verify "
+            "summary": "Sent to callback_url when the task ends in SUCCESS or FAILURE, and on "
+                       "the other events the request's callback_events names",
+            "description": "Body: the task's status (task_id, state, progress, result, error) "
+                           "and event: completed (the default), or started and progress (at "
+                           "most one every 500 ms) when callback_events asks for them; "
+                           "X-ImageGenX-Delivery is the task id for completed, "
+                           "<task id>:started:0 and <task id>:progress:<step> for the others. "
+                           "Verify "
                            "X-ImageGenX-Signature = 'sha256=' + hex HMAC-SHA256(secret, "
                            "X-ImageGenX-Timestamp + '.' + raw body) and refuse old timestamps. "
                            "Retried with exponential backoff on network errors, 408, 425, 429 "
@@ -279,7 +328,9 @@ def build_spec(limits: Limits, loras: list[str] | None = None,
                  "schema": {"type": "string"}},
             ],
             "requestBody": {"required": True, "content": {"application/json": {
-                "schema": {"$ref": REF.format(model="TaskStatus")}}}},
+                "schema": {"allOf": [{"$ref": REF.format(model="TaskStatus")}, {
+                    "type": "object", "required": ["event"], "properties": {"event": {
+                        "type": "string", "enum": ["started", "progress", "completed"]}}}]}}}},
             "responses": {"2XX": {"description": "received; any other answer is a failed attempt"}},
         }}},
     }

@@ -55,14 +55,20 @@ def describe(result: AsyncResult) -> dict[str, Any]:
     return body
 
 
+def status_body(svc: Services, result: AsyncResult) -> dict[str, Any]:
+    """What GET /api/v1/tasks/<id> answers (raises RedisError, BackendError); the
+    final event of the task's event stream carries the same."""
+    body = describe(result)
+    body["webhook"] = svc.webhooks.get(result.id)
+    return TaskStatus.model_validate(body).model_dump(mode="json")
+
+
 @bp.get("/tasks/<task_id>")
 def get_task(task_id: str):  # type: ignore[no-untyped-def]
     svc = services()
     result = _owned(svc, task_id, require_key())
     try:
-        body = describe(result)
-        body["webhook"] = svc.webhooks.get(task_id)
-        return jsonify(TaskStatus.model_validate(body).model_dump(mode="json"))
+        return jsonify(status_body(svc, result))
     except (RedisError, BackendError) as exc:  # BackendError: a database backend that is down
         raise ApiError(503, "result backend unavailable",
                        headers={"Retry-After": str(svc.settings.retry_after_s)}) from exc

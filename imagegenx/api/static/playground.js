@@ -1,5 +1,7 @@
 // ImageGenX playground: submit a request, follow its progress, show the images.
-// Talks to the public REST API only (POST /api/v1/images, GET/DELETE /api/v1/tasks/<id>).
+// Talks to the public REST API only (POST /api/v1/images, GET/DELETE /api/v1/tasks/<id>,
+// and the task's server-sent events, GET /api/v1/tasks/<id>/events, read with fetch so the
+// API key goes in a header; polling when the server has no event stream).
 "use strict";
 
 (() => {
@@ -9,6 +11,8 @@
   const POLL_MS = 250;
   const RETRY_MS = 1000;
   const FINAL = ["SUCCESS", "FAILURE", "REVOKED"];
+  const FINAL_EVENTS = ["succeeded", "failed", "revoked"];
+  const NO_STREAM = [404, 405, 501, 503];
   const FIELDS = ["api_key", "prompt", "negative_prompt", "width", "height", "steps",
                   "guidance_scale", "sampler", "seed", "num_images"];
   const STATE_TEXT = {
@@ -208,12 +212,150 @@
     $("task-seed").textContent = String(task.seed);
   }
 
-  async function follow(task) {
+  function begin(task) {
     current = task;
     $("result").replaceChildren();
+    $("preview").hidden = true;
     cancelButton.hidden = false;
     cancelButton.disabled = false;
     showStatus(task, "PENDING", null);
+  }
+
+  // The task's final status (what GET /api/v1/tasks/<id> answers): result or reason.
+  function conclude(task, status) {
+    showStatus(task, status.state, status.progress);
+    finish(task);
+    $("preview").hidden = true;
+    if (status.state === "SUCCESS") {
+      const entry = {
+        task_id: task.taskId, seed: task.seed, params: task.params, created: Date.now(),
+        images: status.result.images, batch: status.result.batch,
+        timings: status.result.timings,
+      };
+      showResult(entry);
+      remember(entry);
+    } else if (status.state === "REVOKED") {
+      const reason = (status.error && status.error.message) || "";
+      if (reason === "expired") showBanner("The request expired before it ran (timeout_s).");
+      else if (!task.cancelled) showBanner("The task was revoked.", reason ? [reason] : []);
+    } else {
+      const err = status.error || {};
+      showBanner("The generation failed.",
+                 [[err.type, err.message].filter(Boolean).join(": ") || "no reason given"]);
+    }
+  }
+
+  function queuedNote(data) {
+    if (data.position == null) return data.where === "worker" ? "at a worker, waiting for a free row" : "";
+    let note = `place ${data.position} of ${data.queue_depth}`;
+    if (data.estimate_s != null) note += ` · about ${Math.ceil(data.estimate_s)} s`;
+    return note;
+  }
+
+  function showEvent(task, name, data) {
+    if (name === "queued") {
+      showStatus(task, data.state === "RECEIVED" ? "RECEIVED" : "PENDING", null, queuedNote(data));
+    } else if (name === "started") {
+      showStatus(task, "STARTED", null);
+    } else if (name === "progress") {
+      showStatus(task, "PROGRESS", data);
+    } else if (name === "preview" && data.png_base64) {
+      const img = $("preview");
+      img.src = `data:image/png;base64,${data.png_base64}`;
+      img.alt = `preview at step ${data.step}`;
+      img.hidden = false;
+    }
+  }
+
+  // Parse "text/event-stream" blocks out of the decoded text; returns the unparsed rest.
+  function parseEvents(text, onEvent) {
+    const blocks = text.split(/\r?\n\r?\n/);
+    const rest = blocks.pop();
+    for (const block of blocks) {
+      let name = "message", id = null;
+      const data = [];
+      for (const line of block.split(/\r?\n/)) {
+        if (!line || line.startsWith(":")) continue;
+        const at = line.indexOf(":");
+        const field = at < 0 ? line : line.slice(0, at);
+        let value = at < 0 ? "" : line.slice(at + 1);
+        if (value.startsWith(" ")) value = value.slice(1);
+        if (field === "event") name = value;
+        else if (field === "id") id = value;
+        else if (field === "data") data.push(value);
+      }
+      if (data.length) onEvent(name, id, JSON.parse(data.join("\n")));
+    }
+    return rest;
+  }
+
+  // Follow the task's event stream; resume with Last-Event-ID when the connection
+  // drops; fall back to polling when the server has no stream.
+  async function follow(task) {
+    begin(task);
+    const path = `${taskUrl(task.taskId)}/events`;
+    let lastId = null;
+    let failures = 0;
+    while (current === task) {
+      const headers = { "X-API-Key": task.key, Accept: "text/event-stream" };
+      if (lastId) headers["Last-Event-ID"] = lastId;
+      let resp;
+      try {
+        resp = await fetch(path, { headers, cache: "no-store" });
+      } catch (err) {
+        if (++failures > 5) return poll(task);
+        showStatus(task, $("task-state").textContent, null, "connection lost, retrying");
+        await sleep(RETRY_MS);
+        continue;
+      }
+      if (resp.status === 204) return poll(task); // the final event was delivered: read it
+      const type = resp.headers.get("Content-Type") || "";
+      if (NO_STREAM.includes(resp.status) || (resp.ok && !type.startsWith("text/event-stream")) ||
+          !resp.body) {
+        return poll(task);
+      }
+      if (!resp.ok) {
+        let data = {};
+        try { data = await resp.json(); } catch (err) { data = { error: resp.statusText }; }
+        if (resp.status === 429) {
+          await sleep(Math.max(RETRY_MS, 1000 * (Number(resp.headers.get("Retry-After")) || 0)));
+          continue;
+        }
+        finish(task);
+        showApiError(resp.status, data);
+        return;
+      }
+      const reader = resp.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      let final = null;
+      try {
+        while (current === task && final === null) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer = parseEvents(buffer + decoder.decode(value, { stream: true }), (name, id, data) => {
+            failures = 0;
+            if (id) lastId = id;
+            if (FINAL_EVENTS.includes(name)) final = data;
+            else if (final === null) showEvent(task, name, data);
+          });
+        }
+      } catch (err) {
+        failures += 1;
+      } finally {
+        reader.cancel().catch(() => {});
+      }
+      if (final !== null) {
+        if (current === task) conclude(task, final);
+        return;
+      }
+      if (failures > 5) return poll(task);
+      // Closed without the final event (the server's stream limit): resume after lastId.
+    }
+  }
+
+  // Polling: GET the task until it ends.
+  async function poll(task) {
     const path = taskUrl(task.taskId);
     while (current === task) {
       let answer;
@@ -234,28 +376,11 @@
         return;
       }
       const status = answer.data;
-      showStatus(task, status.state, status.progress);
       if (FINAL.includes(status.state)) {
-        finish(task);
-        if (status.state === "SUCCESS") {
-          const entry = {
-            task_id: task.taskId, seed: task.seed, params: task.params, created: Date.now(),
-            images: status.result.images, batch: status.result.batch,
-            timings: status.result.timings,
-          };
-          showResult(entry);
-          remember(entry);
-        } else if (status.state === "REVOKED") {
-          const reason = (status.error && status.error.message) || "";
-          if (reason === "expired") showBanner("The request expired before it ran (timeout_s).");
-          else if (!task.cancelled) showBanner("The task was revoked.", reason ? [reason] : []);
-        } else {
-          const err = status.error || {};
-          showBanner("The generation failed.",
-                     [[err.type, err.message].filter(Boolean).join(": ") || "no reason given"]);
-        }
+        conclude(task, status);
         return;
       }
+      showStatus(task, status.state, status.progress);
       await sleep(POLL_MS);
     }
   }
