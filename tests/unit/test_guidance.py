@@ -1,0 +1,47 @@
+"""Guidance-interval arithmetic (imagegenx.guidance): which steps are guided, rows per image."""
+from __future__ import annotations
+
+import pytest
+
+from imagegenx.guidance import guided, guided_steps, parse_interval, reserved_rows, rows_at, trajectory_rows
+
+
+def test_steps_inside_the_interval_are_guided() -> None:
+    assert [guided(7.5, (0.0, 0.4), i, 20) for i in range(20)] == [True] * 8 + [False] * 12
+    assert [i for i in range(20) if guided(7.5, (0.1, 0.6), i, 20)] == list(range(2, 12))
+    assert guided_steps(7.5, (0.0, 1.0), 20) == 20
+    assert guided_steps(7.5, (0.0, 0.6), 20) == 12
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.0])
+def test_a_scale_of_at_most_one_is_never_guided(scale: float) -> None:
+    assert guided_steps(scale, (0.0, 1.0), 20) == 0
+    assert trajectory_rows(scale, (0.0, 1.0), 20) == 20
+
+
+def test_rows_per_image() -> None:
+    # The figures of the issue: 40 rows with guidance throughout, 28 with a cut after 40%.
+    assert trajectory_rows(7.5, (0.0, 1.0), 20) == 40
+    assert trajectory_rows(7.5, (0.0, 0.4), 20) == 28
+    assert trajectory_rows(7.5, (0.0, 0.6), 20) == 32
+    assert trajectory_rows(7.5, (0.1, 0.6), 20) == 30
+    assert [rows_at(7.5, (0.5, 1.0), i, 4) for i in range(4)] == [1, 1, 2, 2]
+
+
+def test_reserved_rows_never_rise() -> None:
+    for interval in ((0.0, 0.4), (0.1, 0.6), (0.5, 1.0), (0.0, 1.0)):
+        reserved = [reserved_rows(7.5, interval, i, 20) for i in range(21)]
+        assert reserved == sorted(reserved, reverse=True)
+        assert all(reserved_rows(7.5, interval, i, 20) >= rows_at(7.5, interval, i, 20) for i in range(20))
+    assert reserved_rows(7.5, (0.5, 1.0), 0, 10) == 2  # a later guided step is reserved from the start
+
+
+@pytest.mark.parametrize(("text", "want"), [("0,1", (0.0, 1.0)), (" 0, 0.4 ", (0.0, 0.4)), ("[0.1,0.6]", (0.1, 0.6))])
+def test_parse_interval(text: str, want: tuple[float, float]) -> None:
+    assert parse_interval(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "0", "0,1,2", "a,b", "0.5,0.5", "0.6,0.1", "-0.1,1", "0,1.1"])
+def test_bad_intervals_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="must"):
+        parse_interval(text)
