@@ -6,7 +6,7 @@ without Celery or torch.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,12 @@ class Client:
             raise ApiError(r.status_code, body.get("error", r.reason), body.get("fields"))
         return r.json()
 
-    def submit(self, prompt: str, **params: Any) -> SubmitResponse:
+    def submit(self, prompt: str, *, guidance_interval: Sequence[float] | None = None,
+               **params: Any) -> SubmitResponse:
+        """Submit a request; ``params`` are GenerateRequest fields. ``guidance_interval``
+        (start, end) limits classifier-free guidance to that part of the steps."""
+        if guidance_interval is not None:
+            params["guidance_interval"] = list(guidance_interval)
         body = {"prompt": prompt, **{k: v for k, v in params.items() if v is not None}}
         return SubmitResponse.model_validate(self._call("POST", "/api/v1/images", json=body))
 

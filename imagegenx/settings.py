@@ -414,8 +414,13 @@ class Settings(BaseSettings):
 
     @property
     def prefetch(self) -> int:
-        """Unacknowledged messages one worker may hold (buffered + running)."""
-        return prefetch_window(self.max_batch, self.prefetch_batches)
+        """Unacknowledged messages one worker may hold (buffered + running).
+
+        The step scheduler runs up to 2 x max_batch images at once when they are
+        outside their guidance interval (one UNet row each): one more max_batch of
+        messages keeps that from eating the buffered ones."""
+        extra = self.max_batch if self.scheduler == "step" else 0
+        return prefetch_window(self.max_batch, self.prefetch_batches) + extra
 
     @property
     def worst_wait_s(self) -> float:
