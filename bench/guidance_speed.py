@@ -17,6 +17,7 @@ the UNet rows it ran (two per guided image, one per other image). Engines:
 with the defaults (worker start and compile included)::
 
     python -m bench.guidance_speed --engine synthetic --out docs/benchmarks
+    python -m bench.guidance_speed --simulate --out docs/benchmarks   # simulated clock, seconds
     python -m bench.guidance_speed --engine diffusion --model DIR --redis-server PATH --out OUT
 """
 from __future__ import annotations
@@ -87,6 +88,87 @@ def measure(client: IntervalClient, app: Celery, args: argparse.Namespace,
         time.sleep(args.pause_s)
 
 
+def simulate(cost_name: str, max_batch: int, requests: int, seed: int = 80) -> dict[str, Any]:
+    """The worker's StepScheduler with UNet-row accounting on a simulated clock.
+
+    Time comes from the synthetic cost model (per UNet call of n UNet rows, and
+    per decoded image) instead of a GPU, so the result shows what the row
+    accounting can save where the host CPU is no bottleneck: saturation is a
+    backlog of ``requests`` one-image requests at t = 0; 0.8 load is seeded
+    Poisson arrivals at 0.8 x the [0,1] saturation rate.
+    """
+    import numpy as np
+
+    from imagegenx.engine.synthetic import COST_MODELS
+    from imagegenx.guidance import reserved_rows, rows_at
+    from imagegenx.step_scheduler import StepScheduler
+
+    cost = COST_MODELS[cost_name]
+
+    class R:
+        def __init__(self, id: str, arrived: float, interval: tuple[float, float]) -> None:
+            self.id, self.arrived, self.interval, self.done, self.finished = id, arrived, interval, 0, 0.0
+
+        def reserved(self) -> int:
+            return reserved_rows(7.5, self.interval, self.done, 20)
+
+    def run(times: list[float], interval: tuple[float, float]) -> dict[str, Any]:
+        reqs = [R(str(k), t, interval) for k, t in enumerate(times)]
+        sched: StepScheduler[R] = StepScheduler(2 * max_batch, 0.05, step_cost=cost.rows_s)
+        now, i, calls, rows_total, images_total = 0.0, 0, 0, 0, 0
+        while i < len(reqs) or len(sched):
+            while i < len(reqs) and reqs[i].arrived <= now:
+                r = reqs[i]
+                sched.add(r, r.id, "g", r.reserved(), r.arrived, steps=20, need=r.reserved)
+                i += 1
+            plan = sched.schedule(now)
+            if plan.idle:
+                now = max(now + 1e-9, reqs[i].arrived if i < len(reqs) else now)
+                continue
+            rows = sum(rows_at(7.5, r.interval, r.done, 20) for r in plan.running)
+            now += cost.rows_s(rows)
+            calls, rows_total, images_total = calls + 1, rows_total + rows, images_total + len(plan.running)
+            for r in plan.running:
+                r.done += 1
+            done = [r for r in plan.running if r.done >= 20]
+            if done:
+                now += cost.decode_s(len(done))
+                for r in done:
+                    r.finished = now
+                sched.finish(r.id for r in done)
+        lat = np.array([r.finished - r.arrived for r in reqs])
+        return {"images_per_s": len(reqs) / max(r.finished for r in reqs),
+                "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99)),
+                "images_per_call": images_total / calls, "unet_rows_per_call": rows_total / calls}
+
+    out: dict[str, Any] = {"cost_model": cost_name, "max_batch": max_batch, "requests": requests}
+    base: float | None = None
+    for interval in INTERVALS:
+        sat = run([0.0] * requests, interval)
+        base = base if base is not None else sat["images_per_s"]
+        t = 0.0
+        rng = np.random.default_rng(seed)
+        times = []
+        for _ in range(requests):
+            t += float(rng.exponential(1.0 / (LOAD * base)))
+            times.append(t)
+        out[name(interval)] = {"saturation": sat, "load_0.8": run(times, interval),
+                               "speedup_vs_full": sat["images_per_s"] / base}
+    return out
+
+
+def simulated_table(sim: dict[str, Any]) -> str:
+    lines = [f"simulated clock, cost model {sim['cost_model']}, max_batch {sim['max_batch']}:",
+             "| interval | sat. images/s | vs [0,1] | images/call | UNet rows/call | 0.8 load p50 s | p99 s |",
+             "|---|---|---|---|---|---|---|"]
+    for key in (name(i) for i in INTERVALS):
+        s, o = sim[key]["saturation"], sim[key]["load_0.8"]
+        lines.append(f"| {key} | {s['images_per_s']:.2f} | {sim[key]['speedup_vs_full']:.2f}x | "
+                     f"{s['images_per_call']:.1f} | {s['unet_rows_per_call']:.1f} | {o['p50_s']:.3f} | "
+                     f"{o['p99_s']:.3f} |")
+    return "\n".join(lines)
+
+
 def table(report: dict[str, Any]) -> str:
     lines = ["| interval | sat. images/s | vs [0,1] | images/call | UNet rows/call | 0.8 load images/s | "
              "p50 s | p99 s | UNet rows/call |", "|---|---|---|---|---|---|---|---|---|"]
@@ -125,7 +207,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--worker-timeout", type=float, default=400.0)
     ap.add_argument("--redis-server", default=None)
+    ap.add_argument("--simulate", action="store_true",
+                    help="only the simulated clock (no service): StepScheduler + the synthetic cost model")
+    ap.add_argument("--sim-requests", type=int, default=2000)
     args = ap.parse_args(argv)
+    if args.simulate:
+        args.out.mkdir(parents=True, exist_ok=True)
+        sim = simulate(args.synthetic_cost, args.max_batch, args.sim_requests)
+        sim.update(date=now_utc(), machine=machine(),
+                   command=" ".join(["python -m bench.guidance_speed", *(argv if argv is not None else sys.argv[1:])]))
+        path = args.out / "guidance_speed_simulated.json"
+        path.write_text(json.dumps(sim, indent=2) + "\n")
+        print(simulated_table(sim))
+        log(f"wrote {path}")
+        return 0
     args.steps = 20
     args.tiny = args.engine == "synthetic"
     args.size = args.size or (64 if args.tiny else 512)

@@ -148,6 +148,13 @@ def test_a_cut_row_batched_with_others_equals_itself_alone(engine: DiffusionEngi
     # The request path honours the interval too.
     whole = [im for im in engine.generate(cut) if im is not None]
     assert max_diff(whole, mixed[id(cut)]) <= UINT8_TOL
-    # ... and a cut is not a no-op: the same seeds with guidance throughout differ.
+    # ... and a cut is not a no-op: the same seeds with guidance throughout end elsewhere
+    # (compared in latents: the tiny random model's decoder flattens small differences).
     uncut = spec(8, *(Sample(x.prompt, x.seed, x.guidance_scale) for x in cut.samples))
-    assert max_diff(run_alone(engine, uncut), mixed[id(cut)]) > UINT8_TOL
+    ends = []
+    for s in (cut, uncut):
+        state = engine.begin(s)
+        while not state.done:
+            engine.step([state])
+        ends.append(state.latents)
+    assert float((ends[0] - ends[1]).abs().max()) > 1e-4
