@@ -251,8 +251,10 @@ class StepRunner(ModelThread):
                  exc: Exception) -> list[Entry]:
         if is_out_of_memory(exc):
             if len(running) == 1:
+                images = sum(e.images for e in running)
                 self._fail(running, GenerationError(
-                    f"out of memory with {rows} UNet rows in one call ({type(exc).__name__}: {exc})"))
+                    f"out of memory with {images} images in one batch ({rows} UNet rows; "
+                    f"{type(exc).__name__}: {exc})"))
                 return []
             self._lower_limit(rows, running)
             return []  # nothing moved: the rows that fit run at the next call
@@ -272,8 +274,8 @@ class StepRunner(ModelThread):
         ok = self.largest_ok_rows if self.largest_ok_rows < rows else 0
         limit = max(1, ok, rows // 2)
         self.oom_row_limit = limit if self.oom_row_limit is None else min(limit, self.oom_row_limit)
-        log.warning("out of memory with %d UNet rows: calls are cut to at most %d rows from now on",
-                    rows, limit)
+        log.warning("out of memory with %d images (%d UNet rows): calls are cut to at most %d UNet rows "
+                    "from now on", sum(e.images for e in running), rows, limit)
         keep, used = [], 0
         for e in running:
             need = self.reserved_rows(e)

@@ -7,10 +7,12 @@ On CUDA the engine runs its three networks through this module:
   processor, kept by the fused one);
 - the UNet is compiled once with ``torch.compile`` with a dynamic batch
   dimension, and one CUDA graph is captured around the compiled call per
-  batch-size bucket (by default 1, 2, 4, 8, 16 and 32 images), over static
-  input and output buffers. A batch of n images runs in the smallest bucket
-  that holds it, padded with dummy rows whose outputs are dropped; a batch
-  larger than the largest bucket runs as several bucket calls per step;
+  bucket of UNet rows (each configured image bucket and its double: by
+  default 1, 2, 4, ... 64 rows), over static input and output buffers. A step
+  runs two rows per image inside its guidance interval and one per other
+  image; the rows run in the smallest bucket that holds them, padded with
+  dummy rows whose outputs are dropped; more rows than the largest bucket run
+  as several bucket calls per step;
 - the VAE decode (with the conversion to uint8 pixels) is compiled with a
   dynamic batch dimension and runs in chunks of at most the largest bucket;
 - the text encoder, which the prompt cache calls once per distinct prompt,
