@@ -45,3 +45,37 @@ def test_parse_interval(text: str, want: tuple[float, float]) -> None:
 def test_bad_intervals_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="must"):
         parse_interval(text)
+
+
+def test_an_unset_interval_takes_the_server_default() -> None:
+    from imagegenx.engine.base import Sample
+    from imagegenx.pipeline import Job, plan
+    from imagegenx.schemas import GenerateRequest, Limits
+
+    limits = Limits(guidance_interval=(0.0, 0.4))
+    req = GenerateRequest.model_validate({"prompt": "x"}, context={"limits": limits})
+    assert req.guidance_interval == (0.0, 0.4)
+    # What the API sends on is explicit, so the worker runs the interval the API resolved.
+    sent = req.model_dump(mode="json")
+    assert sent["guidance_interval"] == [0.0, 0.4]
+    again = GenerateRequest.model_validate(sent, context={"limits": Limits()})
+    assert again.resolved_interval() == (0.0, 0.4)
+    own = GenerateRequest.model_validate({"prompt": "x", "guidance_interval": [0.1, 0.6]},
+                                         context={"limits": limits})
+    assert own.guidance_interval == (0.1, 0.6)
+    assert Sample("x", 1).guidance_interval == (0.0, 1.0)
+    resolved = own.model_copy(update={"seed": 5, "width": 64, "height": 64, "num_images": 2})
+    spec, _ = plan([Job("j", resolved)])
+    assert [s.guidance_interval for s in spec.samples] == [(0.1, 0.6), (0.1, 0.6)]
+
+
+def test_the_setting_reads_start_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from imagegenx.settings import Settings
+
+    monkeypatch.setenv("IMAGEGENX_GUIDANCE_INTERVAL", "0,0.4")
+    assert Settings().limits.guidance_interval == (0.0, 0.4)
+    monkeypatch.setenv("IMAGEGENX_GUIDANCE_INTERVAL", "0.6,0.4")
+    with pytest.raises(ValidationError, match="guidance_interval"):
+        Settings()
