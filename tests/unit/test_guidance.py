@@ -79,3 +79,12 @@ def test_the_setting_reads_start_end(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMAGEGENX_GUIDANCE_INTERVAL", "0.6,0.4")
     with pytest.raises(ValidationError, match="guidance_interval"):
         Settings()
+
+
+def test_the_cli_option_sends_two_numbers_or_the_text_as_given() -> None:
+    from imagegenx.cli_client import interval_option
+
+    assert interval_option("0,0.4") == [0.0, 0.4]
+    assert interval_option("[0.1, 0.6]") == [0.1, 0.6]
+    assert interval_option("soon") == "soon"  # the server's 422 names it
+    assert interval_option(None) is None
