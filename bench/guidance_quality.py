@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict[str, Any] = {
         "when": now_utc(), "machine": machine(), "model": str(model), "device": args.device,
+        "command": " ".join(["python -m bench.guidance_quality", *(argv if argv is not None else sys.argv[1:])]),
         "threads": args.threads, "guidance_scale": args.guidance, "prompts": len(prompts),
         "prompt_set": "held-out", "seeds": f"0..{len(prompts) - 1}",
         "metrics": "PSNR/SSIM against the [0,1] image of the same prompt and seed; see "
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
     base = report["variants"][variants(False)[0].name]
     for name, r in report["variants"].items():
-        loss = {f: 100.0 * (base["accuracy"][f] - r["accuracy"][f]) for f in TARGET_FIELDS}
+        # Rounded: accuracies are fractions of the prompts, so 1 point of 200 prompts is exact.
+        loss = {f: round(100.0 * (base["accuracy"][f] - r["accuracy"][f]), 6) for f in TARGET_FIELDS}
         r["loss_points"] = loss
         r["rows_saving"] = base["unet_rows_per_image"] / r["unet_rows_per_image"]
         r["meets_quality_target"] = all(x <= MAX_LOSS_POINTS for x in loss.values())
