@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
-from imagegenx.cli_client import api_errors, api_options, make_client, postprocess
+from imagegenx.cli_client import api_errors, api_options, interval_option, make_client, postprocess
 from imagegenx.cli_client import register as register_api_commands
 from imagegenx.settings import Settings
 
@@ -160,6 +160,8 @@ def worker(gpus: str, loglevel: str, model: str) -> None:
 @click.option("--height", type=int, help="Height in px (multiple of 8).")
 @click.option("--steps", type=int, help="Denoising steps.")
 @click.option("--guidance", "guidance_scale", type=float, help="Guidance scale.")
+@click.option("--guidance-interval", "guidance_interval", callback=lambda _c, _p, v: interval_option(v),
+              metavar="START,END", help="Fractions of the steps that run guidance, e.g. 0,0.4.")
 @click.option("--sampler", help="euler, euler_a, ddim or dpmpp_2m.")
 @click.option("--model", help="A served model (GET /api/v1/models); default: the server's first.")
 @click.option("--seed", type=int, help="Seed (the server picks one when omitted).")

@@ -20,11 +20,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 OPTION_OF_FIELD = {
     "prompt": "PROMPT", "negative_prompt": "--negative", "width": "--width", "height": "--height",
-    "steps": "--steps", "guidance_scale": "--guidance", "sampler": "--sampler", "seed": "--seed",
-    "model": "--model",
+    "steps": "--steps", "guidance_scale": "--guidance", "guidance_interval": "--guidance-interval",
+    "sampler": "--sampler", "seed": "--seed", "model": "--model",
     "num_images": "--num-images", "timeout_s": "--timeout", "postprocess.thumbnail": "--thumbnail",
     "postprocess.upscale": "--upscale", "postprocess.watermark.text": "--watermark",
 }
+
+
+def interval_option(text: str | None) -> list[float] | str | None:
+    """``START,END`` as two numbers for the request; anything else goes as given, so
+    the server's 422 names what is wrong with it."""
+    if text is None:
+        return None
+    parts = text.strip().strip("[]").split(",")
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        return text
 
 
 def _default_key() -> str | None:

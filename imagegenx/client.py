@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,12 @@ class Client:
             self._raise(r)
         return r.json()
 
-    def submit(self, prompt: str, **params: Any) -> SubmitResponse:
+    def submit(self, prompt: str, *, guidance_interval: Sequence[float] | None = None,
+               **params: Any) -> SubmitResponse:
+        """Submit a request; ``params`` are GenerateRequest fields. ``guidance_interval``
+        (start, end) limits classifier-free guidance to that part of the steps."""
+        if guidance_interval is not None:
+            params["guidance_interval"] = list(guidance_interval)
         body = {"prompt": prompt, **{k: v for k, v in params.items() if v is not None}}
         return SubmitResponse.model_validate(self._call("POST", "/api/v1/images", json=body))
 

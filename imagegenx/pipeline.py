@@ -140,7 +140,8 @@ def plan(jobs: list[Job]) -> tuple[BatchSpec, list[tuple[int, int]]]:
     for j, job in enumerate(jobs):
         r = job.request
         for i, seed in enumerate(r.sample_seeds()):
-            samples.append(Sample(r.prompt, seed, r.guidance_scale, r.negative_prompt))
+            samples.append(Sample(r.prompt, seed, r.guidance_scale, r.negative_prompt,
+                                  r.resolved_interval()))
             owners.append((j, i))
     assert first.width is not None and first.height is not None
     spec = BatchSpec(first.width, first.height, first.steps, first.sampler.value, tuple(samples),

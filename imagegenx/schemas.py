@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from imagegenx import guidance
 from imagegenx.webhook_events import CallbackEvent
 
 SCHEMA_VERSION = 1
@@ -149,6 +150,8 @@ class Limits(BaseModel):
     max_guidance: float = 30.0
     max_upscaled_side: int = 4096
     max_priority: int = 10
+    # Fractions of the trajectory guided when a request names no guidance_interval.
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
     # Host names and CIDRs a callback_url may point at although not public.
     callback_allow_hosts: tuple[str, ...] = ()
 
@@ -209,6 +212,11 @@ class GenerateRequest(BaseModel):
     height: int | None = Field(default=None, description="px, multiple of 8; default: model's native size")
     steps: int = Field(default=20, ge=1)
     guidance_scale: float = Field(default=7.5, ge=0.0)
+    guidance_interval: tuple[float, float] | None = Field(
+        default=None, description="[start, end], fractions of the trajectory (0 <= start < end <= 1) "
+        "whose steps run classifier-free guidance; the other steps, and every step at a "
+        "guidance_scale of at most 1, run the conditional UNet row only (about half the cost); "
+        "default: the server's guidance_interval")
     sampler: Sampler = Sampler.EULER
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     num_images: int = Field(default=1, ge=1)
@@ -249,6 +257,20 @@ class GenerateRequest(BaseModel):
         if isinstance(v, str) and len(v) > limit:
             raise ValueError(f"must have at most {limit} characters")
         return v
+
+    @field_validator("guidance_interval", mode="before")
+    @classmethod
+    def _guidance_interval(cls, v: object) -> object:
+        """Two JSON numbers, 0 <= start < end <= 1; each reason names what is wrong."""
+        if v is None:
+            return v
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise ValueError("must be a list of two numbers [start, end]")
+        for x in v:
+            _json_number(x)
+            if not isinstance(x, (int, float)):
+                raise ValueError("must be a list of two numbers [start, end]")
+        return guidance.check_interval((v[0], v[1]))
 
     @field_validator("callback_url", mode="before")
     @classmethod
@@ -303,6 +325,17 @@ class GenerateRequest(BaseModel):
         raise ValidationError.from_exception_data("Postprocess", [{
             "type": PydanticCustomError("upscaled_size", reason), "loc": ("upscale",),
             "input": v.upscale}])
+
+    @model_validator(mode="after")
+    def _default_interval(self, info: ValidationInfo) -> "GenerateRequest":
+        """An unset guidance_interval takes the server's (so the result says which ran)."""
+        if self.guidance_interval is None and info.context:
+            self.guidance_interval = _limits(info).guidance_interval
+        return self
+
+    def resolved_interval(self) -> tuple[float, float]:
+        """The guidance interval this request runs with (the full trajectory if unset)."""
+        return self.guidance_interval or guidance.FULL
 
     @model_validator(mode="after")
     def _seed_range(self) -> "GenerateRequest":

@@ -24,6 +24,7 @@ from pydantic_settings import (
 from typing_extensions import Annotated
 
 from imagegenx.batching import prefetch_window
+from imagegenx.guidance import check_interval, parse_interval
 from imagegenx.models import ModelSpec, model_queue, parse_models
 from imagegenx.schemas import Limits
 from imagegenx.shapes.model_files import SHAPES_MODEL_SETTING
@@ -290,6 +291,10 @@ class Settings(BaseSettings):
     max_priority: int = Field(default=_LIMITS.max_priority, ge=0, le=1000,
                               description="highest request priority")
     max_guidance: float = _LIMITS.max_guidance
+    guidance_interval: Annotated[tuple[float, float], NoDecode] = Field(
+        default=_LIMITS.guidance_interval,
+        description="start,end: fractions of the trajectory guided when a request names no "
+                    "guidance_interval (0,1: every step)")
     max_upscaled_side: int = Field(default=_LIMITS.max_upscaled_side, ge=64,
                                    description="longest side of an upscaled image, px")
 
@@ -384,6 +389,15 @@ class Settings(BaseSettings):
             out.append(entry)
         return out
 
+    @field_validator("guidance_interval", mode="before")
+    @classmethod
+    def _parse_interval(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return parse_interval(v)
+        if isinstance(v, (list, tuple)) and len(v) == 2:
+            return check_interval((v[0], v[1]))
+        return v
+
     @field_validator("batch_buckets", mode="before")
     @classmethod
     def _split_buckets(cls, v: Any) -> Any:
@@ -466,8 +480,13 @@ class Settings(BaseSettings):
 
     @property
     def prefetch(self) -> int:
-        """Unacknowledged messages one worker may hold (buffered + running)."""
-        return prefetch_window(self.max_batch, self.prefetch_batches)
+        """Unacknowledged messages one worker may hold (buffered + running).
+
+        The step scheduler runs up to 2 x max_batch images at once when they are
+        outside their guidance interval (one UNet row each): one more max_batch of
+        messages keeps that from eating the buffered ones."""
+        extra = self.max_batch if self.scheduler == "step" else 0
+        return prefetch_window(self.max_batch, self.prefetch_batches) + extra
 
     @property
     def worst_wait_s(self) -> float:
@@ -483,6 +502,7 @@ class Settings(BaseSettings):
             max_num_images=self.max_num_images,
             max_priority=self.max_priority,
             max_guidance=self.max_guidance,
+            guidance_interval=self.guidance_interval,
             max_upscaled_side=self.max_upscaled_side,
             callback_allow_hosts=tuple(self.webhook_allow_hosts),
         )

@@ -22,6 +22,13 @@ Rules:
   was served longest ago), then arrival order.
 - Effective priority = priority + one level per ``priority_age_s`` waited, up
   to ``max_priority``: no request waits forever behind higher priorities.
+- Rows are UNet rows: an image costs two per step while it runs classifier-free
+  guidance and one outside its guidance interval (``imagegenx.guidance``). A
+  request given a ``need`` callable is counted at what it returns at each
+  step boundary (its *reserved* rows: the most any of its remaining steps runs,
+  which never rises), so rows freed when guidance ends admit more requests and a
+  running set never outgrows ``max_rows``. Without ``need`` a request counts its
+  fixed ``rows``.
 - A request's rows are admitted together; admission stops at the first
   request that does not fit (no overtaking by smaller requests, so a large
   request cannot starve). A request larger than ``max_rows`` (after an
@@ -52,6 +59,12 @@ class Waiting(Generic[T]):
     tenant: str = ""
     seq: int = 0
     steps: int = 0  # denoising steps to run (shortest-first ordering)
+    # Its rows now, when they change along its trajectory (UNet rows; see the module docstring).
+    need: Callable[[], int] | None = None
+
+    @property
+    def current_rows(self) -> int:
+        return self.need() if self.need is not None else self.rows
 
 
 @dataclass
@@ -100,13 +113,15 @@ class StepScheduler(Generic[T]):
 
     # -- the waiting pool --------------------------------------------------
     def add(self, item: T, id: str, group: Hashable, rows: int, now: float, *,
-            priority: int = 0, tenant: str = "", steps: int = 0) -> None:
+            priority: int = 0, tenant: str = "", steps: int = 0,
+            need: Callable[[], int] | None = None) -> None:
+        """Queue a request of ``rows`` rows, or of ``need()`` rows at each step boundary."""
         if rows < 1:
             raise ValueError("a request needs at least one row")
         if id in self._waiting or id in self._running:
             raise ValueError(f"request {id} is already scheduled")
         self._waiting[id] = Waiting(item, id, group, rows, now, priority, tenant, next(self._seq),
-                                    steps)
+                                    steps, need)
 
     def requeue(self, ids: Iterable[str]) -> None:
         """Move running requests back to waiting (e.g. they did not fit after an
@@ -145,7 +160,7 @@ class StepScheduler(Generic[T]):
 
     @property
     def running_rows(self) -> int:
-        return sum(w.rows for w in self._running.values())
+        return sum(w.current_rows for w in self._running.values())
 
     def __len__(self) -> int:
         return len(self._waiting) + len(self._running)
@@ -189,7 +204,7 @@ class StepScheduler(Generic[T]):
         return next(iter(self._running.values())).group if self._running else None
 
     def _group_rows(self, group: Hashable) -> int:
-        return sum(w.rows for w in self._waiting.values() if w.group == group)
+        return sum(w.current_rows for w in self._waiting.values() if w.group == group)
 
     def _switching(self, group: Hashable, now: float) -> bool:
         """Another group's request has waited long enough: stop admitting to ``group``."""
@@ -198,7 +213,7 @@ class StepScheduler(Generic[T]):
 
     def _order(self, w: Waiting[T], now: float,
                tenant_rows: dict[str, int]) -> tuple[int, int, int, int, float, int]:
-        work = w.steps * w.rows if self.order == "shortest" else 0
+        work = w.steps * w.current_rows if self.order == "shortest" else 0
         return (-self.effective_priority(w, now), tenant_rows.get(w.tenant, 0),
                 self._last_served.get(w.tenant, -1), work, w.arrived, w.seq)
 
@@ -220,23 +235,24 @@ class StepScheduler(Generic[T]):
     def _admit(self, group: Hashable, now: float) -> list[T]:
         tenant_rows: dict[str, int] = {}
         for w in self._running.values():
-            tenant_rows[w.tenant] = tenant_rows.get(w.tenant, 0) + w.rows
+            tenant_rows[w.tenant] = tenant_rows.get(w.tenant, 0) + w.current_rows
         admitted: list[T] = []
         candidates = [w for w in self._waiting.values() if w.group == group]
         while candidates:
             best = min(candidates, key=lambda w: self._order(w, now, tenant_rows))
             running = self.running_rows
             free = self.max_rows - running
-            if best.rows > free and (self._running or admitted):
+            rows = best.current_rows
+            if rows > free and (self._running or admitted):
                 break
-            if not self._worth_growing(running, best.rows, sum(w.rows for w in candidates)):
+            if not self._worth_growing(running, rows, sum(w.current_rows for w in candidates)):
                 break
             candidates.remove(best)
             del self._waiting[best.id]
             self._running[best.id] = best
-            tenant_rows[best.tenant] = tenant_rows.get(best.tenant, 0) + best.rows
+            tenant_rows[best.tenant] = tenant_rows.get(best.tenant, 0) + rows
             self._last_served[best.tenant] = next(self._served)
             admitted.append(best.item)
-            if best.rows > free:  # larger than the limit: it runs alone
+            if rows > free:  # larger than the limit: it runs alone
                 break
         return admitted

@@ -87,8 +87,8 @@ class BatchProfile:
         images = f" ({rows // per} images with CFG)" if per > 1 and rows % per == 0 else ""
         raise BatchOutsideProfile(
             f"UNet batch of {rows} rows{images} is outside the TensorRT engine's optimization profile "
-            f"({self.min_rows} to {self.max_rows} rows, i.e. {self.min_rows // per} to "
-            f"{self.max_rows // per} images): rebuild the engine with `imagegenx optimize build "
+            f"({self.min_rows} to {self.max_rows} rows, i.e. up to "
+            f"{self.max_rows // per} images with CFG): rebuild the engine with `imagegenx optimize build "
             f"--buckets` covering this batch, or keep IMAGEGENX_MAX_BATCH within the profile"
         )
 
@@ -97,16 +97,18 @@ def profile_for_buckets(buckets: Sequence[int], opt_images: int | None = None,
                         rows_per_image: int = 2) -> BatchProfile:
     """One profile from the smallest to the largest batch bucket (in images).
 
-    The worker runs batches of 1..max_batch images; with CFG the UNet sees twice
-    as many rows. ``opt_images`` (default: the middle bucket) is the size
-    TensorRT tunes its kernels for.
+    The worker runs batches of 1..max_batch images; with CFG the UNet sees up to
+    twice as many rows, and as few as one per image (an image outside its
+    guidance interval, or at guidance_scale <= 1), so the profile starts at one
+    row per smallest bucket. ``opt_images`` (default: the middle bucket) is the
+    size TensorRT tunes its kernels for.
     """
     if not buckets or any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
         raise ValueError(f"buckets must be distinct positive sizes in ascending order, got {list(buckets)}")
     opt = buckets[len(buckets) // 2] if opt_images is None else opt_images
     if not buckets[0] <= opt <= buckets[-1]:
         raise ValueError(f"opt batch {opt} is outside the buckets {buckets[0]}..{buckets[-1]}")
-    return BatchProfile(rows_per_image * buckets[0], rows_per_image * opt, rows_per_image * buckets[-1],
+    return BatchProfile(buckets[0], rows_per_image * opt, rows_per_image * buckets[-1],
                         rows_per_image=rows_per_image)
 
 

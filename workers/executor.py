@@ -88,6 +88,8 @@ class BatchStats:
     unet_calls: int = 0
     unet_rows: int = 0
     unet_s: float = 0.0  # time in UNet calls: the throughput behind GET /api/v1/queue
+    # UNet rows the calls really ran: two per image inside its guidance interval, one outside.
+    model_rows: int = 0
     rows_histogram: dict[int, int] = field(default_factory=dict)
     last_batch_s: float = 0.0
     wait_s_total: float = 0.0
@@ -113,10 +115,12 @@ class BatchStats:
         if self.metrics is not None:
             self.metrics.batch(size, seconds)
 
-    def record_step(self, rows: int, seconds: float) -> None:
-        """One UNet call of the step scheduler over ``rows`` image rows."""
+    def record_step(self, rows: int, seconds: float, model_rows: int | None = None) -> None:
+        """One UNet call of the step scheduler over ``rows`` image rows, which ran
+        ``model_rows`` UNet rows (default: two per image, all guided)."""
         self.unet_calls += 1
         self.unet_rows += rows
+        self.model_rows += 2 * rows if model_rows is None else model_rows
         self.unet_s += seconds
         self.rows_histogram[rows] = self.rows_histogram.get(rows, 0) + 1
         if self.metrics is not None:
@@ -157,6 +161,8 @@ class BatchStats:
             "unet_rows": self.unet_rows,
             "unet_seconds": self.unet_s,
             "mean_rows_per_call": self.unet_rows / self.unet_calls if self.unet_calls else 0.0,
+            "unet_model_rows": self.model_rows,
+            "mean_model_rows_per_call": self.model_rows / self.unet_calls if self.unet_calls else 0.0,
             "rows_per_call_histogram": {str(k): v for k, v in sorted(self.rows_histogram.items())},
             "last_batch_s": self.last_batch_s,
             "mean_buffer_wait_ms": 1000 * self.wait_s_total / self.requests if self.requests else 0.0,

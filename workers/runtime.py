@@ -87,7 +87,8 @@ class WorkerRuntime:
         self.runner: BatchRunner[Entry] | StepRunner
         if settings.scheduler == "step":
             self.runner = StepRunner(
-                StepScheduler(settings.max_batch, settings.max_wait_s,
+                # The scheduler counts UNet rows: max_batch images with guidance on every step.
+                StepScheduler(2 * settings.max_batch, settings.max_wait_s,
                               max_priority=settings.max_priority,
                               priority_age_s=settings.priority_age_s,
                               admit_delay=settings.admit_delay_ms / 1000.0,
@@ -277,7 +278,8 @@ class WorkerRuntime:
         buffered, running = self.runner.snapshot()
         max_batch, max_wait = self.runner.limits()
         if isinstance(self.runner, StepRunner):
-            oom_limit = self.runner.oom_row_limit
+            rows = self.runner.oom_row_limit  # UNet rows: two per guided image
+            oom_limit = None if rows is None else max(1, rows // 2)
         else:
             oom_limit = self.pipeline.image_limit if self.pipeline else None
         return {

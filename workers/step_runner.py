@@ -26,6 +26,7 @@ from typing import Any
 
 from celery.worker import state as worker_state
 
+from imagegenx import guidance
 from imagegenx.engine.base import StepEngine
 from imagegenx.errors import GenerationError
 from imagegenx.pipeline import BatchPipeline, Drawing, Drawn, Outcome, as_generation_error, is_out_of_memory, plan
@@ -81,10 +82,22 @@ class StepRunner(ModelThread):
             self.scheduler.step_cost = lambda rows: float(step_seconds(rows) or 0.0)
 
     # -- consumer side -------------------------------------------------------
+    @staticmethod
+    def reserved_rows(entry: Entry) -> int:
+        """UNet rows the scheduler counts for ``entry`` now: the most any of its
+        remaining steps runs (two per guided image, one per other image)."""
+        state = entry.denoising
+        reserved = getattr(state, "reserved_rows", None)
+        if reserved is not None:
+            return int(reserved)
+        r = entry.job.request
+        return r.num_images * guidance.reserved_rows(r.guidance_scale, r.resolved_interval(), 0, r.steps)
+
     def add(self, entry: Entry, group: Hashable, *, priority: int = 0, tenant: str = "") -> None:
         with self._cond:
-            self.scheduler.add(entry, entry.req.id, group, entry.images, self._clock(),
-                               priority=priority, tenant=tenant, steps=entry.job.request.steps)
+            self.scheduler.add(entry, entry.req.id, group, self.reserved_rows(entry), self._clock(),
+                               priority=priority, tenant=tenant, steps=entry.job.request.steps,
+                               need=lambda: self.reserved_rows(entry))
             self._cond.notify()
 
     def discard(self, predicate: Callable[[Entry], bool]) -> list[Entry]:
@@ -97,15 +110,18 @@ class StepRunner(ModelThread):
             return self.scheduler.waiting, self.scheduler.running
 
     def limits(self) -> tuple[int, float]:
-        """(most image rows per UNet call, longest wait before a group switch)."""
-        return self.scheduler.max_rows, self.scheduler.max_wait
+        """(most images per UNet call, longest wait before a group switch).
+
+        The scheduler counts UNet rows: ``max_batch`` images of two rows each."""
+        return max(1, self.scheduler.max_rows // 2), self.scheduler.max_wait
 
     def set_limits(self, max_batch: int | None = None, max_wait: float | None = None) -> None:
         with self._cond:
             if max_batch is not None:
-                self.configured_rows = max_batch
+                rows = 2 * max_batch
+                self.configured_rows = rows
                 limit = self.oom_row_limit
-                self.scheduler.max_rows = max_batch if limit is None else min(limit, max_batch)
+                self.scheduler.max_rows = rows if limit is None else min(limit, rows)
             if max_wait is not None:
                 self.scheduler.max_wait = max_wait
             self._cond.notify()
@@ -204,16 +220,17 @@ class StepRunner(ModelThread):
     def _execute(self, engine: StepEngine, running: list[Entry]) -> list[Entry]:
         """One UNet call for ``running``; the entries that advanced."""
         rows = sum(e.images for e in running)
+        model_rows = sum(getattr(e.denoising, "unet_rows", 2 * e.images) for e in running)
         t0 = time.perf_counter()
         try:
             engine.step([e.denoising for e in running])
         except Exception as exc:  # noqa: BLE001 - isolate: only the culprit fails
             exc.__traceback__ = None  # its frames hold the call's tensors
             self._pipeline().release_memory()
-            return self._recover(engine, running, rows, exc)
+            return self._recover(engine, running, model_rows, exc)
         seconds = time.perf_counter() - t0
-        self.executor.stats.record_step(rows, seconds)
-        self.largest_ok_rows = max(self.largest_ok_rows, rows)
+        self.executor.stats.record_step(rows, seconds, model_rows)
+        self.largest_ok_rows = max(self.largest_ok_rows, model_rows)
         if self._run_id is not None and t0 - self._run_t0 >= RUN_SEGMENT_S:
             self._close_run()
         if self._run_id is None:
@@ -234,8 +251,10 @@ class StepRunner(ModelThread):
                  exc: Exception) -> list[Entry]:
         if is_out_of_memory(exc):
             if len(running) == 1:
+                images = sum(e.images for e in running)
                 self._fail(running, GenerationError(
-                    f"out of memory with {rows} images in one batch ({type(exc).__name__}: {exc})"))
+                    f"out of memory with {images} images in one batch ({rows} UNet rows; "
+                    f"{type(exc).__name__}: {exc})"))
                 return []
             self._lower_limit(rows, running)
             return []  # nothing moved: the rows that fit run at the next call
@@ -250,18 +269,19 @@ class StepRunner(ModelThread):
         return advanced
 
     def _lower_limit(self, rows: int, running: list[Entry]) -> None:
-        """After an out-of-memory call of ``rows`` rows: fewer rows from now on, and
-        the requests admitted last go back to waiting until they fit."""
+        """After an out-of-memory call of ``rows`` UNet rows: fewer rows from now on,
+        and the requests admitted last go back to waiting until they fit."""
         ok = self.largest_ok_rows if self.largest_ok_rows < rows else 0
         limit = max(1, ok, rows // 2)
         self.oom_row_limit = limit if self.oom_row_limit is None else min(limit, self.oom_row_limit)
-        log.warning("out of memory with %d images: batches are cut to at most %d images from now on",
-                    rows, limit)
+        log.warning("out of memory with %d images (%d UNet rows): calls are cut to at most %d UNet rows "
+                    "from now on", sum(e.images for e in running), rows, limit)
         keep, used = [], 0
         for e in running:
-            if not keep or used + e.images <= limit:
+            need = self.reserved_rows(e)
+            if not keep or used + need <= limit:
                 keep.append(e)
-                used += e.images
+                used += need
         with self._cond:
             self.scheduler.max_rows = min(self.scheduler.max_rows, limit)
             self.scheduler.requeue(e.req.id for e in running if e not in keep)

@@ -46,6 +46,11 @@ def _apply_limits(schema: dict[str, Any], limits: Limits) -> None:
     props["num_images"]["maximum"] = limits.max_num_images
     props["priority"]["maximum"] = limits.max_priority
     props["guidance_scale"]["maximum"] = limits.max_guidance
+    interval = props["guidance_interval"]
+    for item in interval["anyOf"][0]["prefixItems"]:
+        item.update(minimum=0, maximum=1)
+    start, end = limits.guidance_interval
+    interval["description"] += f" ({start:g}, {end:g} on this server); start must be less than end"
     # Image i uses seed + i, which must stay a 32-bit seed: the largest seed
     # allowed depends on num_images.
     schema["allOf"] = [

@@ -49,8 +49,9 @@ def index() -> Response:
         version=__version__,
         limits=settings.limits,
         samplers=[(s.value, SAMPLER_LABELS.get(s, s.value)) for s in Sampler],
-        defaults={name: GenerateRequest.model_fields[name].default
-                  for name in ("steps", "guidance_scale", "num_images", "sampler")},
+        defaults={**{name: GenerateRequest.model_fields[name].default
+                     for name in ("steps", "guidance_scale", "num_images", "sampler")},
+                  "guidance_interval": settings.limits.guidance_interval},
     ))
 
 

@@ -22,6 +22,9 @@ class Sample:
     seed: int
     guidance_scale: float = 7.5
     negative_prompt: str = ""
+    # Fractions of the trajectory whose steps run classifier-free guidance
+    # (imagegenx.guidance); outside it, and at a scale <= 1, the conditional row only.
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,15 @@ class Denoising(Protocol):
 
     @property
     def rows(self) -> int:
-        """Images of the request (its rows in a UNet call)."""
+        """Images of the request."""
+
+    @property
+    def unet_rows(self) -> int:
+        """UNet rows its next step runs: two per guided image, one per other image."""
+
+    @property
+    def reserved_rows(self) -> int:
+        """The most UNet rows any of its remaining steps runs (never rises)."""
 
     @property
     def steps(self) -> int:

@@ -25,6 +25,7 @@ from diffusers.utils import is_accelerate_available
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from imagegenx import guidance as guidance_rules
 from imagegenx.engine.base import BatchSpec, StepCallback
 from imagegenx.engine import row_samplers
 from imagegenx.engine.fastpath import FastPath, FastPathOptions, cfg_unet_eager, optimise_modules
@@ -104,6 +105,8 @@ class _Rows:
         uncond: torch.Tensor,
         guidance: torch.Tensor,
         generators: list[torch.Generator],
+        scales: list[float] | None = None,
+        intervals: list[guidance_rules.Interval] | None = None,
     ) -> None:
         self.indices = indices  # positions in BatchSpec.samples
         self.latents = latents
@@ -111,6 +114,13 @@ class _Rows:
         self.uncond = uncond
         self.guidance = guidance
         self.generators = generators
+        self.scales = scales if scales is not None else [float(g) for g in guidance.flatten().tolist()]
+        self.intervals = intervals if intervals is not None else [guidance_rules.FULL] * len(indices)
+
+    def guided(self, index: int, steps: int) -> list[int]:
+        """Rows that run the unconditional row at step ``index`` of ``steps``."""
+        return [k for k, (scale, interval) in enumerate(zip(self.scales, self.intervals))
+                if guidance_rules.guided(scale, interval, index, steps)]
 
     def drop(self, leaving: Collection[int]) -> list[int]:
         """Remove the samples whose spec index is in ``leaving``; return kept rows."""
@@ -124,6 +134,8 @@ class _Rows:
         self.uncond = self.uncond.index_select(0, rows)
         self.guidance = self.guidance.index_select(0, rows)
         self.generators = [self.generators[r] for r in keep]
+        self.scales = [self.scales[r] for r in keep]
+        self.intervals = [self.intervals[r] for r in keep]
         return keep
 
 
@@ -141,6 +153,14 @@ class DiffusionDenoising:
     @property
     def rows(self) -> int:
         return len(self.rows_state)
+
+    @property
+    def unet_rows(self) -> int:
+        return sum(2 if r.guided else 1 for r in self.rows_state)
+
+    @property
+    def reserved_rows(self) -> int:
+        return sum(r.reserved_rows for r in self.rows_state)
 
     @property
     def steps(self) -> int:
@@ -198,6 +218,8 @@ class DiffusionEngine:
         # one fitted from its VAE at the first preview (imagegenx.engine.preview_fit).
         self.preview_map: PreviewMap | None = None
         self._projection: Projection | None = None
+        # UNet rows run so far (two per guided image and step, one otherwise).
+        self.unet_rows_run = 0
         if fast_path is not None and device.type == "cuda":
             optimise_modules(unet, vae, fuse_qkv=fast_path.fuse_qkv, channels_last=fast_path.channels_last)
 
@@ -377,6 +399,8 @@ class DiffusionEngine:
                     [s.guidance_scale for s in samples], dtype=torch.float32, device=self.device
                 ).view(-1, 1, 1, 1),
                 generators=generators,
+                scales=[s.guidance_scale for s in samples],
+                intervals=[s.guidance_interval for s in samples],
             )
 
             def boundary(done: int) -> bool:
@@ -391,13 +415,15 @@ class DiffusionEngine:
                 if not boundary(i):
                     return results
                 model_in = scheduler.scale_model_input(rows.latents, t)
+                guided = rows.guided(i, total)
                 if fast is not None:
-                    eps_uncond, eps_cond = fast.unet(model_in, t, rows.uncond, rows.cond)
+                    eps_uncond, eps_cond = fast.unet(model_in, t, rows.uncond, rows.cond, guided)
                 else:
                     eps_uncond, eps_cond = cfg_unet_eager(
-                        self.unet, self.dtype, model_in, t, rows.uncond, rows.cond
+                        self.unet, self.dtype, model_in, t, rows.uncond, rows.cond, guided
                     )
-                eps = eps_uncond + rows.guidance * (eps_cond - eps_uncond)
+                self.unet_rows_run += eps_uncond.shape[0] + eps_cond.shape[0]
+                eps = row_samplers.combine(eps_uncond, eps_cond, rows.guidance, guided)
                 extra = {"generator": rows.generators} if "generator" in step_params else {}
                 rows.latents = scheduler.step(eps, t, rows.latents, **extra).prev_sample
             if not boundary(total):
@@ -419,7 +445,7 @@ class DiffusionEngine:
         with torch.inference_mode():
             noise, generators = self.initial_latents([s.seed for s in samples], spec.width, spec.height)
             rows = [row_samplers.start_row(spec.sampler, spec.steps, self.scheduler_config, g,
-                                           s.guidance_scale)
+                                           s.guidance_scale, s.guidance_interval)
                     for s, g in zip(samples, generators)]
             return DiffusionDenoising(
                 spec=spec,
@@ -444,12 +470,16 @@ class DiffusionEngine:
             cond = torch.cat([s.cond for s in states])
             uncond = torch.cat([s.uncond for s in states])
             model_in, t = row_samplers.model_input(latents, rows)
+            guided = row_samplers.guided_rows(rows)
             if fast is not None:
-                eps_uncond, eps_cond = fast.unet(model_in, t, uncond, cond)
+                eps_uncond, eps_cond = fast.unet(model_in, t, uncond, cond, guided)
             else:
-                eps_uncond, eps_cond = cfg_unet_eager(self.unet, self.dtype, model_in, t, uncond, cond)
-            eps = row_samplers.guide(eps_uncond, eps_cond, rows)
+                eps_uncond, eps_cond = cfg_unet_eager(self.unet, self.dtype, model_in, t, uncond, cond,
+                                                      guided)
+            eps = row_samplers.guide(eps_uncond, eps_cond, rows, guided)
+            unet_rows = eps_uncond.shape[0] + eps_cond.shape[0]
             latents = row_samplers.advance(latents, eps, rows)
+        self.unet_rows_run += unet_rows
         start = 0
         for s in states:
             s.latents = latents[start:start + s.rows]
@@ -476,7 +506,7 @@ class DiffusionEngine:
         return fitted
 
     def step_seconds(self, rows: int) -> float | None:
-        """Measured seconds of one UNet call of ``rows`` image rows on the fast path
+        """Measured seconds of one UNet call of ``rows`` UNet rows on the fast path
         (timed per bucket at warm-up); None without it (the cost is not known)."""
         fast = self.fast if self.fast_path_enabled else None
         return fast.unet.step_seconds(rows) if fast is not None else None

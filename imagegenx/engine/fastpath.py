@@ -8,10 +8,12 @@ On CUDA the engine runs its three networks through this module:
 - the UNet is compiled once with ``torch.compile`` with a dynamic batch
   dimension (its upsamplers get a branch-free forward, ``upsample.py``, so
   the batch size never splits the graph), and one CUDA graph is captured around the compiled call per
-  batch-size bucket (by default 1, 2, 4, 8, 16 and 32 images), over static
-  input and output buffers. A batch of n images runs in the smallest bucket
-  that holds it, padded with dummy rows whose outputs are dropped; a batch
-  larger than the largest bucket runs as several bucket calls per step;
+  bucket of UNet rows (each configured image bucket and its double: by
+  default 1, 2, 4, ... 64 rows), over static input and output buffers. A step
+  runs two rows per image inside its guidance interval and one per other
+  image; the rows run in the smallest bucket that holds them, padded with
+  dummy rows whose outputs are dropped; more rows than the largest bucket run
+  as several bucket calls per step;
 - the VAE decode (with the conversion to uint8 pixels) is compiled with a
   dynamic batch dimension and runs in chunks of at most the largest bucket;
 - the text encoder, which the prompt cache calls once per distinct prompt,
@@ -105,26 +107,60 @@ def _warm_on_side_stream(fn: Callable[[], Any], device: torch.device, calls: int
     torch.cuda.current_stream(device).wait_stream(side)
 
 
+def guided_batch(
+    latents: torch.Tensor, t: torch.Tensor | float, uncond: torch.Tensor, cond: torch.Tensor,
+    guided: Sequence[int] | None,
+) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor, int]:
+    """The UNet rows of a guided step: [uncond rows of ``guided``; cond rows of all].
+
+    ``guided`` lists the image rows that run classifier-free guidance at this
+    step (None: all of them); the others run their conditional row only.
+    Returns (UNet input, timesteps, context, number of unconditional rows). With
+    every row guided this is the classic [uncond; cond] batch of 2n rows.
+    """
+    n = latents.shape[0]
+    per_row = isinstance(t, torch.Tensor) and t.ndim == 1 and t.numel() == n
+    if guided is None or len(guided) == n:
+        x, ctx = torch.cat([latents, latents]), torch.cat([uncond, cond])
+        return x, (torch.cat([t, t]) if per_row else t), ctx, n
+    if not guided:
+        return latents, t, cond, 0
+    idx = torch.tensor(list(guided), dtype=torch.long, device=latents.device)
+    x = torch.cat([latents.index_select(0, idx), latents])
+    ctx = torch.cat([uncond.index_select(0, idx.to(uncond.device)), cond])
+    if per_row:
+        assert isinstance(t, torch.Tensor)
+        t = torch.cat([t.index_select(0, idx.to(t.device)), t])
+    return x, t, ctx, len(guided)
+
+
 def cfg_unet_eager(
     unet: torch.nn.Module, dtype: torch.dtype, latents: torch.Tensor, t: torch.Tensor,
-    uncond: torch.Tensor, cond: torch.Tensor,
+    uncond: torch.Tensor, cond: torch.Tensor, guided: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One eager UNet call on [uncond rows; cond rows]: (eps_uncond, eps_cond) in fp32.
+    """One eager UNet call on [uncond rows of ``guided``; cond rows]: (eps_uncond of the
+    guided rows, eps_cond of every row) in fp32.
 
     ``t`` is one timestep for every row (0-d) or one per latents row (step scheduler).
     """
-    if t.ndim == 1 and t.numel() == latents.shape[0]:
-        t = torch.cat([t, t])
-    eps = unet(
-        torch.cat([latents, latents]).to(dtype), t, encoder_hidden_states=torch.cat([uncond, cond])
-    ).sample.float()
-    eps_uncond, eps_cond = eps.chunk(2)
-    return eps_uncond, eps_cond
+    x, t, ctx, k = guided_batch(latents, t, uncond, cond, guided)
+    eps = unet(x.to(dtype), t, encoder_hidden_states=ctx).sample.float()
+    return eps[:k], eps[k:]
+
+
+def unet_row_buckets(image_buckets: Sequence[int]) -> tuple[int, ...]:
+    """UNet-row buckets of the image buckets: each size and its double.
+
+    A call runs two rows per guided image and one per other image, so any row
+    count may occur; the configured image buckets (1, 2, 4, ... 32 images) give
+    row buckets 1, 2, 4, ... 64, the fully guided batches keep their own bucket.
+    """
+    return tuple(sorted({b for b in image_buckets} | {2 * b for b in image_buckets}))
 
 
 class _UNetSlot:
-    """Static buffers of one bucket (2 x bucket UNet rows with CFG) and, on
-    CUDA, the graph captured over them."""
+    """Static buffers of one bucket of UNet rows and, on CUDA, the graph captured
+    over them."""
 
     def __init__(
         self,
@@ -140,12 +176,11 @@ class _UNetSlot:
         pool: Any,
     ) -> None:
         self.bucket = bucket
-        rows = 2 * bucket
         gen = torch.Generator(device="cpu").manual_seed(bucket)
-        self.x = torch.randn((rows, *sample_shape), generator=gen).to(device=device, dtype=dtype)
-        self.ctx = torch.randn((rows, *context_shape), generator=gen).to(device=device, dtype=dtype)
+        self.x = torch.randn((bucket, *sample_shape), generator=gen).to(device=device, dtype=dtype)
+        self.ctx = torch.randn((bucket, *context_shape), generator=gen).to(device=device, dtype=dtype)
         # One timestep per UNet row: the step scheduler runs every row at its own step.
-        self.t = torch.full((rows,), 500.0, dtype=torch.float32, device=device)
+        self.t = torch.full((bucket,), 500.0, dtype=torch.float32, device=device)
         if compiled:
             _mark_batch_dynamic(self.x, self.ctx, self.t)
         self._fn = fn
@@ -161,17 +196,13 @@ class _UNetSlot:
     def _call(self) -> torch.Tensor:
         return self._fn(self.x, self.t, encoder_hidden_states=self.ctx, return_dict=False)[0]
 
-    def run(
-        self, latents: torch.Tensor, t: torch.Tensor | float, uncond: torch.Tensor, cond: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        k, b = latents.shape[0], self.bucket
-        self.x[:k].copy_(latents)
-        self.x[b:b + k].copy_(latents)
-        self.ctx[:k].copy_(uncond)
-        self.ctx[b:b + k].copy_(cond)
-        if isinstance(t, torch.Tensor) and t.numel() == k and t.ndim == 1:
+    def run(self, x: torch.Tensor, t: torch.Tensor | float, ctx: torch.Tensor) -> torch.Tensor:
+        """UNet outputs (fp32) of the ``k`` rows of ``x``, padded to the bucket."""
+        k = x.shape[0]
+        self.x[:k].copy_(x)
+        self.ctx[:k].copy_(ctx)
+        if isinstance(t, torch.Tensor) and t.ndim == 1 and t.numel() == k:
             self.t[:k].copy_(t)
-            self.t[b:b + k].copy_(t)
         elif isinstance(t, torch.Tensor):
             self.t.copy_(t.reshape(()).expand_as(self.t))
         else:
@@ -182,12 +213,18 @@ class _UNetSlot:
             assert out is not None
         else:
             out = self._call()
-        # Copies: the graph's output buffer is overwritten by the next replay.
-        return out[:k].to(torch.float32, copy=True), out[b:b + k].to(torch.float32, copy=True)
+        # A copy: the graph's output buffer is overwritten by the next replay.
+        return out[:k].to(torch.float32, copy=True)
 
 
 class BucketedCFGUNet:
-    """The UNet with classifier-free guidance, in padded batch-size buckets."""
+    """The UNet with classifier-free guidance, in padded buckets of UNet rows.
+
+    A step of n images runs 2 rows per guided image and 1 per other one; the
+    rows run in the smallest row bucket that holds them (``unet_row_buckets``
+    of the configured image buckets), or in several bucket calls beyond the
+    largest.
+    """
 
     def __init__(
         self,
@@ -205,6 +242,7 @@ class BucketedCFGUNet:
         self.sample_shape = tuple(sample_shape)
         self.context_shape = tuple(context_shape)
         self.options = options
+        self.buckets = unet_row_buckets(options.buckets)
         self.compiled = options.compile
         self.graphs = options.cuda_graphs and device.type == "cuda"
         if self.compiled:
@@ -213,17 +251,17 @@ class BucketedCFGUNet:
         self.fn = _compile(unet) if self.compiled else unet
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.slots: dict[int, _UNetSlot] = {}
-        # Measured seconds of one call per bucket (``measure``): the step scheduler's cost model.
+        # Measured seconds of one call per row bucket (``measure``): the step scheduler's cost model.
         self.call_s: dict[int, float] = {}
 
     def prepare(self, buckets: Sequence[int] | None = None) -> dict[int, float]:
-        """Compile (first bucket) and capture every bucket; seconds per bucket.
+        """Compile (first bucket) and capture every row bucket; seconds per bucket.
 
         Buckets are prepared largest first, so that the shared graph memory pool
         is sized by the largest one and the smaller ones reuse it.
         """
         seconds: dict[int, float] = {}
-        for b in sorted(buckets or self.options.buckets, reverse=True):
+        for b in sorted(buckets or self.buckets, reverse=True):
             t0 = time.perf_counter()
             self._slot(b)
             if self.device.type == "cuda":
@@ -232,18 +270,18 @@ class BucketedCFGUNet:
         return seconds
 
     def measure(self, calls: int = 5) -> dict[int, float]:
-        """Seconds of one call of each prepared bucket (median of ``calls``), so the
-        step scheduler knows what another row costs on this card and model."""
+        """Seconds of one call of each prepared row bucket (median of ``calls``), so
+        the step scheduler knows what another row costs on this card and model."""
         for b, slot in sorted(self.slots.items()):
-            x = slot.x[:b].clone()
-            ctx = slot.ctx[:b].clone()
-            t = slot.t[:b].clone()
+            x = slot.x.clone()
+            ctx = slot.ctx.clone()
+            t = slot.t.clone()
             times = []
             for _ in range(calls):
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 t0 = time.perf_counter()
-                slot.run(x, t, ctx, ctx)
+                slot.run(x, t, ctx)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 times.append(time.perf_counter() - t0)
@@ -251,10 +289,10 @@ class BucketedCFGUNet:
         return dict(self.call_s)
 
     def step_seconds(self, rows: int) -> float | None:
-        """Estimated seconds of one call of ``rows`` image rows (None before ``measure``)."""
+        """Estimated seconds of one call of ``rows`` UNet rows (None before ``measure``)."""
         if not self.call_s:
             return None
-        return sum(self.call_s[bucket] for _, _, bucket in split_rows(rows, self.options.buckets))
+        return sum(self.call_s[bucket] for _, _, bucket in split_rows(rows, self.buckets))
 
     def _slot(self, bucket: int) -> _UNetSlot:
         slot = self.slots.get(bucket)
@@ -271,19 +309,20 @@ class BucketedCFGUNet:
                 and tuple(context.shape[1:]) == self.context_shape)
 
     def __call__(
-        self, latents: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor
+        self, latents: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor,
+        guided: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_uncond of the ``guided`` rows, eps_cond of every row), fp32."""
         if not self.covers(latents, cond):
-            return cfg_unet_eager(self.unet, self.dtype, latents, t, uncond, cond)
-        per_row = t.ndim == 1 and t.numel() == latents.shape[0]
+            return cfg_unet_eager(self.unet, self.dtype, latents, t, uncond, cond, guided)
+        x, tt, ctx, k = guided_batch(latents, t, uncond, cond, guided)
+        per_row = isinstance(tt, torch.Tensor) and tt.ndim == 1 and tt.numel() == x.shape[0]
         pieces = [
-            self._slot(bucket).run(latents[s:s + k], t[s:s + k] if per_row else t,
-                                   uncond[s:s + k], cond[s:s + k])
-            for s, k, bucket in split_rows(latents.shape[0], self.options.buckets)
+            self._slot(bucket).run(x[s:s + n], tt[s:s + n] if per_row else tt, ctx[s:s + n])
+            for s, n, bucket in split_rows(x.shape[0], self.buckets)
         ]
-        if len(pieces) == 1:
-            return pieces[0]
-        return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+        eps = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return eps[:k], eps[k:]
 
 
 def _latents_to_pixels(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from imagegenx import guidance
 from imagegenx.engine.samplers import SchedulerConfig, make_scheduler
 
 Coeffs = tuple[float, float, float, float, float, float]  # p, q, a, b, c, d
@@ -69,10 +70,20 @@ class RowState:
     guidance_scale: float
     index: int = 0
     prev: torch.Tensor | None = None
+    guidance_interval: guidance.Interval = guidance.FULL
 
     @property
     def steps(self) -> int:
         return self.schedule.steps
+
+    @property
+    def guided(self) -> bool:
+        """Whether its current step runs the unconditional row too."""
+        return guidance.guided(self.guidance_scale, self.guidance_interval, self.index, self.steps)
+
+    @property
+    def reserved_rows(self) -> int:
+        return guidance.reserved_rows(self.guidance_scale, self.guidance_interval, self.index, self.steps)
 
     @property
     def done(self) -> bool:
@@ -87,9 +98,10 @@ def row_schedule(sampler: str, steps: int, config: SchedulerConfig) -> RowSchedu
 
 
 def start_row(sampler: str, steps: int, config: SchedulerConfig, generator: torch.Generator,
-              guidance_scale: float) -> RowState:
+              guidance_scale: float, guidance_interval: guidance.Interval = guidance.FULL) -> RowState:
     """A row at step 0; ``generator`` must already have drawn the row's initial noise."""
-    return RowState(row_schedule(sampler, steps, config), generator, guidance_scale)
+    return RowState(row_schedule(sampler, steps, config), generator, guidance_scale,
+                    guidance_interval=guidance_interval)
 
 
 @functools.lru_cache(maxsize=256)
@@ -248,11 +260,37 @@ def model_input(latents: torch.Tensor, rows: Sequence[RowState]) -> tuple[torch.
     return latents.float() * c_in, t.view(-1)
 
 
-def guide(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
-    """Classifier-free guidance with each row's own scale, in fp32."""
+def guided_rows(rows: Sequence[RowState]) -> list[int]:
+    """Indices of the rows whose current step runs the unconditional row too."""
+    return [k for k, row in enumerate(rows) if row.guided]
+
+
+def guide(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, rows: Sequence[RowState],
+          guided: Sequence[int] | None = None) -> torch.Tensor:
+    """Classifier-free guidance with each row's own scale, in fp32.
+
+    ``eps_uncond`` holds the rows listed in ``guided`` only (None: every row);
+    the other rows take their conditional prediction as it is.
+    """
     (scale,) = _per_row([[row.guidance_scale] for row in rows], eps_cond)
+    return combine(eps_uncond, eps_cond, scale, guided)
+
+
+def combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: torch.Tensor,
+            guided: Sequence[int] | None) -> torch.Tensor:
+    """``uncond + scale * (cond - uncond)`` on the ``guided`` rows (None: all), ``cond``
+    elsewhere, in fp32. Each row's arithmetic is the same whatever its neighbours."""
+    eps_cond = eps_cond.float()
+    if guided is None or len(guided) == eps_cond.shape[0]:
+        eps_uncond = eps_uncond.float()
+        return eps_uncond + scale * (eps_cond - eps_uncond)
+    if not guided:
+        return eps_cond.clone()
+    idx = torch.tensor(list(guided), dtype=torch.long, device=eps_cond.device)
+    cond_g = eps_cond.index_select(0, idx)
     eps_uncond = eps_uncond.float()
-    return eps_uncond + scale * (eps_cond.float() - eps_uncond)
+    mixed = eps_uncond + scale.index_select(0, idx) * (cond_g - eps_uncond)
+    return eps_cond.index_copy(0, idx, mixed)
 
 
 def advance(latents: torch.Tensor, eps: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from imagegenx import guidance
 from imagegenx.engine.base import BatchSpec, Sample, StepCallback
 from imagegenx.engine.buckets import split_rows
 from imagegenx.preview import ReadyFrames
@@ -37,10 +38,14 @@ SAMPLERS = ("euler", "euler_a", "ddim", "dpmpp_2m")
 
 @dataclass(frozen=True)
 class CostModel:
-    """Seconds for one denoise step of n images, and for decoding n images.
+    """Seconds for one UNet call, and for decoding n images.
 
-    Either linear (``step_fixed_s + step_per_image_s * n``) or, with
-    ``step_buckets``, a table of (bucket, seconds) measured per padded UNet call.
+    The figures are stated per *image* with classifier-free guidance (two UNet
+    rows), as they were measured: linear (``step_fixed_s + step_per_image_s *
+    n``) or, with ``step_buckets``, a table of (images bucket, seconds) per
+    padded call. A call is priced by its UNet rows (:meth:`rows_s`): an image
+    outside its guidance interval runs one row, half an image's share; a
+    1-row bucket, which was not measured, is priced as the 2-row one.
     """
 
     step_fixed_s: float
@@ -50,10 +55,16 @@ class CostModel:
     decode_fixed_s: float = 0.0
 
     def step_s(self, n: int) -> float:
+        """One step of ``n`` images, all of them guided (2 UNet rows each)."""
+        return self.rows_s(2 * n)
+
+    def rows_s(self, rows: int) -> float:
+        """One UNet call of ``rows`` UNet rows."""
         if self.step_buckets:
-            table = dict(self.step_buckets)
-            return sum(table[b] for _, _, b in split_rows(n, sorted(table)))
-        return self.step_fixed_s + self.step_per_image_s * n
+            table = {2 * b: s for b, s in self.step_buckets}
+            table.setdefault(1, table[min(table)])
+            return sum(table[b] for _, _, b in split_rows(rows, sorted(table)))
+        return self.step_fixed_s + self.step_per_image_s * rows / 2
 
     def decode_s(self, n: int) -> float:
         return self.decode_fixed_s + self.decode_per_image_s * n if n else 0.0
@@ -130,6 +141,11 @@ def _marked(samples: Sequence[Sample], markers: tuple[str, ...]) -> str | None:
     return None
 
 
+def _rows_at(samples: Sequence[Sample], index: int, steps: int) -> int:
+    """UNet rows of ``samples`` at step ``index``: two per guided image, one otherwise."""
+    return sum(guidance.rows_at(s.guidance_scale, s.guidance_interval, index, steps) for s in samples)
+
+
 @dataclass
 class SyntheticDenoising:
     """One request's trajectory in the synthetic engine: only its step count."""
@@ -140,6 +156,15 @@ class SyntheticDenoising:
     @property
     def rows(self) -> int:
         return len(self.spec.samples)
+
+    @property
+    def unet_rows(self) -> int:
+        return _rows_at(self.spec.samples, self.index, self.spec.steps)
+
+    @property
+    def reserved_rows(self) -> int:
+        return sum(guidance.reserved_rows(s.guidance_scale, s.guidance_interval, self.index, self.spec.steps)
+                   for s in self.spec.samples)
 
     @property
     def steps(self) -> int:
@@ -175,6 +200,8 @@ class SyntheticEngine:
         self._native = native
         self._sleep = sleep
         self.faults = parse_faults(faults) if isinstance(faults, str) else faults
+        # UNet rows run so far (two per guided image and step, one otherwise).
+        self.unet_rows_run = 0
 
     @property
     def native_size(self) -> tuple[int, int]:
@@ -207,18 +234,20 @@ class SyntheticEngine:
         return SyntheticDenoising(spec)
 
     def step(self, states: Sequence[SyntheticDenoising]) -> None:
-        """One UNet call of every state's rows: it costs ``step_s(rows)``.
+        """One UNet call of every state's UNet rows: it costs ``rows_s(rows)``.
 
         Faults are checked before anything moves, so a failed call leaves
         every state as it was.
         """
         samples = [s for state in states for s in state.spec.samples]
         exit_marker = self._inject_samples(samples)
-        delay = self.cost.step_s(len(samples))
+        rows = sum(state.unet_rows for state in states)
+        delay = self.cost.rows_s(rows)
         if delay:
             self._sleep(delay)
         if exit_marker is not None:  # dies mid-run, as a crashed process would
             os.kill(os.getpid(), signal.SIGKILL)
+        self.unet_rows_run += rows
         for state in states:
             state.index += 1
 
@@ -234,8 +263,8 @@ class SyntheticEngine:
         return ReadyFrames(frames)
 
     def step_seconds(self, rows: int) -> float:
-        """What one call of ``rows`` image rows costs (the step scheduler's cost model)."""
-        return self.cost.step_s(rows)
+        """What one call of ``rows`` UNet rows costs (the step scheduler's cost model)."""
+        return self.cost.rows_s(rows)
 
     def decode(self, states: Sequence[SyntheticDenoising]) -> list[list[Image.Image]]:
         delay = self.cost.decode_s(sum(state.rows for state in states))
@@ -253,7 +282,9 @@ class SyntheticEngine:
         for step in range(spec.steps):
             if not live:
                 break
-            delay = self.cost.step_s(len(live))
+            rows = _rows_at([spec.samples[i] for i in live], step, spec.steps)
+            self.unet_rows_run += rows
+            delay = self.cost.rows_s(rows)
             if delay:
                 self._sleep(delay)
             if exit_marker is not None:  # dies mid-batch, as a crashed process would

@@ -51,10 +51,12 @@ def test_out_of_memory_lowers_the_row_limit_and_nothing_is_lost(redis_base: str,
         done = svc.wait_states(first, timeout=30)
         assert {b["state"] for b in done.values()} == {"SUCCESS"}
         log = worker.output()
-        cuts = re.findall(r"out of memory with (\d+) images: batches are cut to at most (\d+) images", log)
-        # Each cut is below the rows that ran out; the last one fits the memory.
-        assert cuts and all(int(rows) > 3 and int(limit) < int(rows) for rows, limit in cuts), cuts
-        assert 1 <= int(cuts[-1][1]) <= 3, cuts
+        cuts = re.findall(r"out of memory with (\d+) images \((\d+) UNet rows\): calls are cut to at most "
+                          r"(\d+) UNet rows", log)
+        # Each cut is below the rows that ran out; the last one fits the memory (two rows per
+        # guided image: at most 3 images, 6 rows).
+        assert cuts and all(int(images) > 3 and int(limit) < int(rows) for images, rows, limit in cuts), cuts
+        assert 1 <= int(cuts[-1][2]) <= 6, cuts
         assert max(b["result"]["batch"]["size"] for b in done.values()) <= 3
         ooms = log.count("out of memory with")
 
@@ -70,7 +72,7 @@ def test_out_of_memory_lowers_the_row_limit_and_nothing_is_lost(redis_base: str,
         done = svc.wait_states([too_big], timeout=30)
         assert done[too_big]["state"] == "FAILURE"
         assert done[too_big]["error"]["message"].startswith(
-            "out of memory with 4 images in one batch (OutOfMemoryError: ")
+            "out of memory with 4 images in one batch (8 UNet rows; OutOfMemoryError: ")
         stats = (svc.celery.control.inspect([worker.hostname], timeout=2).stats() or {})
         batching = stats[worker.hostname]["batching"]
         assert batching["scheduler"] == "step" and batching["oom_image_limit"] <= 3

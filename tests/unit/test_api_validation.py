@@ -107,6 +107,12 @@ def test_body_over_limit_is_413(client: FlaskClient) -> None:
         ({"prompt": "x", "priority": -1}, "priority", "must be at least 0"),
         ({"prompt": "x", "priority": True}, "priority", "not true or false"),
         ({"prompt": "x", "colour": "red"}, "colour", "Extra inputs are not permitted"),
+        ({"prompt": "x", "guidance_interval": [0.6, 0.4]}, "guidance_interval",
+         "must satisfy 0 <= start < end <= 1, got [0.6, 0.4]"),
+        ({"prompt": "x", "guidance_interval": [0, 1.5]}, "guidance_interval", "0 <= start < end <= 1"),
+        ({"prompt": "x", "guidance_interval": [0.5]}, "guidance_interval", "must be a list of two numbers"),
+        ({"prompt": "x", "guidance_interval": "0,1"}, "guidance_interval", "must be a list of two numbers"),
+        ({"prompt": "x", "guidance_interval": ["0", 1]}, "guidance_interval", "must be a number, not a string"),
     ],
 )
 def test_invalid_fields_are_422_with_field_and_reason(

@@ -35,10 +35,17 @@ def test_fractions_round_up_and_nothing_is_free() -> None:
     assert cost_units(520, 512, 1, 1) == 3  # 2.03 units
 
 
-def test_guidance_does_not_change_the_cost() -> None:
-    # guidance 0 or 1 still runs both rows in this engine
-    assert request_cost(req(width=512, height=512, guidance_scale=1.0)) == \
-        request_cost(req(width=512, height=512, guidance_scale=12.0)) == 40
+def test_cost_follows_the_guided_rows() -> None:
+    # Two UNet rows per guided step, one outside the interval or at a scale <= 1.
+    assert request_cost(req(width=512, height=512, guidance_scale=12.0)) == 40
+    assert request_cost(req(width=512, height=512, guidance_scale=1.0)) == 20
+    assert request_cost(req(width=512, height=512, guidance_scale=0.0)) == 20
+    assert request_cost(req(width=512, height=512, guidance_interval=[0, 0.4])) == 28
+    assert request_cost(req(width=512, height=512, guidance_interval=[0.1, 0.6])) == 30
+    assert request_cost(req(width=512, height=512, steps=10, num_images=2,
+                            guidance_interval=[0, 0.5])) == 30
+    text = cost_drivers(req(width=512, height=512, guidance_interval=[0, 0.4]), unset_side=512)
+    assert "512x512 / 512x512 x 20 x 1 x 1.4" in text
 
 
 def test_unset_size_counts_as_the_given_side() -> None:

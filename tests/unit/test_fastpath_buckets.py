@@ -73,7 +73,7 @@ def test_padded_and_split_batches_match_eager(engines, sampler: str, n: int) -> 
     eager, padded = engines
     samples = tuple(Sample(f"prompt {i}", seed=10 + i, guidance_scale=4.0 + i) for i in range(n))
     spec = BatchSpec(64, 64, 6, sampler, samples)
-    assert padded.warmup()["captured_buckets"] == [1, 2, 4]
+    assert padded.warmup()["captured_buckets"] == [1, 2, 4, 8]  # UNet rows: 1, 2, 4 images and doubles
     for a, b in zip(eager.generate(spec), padded.generate(spec), strict=True):
         diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
         assert diff.max() <= UINT8_TOL
@@ -111,4 +111,26 @@ def test_step_calls_with_per_row_timesteps_match_eager(engines) -> None:  # type
         return [engine.decode([s])[0][0] for s in states]
 
     for a, b in zip(run(eager), run(padded), strict=True):
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= UINT8_TOL
+
+
+def test_row_buckets_hold_every_row_count() -> None:
+    from imagegenx.engine.fastpath import unet_row_buckets
+
+    assert unet_row_buckets((1, 2, 4, 8, 16, 32)) == (1, 2, 4, 8, 16, 32, 64)
+    assert unet_row_buckets((1, 3)) == (1, 2, 3, 6)
+
+
+def test_padded_path_runs_mixed_guidance_like_eager(engines) -> None:  # type: ignore[no-untyped-def]
+    eager, padded = engines
+    samples = (Sample("a", 1, 7.5, "", (0.0, 0.4)), Sample("b", 2, 1.0), Sample("c", 3, 5.0, "", (0.2, 1.0)),
+               Sample("d", 4, 7.5))
+    spec = BatchSpec(64, 64, 5, "euler", samples)
+    for a, b in zip(eager.generate(spec), padded.generate(spec), strict=True):
+        diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
+        assert diff.max() <= UINT8_TOL
+    state = padded.begin(spec)
+    while not state.done:
+        padded.step([state])
+    for a, b in zip(eager.generate(spec), padded.decode([state])[0], strict=True):
         assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= UINT8_TOL

@@ -30,3 +30,15 @@ def test_the_document_names_the_served_loras() -> None:
     assert served["anyOf"][1]["items"]["enum"] == ["style", "toon"]
     assert lora([])["type"] == "null"  # none served: a request may not name one
     assert "enum" not in lora(None)["anyOf"][0]  # unknown (no catalogue given): the name pattern only
+
+
+def test_the_document_bounds_the_guidance_interval() -> None:
+    from imagegenx.api.openapi import build_spec
+    from imagegenx.schemas import Limits
+
+    spec = build_spec(Limits(guidance_interval=(0.0, 0.4)), None)
+    prop = spec["components"]["schemas"]["GenerateRequest"]["properties"]["guidance_interval"]
+    items = prop["anyOf"][0]
+    assert items["minItems"] == items["maxItems"] == 2
+    assert all(i["minimum"] == 0 and i["maximum"] == 1 for i in items["prefixItems"])
+    assert "(0, 0.4 on this server)" in prop["description"]

@@ -44,7 +44,8 @@ def test_api_keys_are_comma_separated_and_hashed(monkeypatch: pytest.MonkeyPatch
 
 
 def test_prefetch_holds_two_batches() -> None:
-    assert Settings(max_batch=8).prefetch == 16
+    assert Settings(max_batch=8, scheduler="request").prefetch == 16
+    assert Settings(max_batch=8, scheduler="step").prefetch == 24  # images outside guidance: 1 row
 
 
 def test_visibility_timeout_must_cover_buffer_and_run() -> None:

@@ -270,3 +270,77 @@ def test_shortest_order_admits_the_least_work_first() -> None:
     assert s.schedule(3.0).admitted[0] is short  # 10 steps x 1 image before 10 x 2 and 50 x 1
     with pytest.raises(ValueError, match="order"):
         StepScheduler(max_rows=1, max_wait=0.0, order="random")
+
+
+# -- UNet rows that change along the trajectory (guidance intervals) -----------
+
+@dataclass
+class Guided:
+    """A one-image request that runs guidance (2 UNet rows) on part of its steps."""
+
+    id: str
+    steps: int = 10
+    interval: tuple[float, float] = (0.0, 1.0)
+    scale: float = 7.5
+    done: int = 0
+
+    def reserved(self) -> int:
+        from imagegenx.guidance import reserved_rows
+
+        return reserved_rows(self.scale, self.interval, self.done, self.steps)
+
+    def rows_now(self) -> int:
+        from imagegenx.guidance import rows_at
+
+        return rows_at(self.scale, self.interval, self.done, self.steps) if self.done < self.steps else 0
+
+
+def add_guided(s: StepScheduler[Guided], r: Guided, now: float) -> None:
+    s.add(r, r.id, "g", r.reserved(), now, steps=r.steps, need=r.reserved)
+
+
+def step_all(s: StepScheduler[Guided], now: float) -> tuple[list[Guided], int]:
+    """One UNet call: the running requests and the UNet rows it ran; finished ones leave."""
+    plan = s.schedule(now)
+    rows = sum(r.rows_now() for r in plan.running)
+    for r in plan.running:
+        r.done += 1
+    s.finish(r.id for r in plan.running if r.done >= r.steps)
+    return plan.running, rows
+
+
+def test_the_running_set_counts_unet_rows_and_admits_as_guidance_ends() -> None:
+    s: StepScheduler[Guided] = StepScheduler(max_rows=4, max_wait=1.0)
+    reqs = [Guided(f"r{i}", steps=10, interval=(0.0, 0.4)) for i in range(4)]
+    for r in reqs:
+        add_guided(s, r, 0.0)
+    running, rows = step_all(s, 0.0)
+    assert [r.id for r in running] == ["r0", "r1"]  # two guided images fill 4 rows
+    assert rows == 4
+    for _ in range(3):
+        step_all(s, 0.0)
+    # Guidance of r0 and r1 ended after 4 of 10 steps: 1 row each, so r2 (2 rows) joins.
+    running, rows = step_all(s, 0.0)
+    assert [r.id for r in running] == ["r0", "r1", "r2"] and rows == 4
+    assert s.running_rows <= s.max_rows
+
+
+def test_a_row_whose_guidance_starts_later_never_overfills_the_set() -> None:
+    s: StepScheduler[Guided] = StepScheduler(max_rows=3, max_wait=1.0)
+    late = [Guided(f"l{i}", steps=10, interval=(0.5, 1.0)) for i in range(3)]
+    for r in late:
+        add_guided(s, r, 0.0)
+    peak = 0
+    while len(s):
+        _, rows = step_all(s, 0.0)
+        peak = max(peak, rows)
+        assert s.running_rows <= 3
+    assert peak <= 3  # each reserves the 2 rows it will need: never two at once in 3 rows
+
+
+def test_unguided_requests_take_one_row_each() -> None:
+    s: StepScheduler[Guided] = StepScheduler(max_rows=4, max_wait=1.0)
+    for i in range(6):
+        add_guided(s, Guided(f"p{i}", scale=1.0), 0.0)
+    running, rows = step_all(s, 0.0)
+    assert len(running) == 4 and rows == 4

@@ -14,7 +14,7 @@
   const FINAL_EVENTS = ["succeeded", "failed", "revoked"];
   const NO_STREAM = [404, 405, 501, 503];
   const FIELDS = ["api_key", "prompt", "negative_prompt", "width", "height", "steps",
-                  "guidance_scale", "sampler", "seed", "num_images"];
+                  "guidance_scale", "guidance_interval", "sampler", "seed", "num_images"];
   const STATE_TEXT = {
     PENDING: "queued",
     RECEIVED: "waiting for its batch",
@@ -130,13 +130,19 @@
       const value = Number(raw);
       params[name] = Number.isFinite(value) ? value : raw; // the server names bad values
     }
+    const interval = form.elements.guidance_interval.value.trim();
+    if (interval !== "") {
+      const parts = interval.replace(/[\[\]\s]/g, "").split(",").map(Number);
+      params.guidance_interval = parts.every(Number.isFinite) ? parts : interval;
+    }
     return params;
   }
 
   function fillForm(params) {
     for (const name of FIELDS) {
       if (name === "api_key" || !(name in params)) continue;
-      form.elements[name].value = params[name];
+      const value = params[name];
+      form.elements[name].value = Array.isArray(value) ? value.join(",") : value;
     }
   }
 
