@@ -151,7 +151,7 @@ class Limits(BaseModel):
     max_upscaled_side: int = 4096
     max_priority: int = 10
     # Fractions of the trajectory guided when a request names no guidance_interval.
-    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    guidance_interval: tuple[float, float] = (0.0, 0.4)
     # Host names and CIDRs a callback_url may point at although not public.
     callback_allow_hosts: tuple[str, ...] = ()
 

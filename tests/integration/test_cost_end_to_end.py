@@ -25,7 +25,8 @@ UNSET = {"prompt": "native size", "steps": 2, "seed": 6}  # charged as 1024x1024
 def stack(redis_base: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with running_stack(redis_base, tmp_path_factory.mktemp("cost"), tiny_model,
                        IMAGEGENX_MAX_REQUEST_COST="20",
-                       IMAGEGENX_COST_BUDGET_PER_MINUTE="22") as s:
+                       IMAGEGENX_COST_BUDGET_PER_MINUTE="22",
+                       IMAGEGENX_GUIDANCE_INTERVAL="0,1") as s:  # 2 rows per step, as priced below
         # The key's budget lives in Redis for a minute: start from a full one.
         rdb = redis_client(s.settings.broker_url, s.settings.sentinel_master)
         spent = rdb.keys(f"*imagegenx-cost*{hash_api_key(API_KEY)}*")

@@ -27,8 +27,10 @@ def new_key() -> str:
 
 
 def settings(redis_base: str, **kw: Any) -> Settings:
+    # Guidance on every step, so a step is 2 rows per image as the arithmetic below says
+    # (the server default guides only [0, 0.4] of the steps).
     base = {"broker_url": f"{redis_base}/3", "result_backend": f"{redis_base}/3",
-            "queue": f"unit-cost-{uuid.uuid4().hex[:8]}", "rate_limit": ""}
+            "queue": f"unit-cost-{uuid.uuid4().hex[:8]}", "rate_limit": "", "guidance_interval": (0.0, 1.0)}
     return Settings(**(base | kw))
 
 

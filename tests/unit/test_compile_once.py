@@ -2,8 +2,8 @@
 
 Counted with a Dynamo backend that records each compiled graph instead of
 running Inductor, so the check is fast on the CPU: what decides the number of
-compiles is Dynamo's guards, not the backend. Buckets 16 and 32 are 32 and 64
-UNet rows under CFG, the two sides of diffusers' ``shape[0] >= 64`` branch.
+compiles is Dynamo's guards, not the backend. Image buckets 16 and 32 are the
+row buckets 16, 32 and 64, both sides of diffusers' ``shape[0] >= 64`` branch.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 from imagegenx.engine import fastpath, upsample
-from imagegenx.engine.fastpath import BucketedCFGUNet, FastPathOptions
+from imagegenx.engine.fastpath import BucketedCFGUNet, FastPathOptions, unet_row_buckets
 
 BUCKETS = (16, 32)
 
@@ -39,7 +39,7 @@ def test_unet_compiles_once_for_all_buckets(tiny_model: Path, monkeypatch: pytes
     bucketed, counter = _bucketed_unet(tiny_model, monkeypatch)
     with torch.inference_mode():
         bucketed.prepare()
-    assert sorted(bucketed.slots) == list(BUCKETS)
+    assert sorted(bucketed.slots) == [16, 32, 64] == list(unet_row_buckets(BUCKETS))  # UNet rows
     assert counter.frame_count == 1
 
 
