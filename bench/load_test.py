@@ -62,6 +62,8 @@ def service_env(redis_url: str, queue: str, tmp: Path, port: int, max_batch: int
         # level this test never reaches, so its cost is in the figures.
         "IMAGEGENX_RATE_LIMIT": "1000000/minute",
         "IMAGEGENX_COST_BUDGET_PER_MINUTE": "0", "IMAGEGENX_MAX_REQUEST_COST": "0",
+        # cost_model_capacity prices every step with guidance (two UNet rows per image).
+        "IMAGEGENX_GUIDANCE_INTERVAL": "0,1",
     }
 
 

@@ -64,7 +64,7 @@ def set_batching(state: Any, max_batch: int | None = None, max_wait_ms: float | 
     )
     if max_batch is not None:
         qos = state.consumer.qos
-        qos.value = max_batch * settings.prefetch_batches
+        qos.value = settings.model_copy(update={"max_batch": max_batch}).prefetch  # the same rule as at start
         qos.update()
     max_batch, max_wait = runtime.runner.limits()
     return {"ok": f"max_batch={max_batch} max_wait_ms={max_wait * 1000:g}"}

@@ -36,7 +36,11 @@ def test_redis_restart_under_load_loses_nothing(tmp_path: Path) -> None:
         with fault_service(server.base, tmp_path, IMAGEGENX_MAX_BATCH="4",
                            IMAGEGENX_MAX_WAIT_MS="100",
                            IMAGEGENX_EXPECTED_BATCH_S="5",
-                           IMAGEGENX_VISIBILITY_TIMEOUT_S=str(VISIBILITY_TIMEOUT_S)) as svc:
+                           IMAGEGENX_VISIBILITY_TIMEOUT_S=str(VISIBILITY_TIMEOUT_S),
+                           # Guidance on every step: the running batch keeps its rows until it
+                           # ends, so the buffer read below is still the buffer when Redis stops
+                           # (with a shorter interval, rows free up mid-batch and admit more).
+                           IMAGEGENX_GUIDANCE_INTERVAL="0,1") as svc:
             worker = svc.start_worker("reconnects")
             # 60 steps: about 1.6 s per batch of 4 (synthetic SD1.5-on-H200 cost).
             bodies = [{"prompt": f"a red kite {i}", "seed": 300 + i, "steps": 60}
