@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +44,50 @@ def percentiles(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values)
     return {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)),
             "p99": float(np.percentile(arr, 99)), "mean": float(arr.mean())}
+
+
+def measure_requests(base: str, key: str, clients: int, seconds: float,
+                     task_path: Callable[[], str], task_status: int = 200,
+                     pause_s: float = 0.0, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Latencies (ms) of ordinary API requests while something else loads the API.
+
+    ``clients`` threads alternate ``GET /healthz`` (200) and ``GET task_path()``
+    (``task_status``) for ``seconds``; a failed or wrong answer counts as an error at
+    ``timeout_s``. Percentiles per kind and for all together."""
+    results: dict[str, list[float]] = {"healthz": [], "task": []}
+    errors: dict[str, int] = {"healthz": 0, "task": 0}
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client() -> None:
+        session = requests.Session()
+        i = 0
+        while time.monotonic() < deadline:
+            name = "healthz" if i % 2 == 0 else "task"
+            url, want = (f"{base}/healthz", 200) if name == "healthz" else (base + task_path(), task_status)
+            t0 = time.perf_counter()
+            try:
+                ok = session.get(url, headers={"X-API-Key": key}, timeout=timeout_s).status_code == want
+            except requests.RequestException:
+                ok = False
+            elapsed = (time.perf_counter() - t0) * 1000 if ok else timeout_s * 1000
+            with lock:
+                results[name].append(elapsed)
+                errors[name] += 0 if ok else 1
+            i += 1
+            if pause_s:
+                time.sleep(pause_s)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = results["healthz"] + results["task"]
+    return {name: {"requests": len(values),
+                   "errors": sum(errors.values()) if name == "all" else errors[name],
+                   **{k: round(v, 2) for k, v in percentiles(values).items()}}
+            for name, values in (*results.items(), ("all", every))}
 
 
 def wait_log(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import requests
 
-from bench.harness import REPO, celery_worker_cmd, free_port, machine, now_utc, percentiles, process
+from bench.harness import REPO, celery_worker_cmd, free_port, machine, measure_requests, now_utc, process
 from imagegenx.launcher import api_command
 from imagegenx.settings import Settings
 
@@ -77,43 +77,9 @@ def held_connections(port: int, idle: int, slow: int) -> Iterator[list[socket.so
 
 
 def measure(base: str, clients: int, seconds: float) -> dict[str, Any]:
-    """Latencies of normal requests from ``clients`` concurrent clients."""
-    results: dict[str, list[float]] = {"healthz": [], "task": []}
-    errors: dict[str, int] = {"healthz": 0, "task": 0}
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
-
-    def client() -> None:
-        session = requests.Session()
-        i = 0
-        while time.monotonic() < deadline:
-            name = "healthz" if i % 2 == 0 else "task"
-            url = f"{base}/healthz" if name == "healthz" else f"{base}/api/v1/tasks/{uuid.uuid4()}"
-            want = 200 if name == "healthz" else 404
-            t0 = time.perf_counter()
-            try:
-                ok = session.get(url, headers={"X-API-Key": KEY}, timeout=TIMEOUT_S).status_code == want
-            except requests.RequestException:
-                ok = False
-            elapsed = (time.perf_counter() - t0) * 1000 if ok else TIMEOUT_S * 1000
-            with lock:
-                results[name].append(elapsed)
-                errors[name] += 0 if ok else 1
-            i += 1
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    out: dict[str, Any] = {}
-    for name, values in results.items():
-        out[name] = {"requests": len(values), "errors": errors[name],
-                     **{k: round(v, 2) for k, v in percentiles(values).items()}}
-    every = results["healthz"] + results["task"]
-    out["all"] = {"requests": len(every), "errors": sum(errors.values()),
-                  **{k: round(v, 2) for k, v in percentiles(every).items()}}
-    return out
+    """Latencies of normal requests from ``clients`` concurrent clients (unknown tasks: 404)."""
+    return measure_requests(base, KEY, clients, seconds, task_path=lambda: f"/api/v1/tasks/{uuid.uuid4()}",
+                            task_status=404, timeout_s=TIMEOUT_S)
 
 
 def run_setup(name: str, cmd: list[str], port: int, env: dict[str, str], tmp: Path,

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from bench.harness import REPO, celery_worker_cmd, free_port, machine, now_utc, percentiles, process
+from bench.harness import REPO, celery_worker_cmd, free_port, machine, measure_requests, now_utc, process
 from imagegenx.client import FINAL_EVENTS
 from imagegenx.launcher import api_command
 from imagegenx.settings import Settings
@@ -135,42 +135,9 @@ def run_streams(base: str, task_ids: list[str], commands: Any, reports: Any) -> 
 
 
 def measure(base: str, task_id: str, clients: int, seconds: float) -> dict[str, Any]:
-    """Latencies of other requests from ``clients`` concurrent clients."""
-    results: dict[str, list[float]] = {"healthz": [], "task": []}
-    errors: dict[str, int] = {"healthz": 0, "task": 0}
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
-
-    def client() -> None:
-        session = requests.Session()
-        i = 0
-        while time.monotonic() < deadline:
-            name = "healthz" if i % 2 == 0 else "task"
-            url = f"{base}/healthz" if name == "healthz" else f"{base}/api/v1/tasks/{task_id}"
-            t0 = time.perf_counter()
-            try:
-                ok = session.get(url, headers={"X-API-Key": KEY}, timeout=TIMEOUT_S).status_code == 200
-            except requests.RequestException:
-                ok = False
-            elapsed = (time.perf_counter() - t0) * 1000 if ok else TIMEOUT_S * 1000
-            with lock:
-                results[name].append(elapsed)
-                errors[name] += 0 if ok else 1
-            i += 1
-            time.sleep(0.01)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    out: dict[str, Any] = {}
-    every = results["healthz"] + results["task"]
-    for name, values in (*results.items(), ("all", every)):
-        n_err = sum(errors.values()) if name == "all" else errors[name]
-        out[name] = {"requests": len(values), "errors": n_err,
-                     **{k: round(v, 2) for k, v in percentiles(values).items()}}
-    return out
+    """Latencies of other requests from ``clients`` concurrent clients (one task's status)."""
+    return measure_requests(base, KEY, clients, seconds, task_path=lambda: f"/api/v1/tasks/{task_id}",
+                            pause_s=0.01, timeout_s=TIMEOUT_S)
 
 
 def cpu_seconds(pid: int) -> float:
