@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 import requests
 
@@ -61,6 +62,18 @@ class PrivateRedis:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(10)
         self.proc = None
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of the test's own: no other test's worker shares its database
+    (kombu keeps unacknowledged messages in one hash per database)."""
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    try:
+        yield server.base
+    finally:
+        server.stop()
 
 
 @dataclass

@@ -28,13 +28,12 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.integration.fault_stack import PrivateRedis, Service, fault_service
+from tests.integration.fault_stack import Service, fault_service, own_redis  # noqa: F401 (fixture)
 from tests.service import Worker, start_worker
 
 pytestmark = pytest.mark.integration
@@ -57,16 +56,6 @@ def cancel_consumer(svc: Service, queue: str, worker: Worker) -> str:
     replies = svc.celery.control.cancel_consumer(queue, destination=[worker.hostname], reply=True,
                                                  timeout=30)
     return str(replies)
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[str]:
-    server = PrivateRedis(tmp_path / "redis")
-    server.start()
-    try:
-        yield server.base
-    finally:
-        server.stop()
 
 
 def test_rolling_model_update_loses_no_request(own_redis: str, tmp_path: Path, tiny_model: Path) -> None:

@@ -6,28 +6,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.integration.fault_stack import PrivateRedis, fault_service
+from tests.integration.fault_stack import fault_service, own_redis  # noqa: F401 (fixture)
 from tests.service import start_worker
 
 pytestmark = pytest.mark.integration
 
 MODELS = json.dumps({"a": {"engine": "synthetic", "version": "a-2026-12"}, "b": {"engine": "synthetic"}})
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[str]:
-    server = PrivateRedis(tmp_path / "redis")
-    server.start()
-    try:
-        yield server.base
-    finally:
-        server.stop()
 
 
 def test_each_model_runs_on_its_own_workers(own_redis: str, tmp_path: Path) -> None:
