@@ -34,7 +34,8 @@ from celery import Celery
 
 from bench.gpu_benchmark import GpuSampler, proc, service, wait_text, warmups_from_log
 from bench.harness import celery_worker_cmd, machine, now_utc
-from bench.scheduler_compare import Client, arrivals, closed_loop, engine_stats, log, open_loop
+from bench.scheduler_compare import (Client, add_service_args, arrivals, closed_loop, engine_stats, log, open_loop,
+                                     resolve_service_args)
 
 INTERVALS: tuple[tuple[float, float], ...] = ((0.0, 1.0), (0.0, 0.6), (0.0, 0.4), (0.1, 0.6))
 LOAD = 0.8
@@ -188,25 +189,12 @@ def table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engine", choices=["synthetic", "diffusion"], default="synthetic")
-    ap.add_argument("--model", type=Path, default=None, help="diffusion: SD1.5 model folder")
-    ap.add_argument("--synthetic-cost", default="sd15-h200-graphs",
-                    help="synthetic engine's cost model (imagegenx.engine.synthetic.COST_MODELS)")
+    add_service_args(ap)
     ap.add_argument("--out", type=Path, default=Path("bench/results/guidance"))
     ap.add_argument("--duration", type=float, default=15.0, help="seconds of arrivals at 0.8 load")
     ap.add_argument("--saturation-s", type=float, default=15.0, help="seconds of each closed loop")
     ap.add_argument("--settle-s", type=float, default=4.0, help="closed-loop ramp-up left out")
     ap.add_argument("--pause-s", type=float, default=2.0, help="idle time between runs")
-    ap.add_argument("--max-batch", type=int, default=32)
-    ap.add_argument("--size", type=int, default=None, help="image side (default 512; synthetic 64)")
-    ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="fp16")
-    ap.add_argument("--buckets", default="1,2,4,8,16,32")
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--no-cuda-graphs", action="store_true")
-    ap.add_argument("--worker-timeout", type=float, default=400.0)
-    ap.add_argument("--redis-server", default=None)
     ap.add_argument("--simulate", action="store_true",
                     help="only the simulated clock (no service): StepScheduler + the synthetic cost model")
     ap.add_argument("--sim-requests", type=int, default=2000)
@@ -221,14 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(simulated_table(sim))
         log(f"wrote {path}")
         return 0
-    args.steps = 20
-    args.tiny = args.engine == "synthetic"
-    args.size = args.size or (64 if args.tiny else 512)
-    args.buckets = [int(b) for b in args.buckets.split(",")]
-    if args.engine == "synthetic":
-        args.device, args.dtype = "cpu", "fp32"
-    args.out.mkdir(parents=True, exist_ok=True)
-    model = args.model or Path("var/models/unused")
+    model = resolve_service_args(args)
     report: dict[str, Any] = {
         "date": now_utc(), "machine": machine(), "engine": args.engine,
         "synthetic_cost": args.synthetic_cost if args.engine == "synthetic" else None,

@@ -275,20 +275,15 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_service_args(ap: argparse.ArgumentParser) -> None:
+    """Options of the service under test, shared by the benchmarks that start one."""
     ap.add_argument("--engine", choices=["synthetic", "diffusion"], default="synthetic")
     ap.add_argument("--model", type=Path, default=None, help="diffusion: SD1.5 model folder")
     ap.add_argument("--synthetic-cost", default="sd15-h200-graphs",
                     help="synthetic engine's cost model (imagegenx.engine.synthetic.COST_MODELS)")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/scheduler"))
-    ap.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per open-loop run")
-    ap.add_argument("--saturation-s", type=float, default=30.0, help="seconds of the closed loop")
-    ap.add_argument("--settle-s", type=float, default=6.0, help="closed-loop ramp-up left out")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=None, help="image side (default 512; synthetic 64)")
     ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--singles", type=int, default=5)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="fp16")
     ap.add_argument("--buckets", default="1,2,4,8,16,32")
@@ -296,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--worker-timeout", type=float, default=400.0)
     ap.add_argument("--redis-server", default=None)
-    args = ap.parse_args(argv)
+
+
+def resolve_service_args(args: argparse.Namespace) -> Path:
+    """Derived options (20-step requests, the synthetic engine on the CPU at 64x64);
+    makes ``args.out`` and returns the model folder the worker loads."""
     args.steps = 20  # requests' default steps (each run sets its own)
     args.tiny = args.engine == "synthetic"
     args.size = args.size or (64 if args.tiny else 512)
@@ -304,7 +303,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine == "synthetic":
         args.device, args.dtype = "cpu", "fp32"
     args.out.mkdir(parents=True, exist_ok=True)
-    model = args.model or Path("var/models/unused")
+    return args.model or Path("var/models/unused")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_service_args(ap)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/scheduler"))
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per open-loop run")
+    ap.add_argument("--saturation-s", type=float, default=30.0, help="seconds of the closed loop")
+    ap.add_argument("--settle-s", type=float, default=6.0, help="closed-loop ramp-up left out")
+    ap.add_argument("--singles", type=int, default=5)
+    args = ap.parse_args(argv)
+    model = resolve_service_args(args)
     report: dict[str, Any] = {"date": now_utc(), "machine": machine(), "engine": args.engine,
                               "command": " ".join(["python -m bench.scheduler_compare", *(argv or sys.argv[1:])]),
                               "max_batch": args.max_batch, "duration_s": args.duration, "size": args.size}
