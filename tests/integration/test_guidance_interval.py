@@ -11,19 +11,19 @@
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from imagegenx.engine.base import BatchSpec, Sample
-from imagegenx.engine.diffusion import DiffusionDenoising, DiffusionEngine
+from imagegenx.engine.diffusion import DiffusionEngine
 from imagegenx.engine.samplers import make_scheduler
 from imagegenx.guidance import trajectory_rows
+from tests.integration.test_diffusion_steps import max_diff, run_alone, run_mixed  # the same step helpers
 
 pytestmark = pytest.mark.integration
 
@@ -50,12 +50,6 @@ def unet_rows(engine: DiffusionEngine) -> Iterator[list[int]]:
         handle.remove()
 
 
-def max_diff(a: Sequence[Image.Image], b: Sequence[Image.Image]) -> int:
-    assert len(a) == len(b)
-    return max(int(np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max())
-               for x, y in zip(a, b))
-
-
 def classic_cfg(engine: DiffusionEngine, s: BatchSpec) -> list[Image.Image]:
     """Classifier-free guidance on every step, the way the engine always ran it."""
     with torch.inference_mode():
@@ -72,30 +66,6 @@ def classic_cfg(engine: DiffusionEngine, s: BatchSpec) -> list[Image.Image]:
             eps_u, eps_c = eps.float().chunk(2)
             latents = sched.step(eps_u + scale * (eps_c - eps_u), t, latents).prev_sample
         return engine.decode_latents(latents)
-
-
-def run_alone(engine: DiffusionEngine, s: BatchSpec) -> list[Image.Image]:
-    state = engine.begin(s)
-    while not state.done:
-        engine.step([state])
-    return engine.decode([state])[0]
-
-
-def run_mixed(engine: DiffusionEngine, arrivals: dict[int, list[BatchSpec]]) -> dict[int, list[Image.Image]]:
-    running: list[tuple[BatchSpec, DiffusionDenoising]] = []
-    out: dict[int, list[Image.Image]] = {}
-    call = 0
-    while arrivals or running:
-        for s in arrivals.pop(call, []):
-            running.append((s, engine.begin(s)))
-        if running:
-            engine.step([st for _, st in running])
-            for s, st in running:
-                if st.done:
-                    out[id(s)] = engine.decode([st])[0]
-            running = [(s, st) for s, st in running if not st.done]
-        call += 1
-    return out
 
 
 def test_the_full_interval_gives_the_pixels_of_classic_guidance(engine: DiffusionEngine) -> None:
