@@ -470,7 +470,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed the longest "
                 f"time a message can stay unacknowledged ({self.worst_wait_s:.0f} s: "
-                "max_wait + prefetch_batches x expected_batch_s); otherwise tasks run twice"
+                "max_wait + expected_batch_s per max_batch of the prefetch window); otherwise tasks run twice"
             )
         return self
 
@@ -490,7 +490,11 @@ class Settings(BaseSettings):
 
     @property
     def worst_wait_s(self) -> float:
-        return self.max_wait_s + self.prefetch_batches * self.expected_batch_s
+        """Longest a message may stay unacknowledged: its wait to be drained, then a
+        batch's time for each max_batch of the messages a worker holds (one more
+        under the step scheduler, whose window is one max_batch larger)."""
+        held_batches = -(-self.prefetch // self.max_batch)
+        return self.max_wait_s + held_batches * self.expected_batch_s
 
     @property
     def limits(self) -> Limits:

@@ -24,7 +24,7 @@ def test_request_that_kills_its_worker_gives_up_after_max_deliveries(redis_base:
                                                                      tmp_path: Path) -> None:
     with fault_service(redis_base, tmp_path, IMAGEGENX_MAX_BATCH="4",
                        IMAGEGENX_MAX_WAIT_MS="500",
-                       IMAGEGENX_EXPECTED_BATCH_S="1",
+                       IMAGEGENX_EXPECTED_BATCH_S="0.8",
                        IMAGEGENX_VISIBILITY_TIMEOUT_S="3",
                        IMAGEGENX_MAX_DELIVERIES=str(MAX_DELIVERIES),
                        IMAGEGENX_SYNTHETIC_FAULTS="exit:KILLER") as svc:

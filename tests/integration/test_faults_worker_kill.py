@@ -22,7 +22,7 @@ VISIBILITY_TIMEOUT_S = 4
 def test_sigkill_mid_batch_every_request_completes_once(redis_base: str, tmp_path: Path) -> None:
     with fault_service(redis_base, tmp_path, IMAGEGENX_MAX_BATCH="4",
                        IMAGEGENX_MAX_WAIT_MS="100",
-                       IMAGEGENX_EXPECTED_BATCH_S="1.5",
+                       IMAGEGENX_EXPECTED_BATCH_S="1.2",
                        IMAGEGENX_VISIBILITY_TIMEOUT_S=str(VISIBILITY_TIMEOUT_S)) as svc:
         first = svc.start_worker("victim")
         # 40 steps: about 1.1 s per batch of 4 (synthetic SD1.5-on-H200 cost).
@@ -86,7 +86,7 @@ def test_held_messages_outlive_the_visibility_timeout_without_redelivery(
     """A live worker refreshes the messages it holds: a batch (and the buffer behind
     it) that takes longer than the visibility timeout is not delivered twice."""
     with fault_service(redis_base, tmp_path, IMAGEGENX_MAX_BATCH="4", IMAGEGENX_MAX_STEPS="400",
-                       IMAGEGENX_EXPECTED_BATCH_S="1", IMAGEGENX_VISIBILITY_TIMEOUT_S="3") as svc:
+                       IMAGEGENX_EXPECTED_BATCH_S="0.8", IMAGEGENX_VISIBILITY_TIMEOUT_S="3") as svc:
         worker = svc.start_worker("slow")
         # 250 steps alone: about 4 s, more than the 3 s visibility timeout.
         slow = svc.submit({"prompt": "a slow one", "seed": 1, "steps": 250})

@@ -70,7 +70,7 @@ def start_api_host(net: Lan, tmp: Path) -> dict[str, str]:
                     IMAGEGENX_API_HOST=api.addr, IMAGEGENX_API_PORT=str(API_PORT),
                     IMAGEGENX_ENGINE="synthetic", IMAGEGENX_SYNTHETIC_COST="sd15-h200",
                     IMAGEGENX_MAX_BATCH="4", IMAGEGENX_MAX_WAIT_MS="100",
-                    IMAGEGENX_EXPECTED_BATCH_S="1.5",
+                    IMAGEGENX_EXPECTED_BATCH_S="1.2",
                     IMAGEGENX_VISIBILITY_TIMEOUT_S=str(VISIBILITY_TIMEOUT_S),
                     IMAGEGENX_WEBHOOK_BACKOFF_MAX_S="1",
                     IMAGEGENX_STORAGE_BACKEND="s3", IMAGEGENX_S3_BUCKET=BUCKET,

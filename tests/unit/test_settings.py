@@ -53,6 +53,18 @@ def test_visibility_timeout_must_cover_buffer_and_run() -> None:
         Settings(visibility_timeout_s=100, expected_batch_s=60)
 
 
+def test_worst_wait_counts_every_batch_of_the_prefetch_window() -> None:
+    # The step scheduler holds one max_batch more, so a message may wait one batch longer.
+    request = Settings(scheduler="request", max_batch=8, max_wait_ms=50, expected_batch_s=60)
+    step = Settings(scheduler="step", max_batch=8, max_wait_ms=50, expected_batch_s=60)
+    assert request.worst_wait_s == pytest.approx(0.05 + 2 * 60)
+    assert step.worst_wait_s == pytest.approx(0.05 + 3 * 60)
+    with pytest.raises(ValidationError, match="visibility_timeout_s"):
+        Settings(scheduler="step", visibility_timeout_s=150, expected_batch_s=60, webhook_backoff_max_s=60)
+    assert Settings(scheduler="request", visibility_timeout_s=150, expected_batch_s=60,
+                    webhook_backoff_max_s=60).worst_wait_s < 150
+
+
 def test_num_images_cannot_exceed_batch() -> None:
     with pytest.raises(ValidationError, match="max_num_images"):
         Settings(max_batch=2, max_num_images=4)
