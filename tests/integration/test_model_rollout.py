@@ -7,14 +7,14 @@
 3. SIGTERM (warm shutdown): it hands its buffered requests back to the queue,
    finishes the batch it runs, stores and acknowledges it, and exits.
 
-The two versions of the model ``art``: the old one is a tiny model of the SD1.5
-classes written by the test (a real diffusion model on the CPU), the new one the
-synthetic engine. The shipped shapes model was the first choice for one of them,
-but on this shared 2-core CPU it drew a batch of eight 2-step 64x64 requests in
-about 13 s (the tiny model: about 3 s), which put the test far over two minutes;
-the synthetic engine keeps the new version's share (most of the 200 requests)
-fast. Each request draws one 64x64 image in 2 steps: the rollout, not the
-pictures, is under test. No timing is asserted; the timeouts are generous.
+The two versions of the model ``art`` are the shipped shapes model (the old one)
+and a tiny model of the SD1.5 classes written by the test (the new one): two real
+diffusion models on the CPU, each a folder the worker loads. The shapes model
+draws a batch of eight 2-step 64x64 requests in seconds on a 2-core CPU, so it is
+the old version, which serves only until it is told to stop consuming; the tiny
+model, a few times faster, draws the rest. Each request draws one 64x64 image in
+2 steps: the rollout, not the pictures, is under test. No timing is asserted;
+the timeouts are generous.
 The service runs on a Redis of its own: kombu keeps every queue's unacknowledged
 messages in one hash per database, which a worker of another test with a short
 visibility timeout on the shared database would sweep back into the queues.
@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from imagegenx.shapes.model_files import SHAPES_MODEL
 from tests.integration.fault_stack import Service, fault_service, own_redis  # noqa: F401 (fixture)
 from tests.service import Worker, start_worker
 
@@ -41,9 +42,8 @@ pytestmark = pytest.mark.integration
 TOTAL = 200
 
 
-def models_env(version: str, path: Path | None = None) -> str:
-    engine = {"path": str(path), "engine": "diffusion"} if path else {"engine": "synthetic"}
-    return json.dumps({"art": {**engine, "version": version}})
+def models_env(version: str, path: Path) -> str:
+    return json.dumps({"art": {"path": str(path), "engine": "diffusion", "version": version}})
 
 
 def body(i: int) -> dict[str, object]:
@@ -59,8 +59,8 @@ def cancel_consumer(svc: Service, queue: str, worker: Worker) -> str:
 
 
 def test_rolling_model_update_loses_no_request(own_redis: str, tmp_path: Path, tiny_model: Path) -> None:
-    v1 = models_env("tiny-v1", tiny_model)
-    v2 = models_env("synthetic-v2")
+    v1 = models_env("shapes-v1", SHAPES_MODEL)
+    v2 = models_env("tiny-v2", tiny_model)
     with fault_service(own_redis, tmp_path, IMAGEGENX_MODELS=v1, IMAGEGENX_DEVICE="cpu",
                        IMAGEGENX_MAX_BATCH="8") as svc:
         queue = svc.settings.queue_for("art")
@@ -97,8 +97,8 @@ def test_rolling_model_update_loses_no_request(own_redis: str, tmp_path: Path, t
         assert r.status_code == 200, r.text
         (art,) = r.json()["models"]
         seen = {w["hostname"]: w for w in art["workers"]}
-        assert (seen[old.hostname]["consuming"], seen[old.hostname]["model_version"]) == (False, "tiny-v1")
-        assert (seen[new.hostname]["consuming"], seen[new.hostname]["model_version"]) == (True, "synthetic-v2")
+        assert (seen[old.hostname]["consuming"], seen[old.hostname]["model_version"]) == (False, "shapes-v1")
+        assert (seen[new.hostname]["consuming"], seen[new.hostname]["model_version"]) == (True, "tiny-v2")
 
         submit(25)  # only the new version takes these
         old.proc.send_signal(signal.SIGTERM)  # warm shutdown: finish what it holds
@@ -113,11 +113,11 @@ def test_rolling_model_update_loses_no_request(own_redis: str, tmp_path: Path, t
         results = [done[t]["result"] for t in ids]
         assert {res["model"] for res in results} == {"art"}
         versions = [res["model_version"] for res in results]
-        assert set(versions) == {"tiny-v1", "synthetic-v2"}, versions
+        assert set(versions) == {"shapes-v1", "tiny-v2"}, versions
         # Nothing sent after cancel_consumer went to the old version.
-        assert set(versions[phase["cancel"]:]) == {"synthetic-v2"}
+        assert set(versions[phase["cancel"]:]) == {"tiny-v2"}
         # Each ran once; nothing is left unacknowledged.
         assert not set(ids) & svc.unacked_ids()
         assert all(svc.deliveries(t).get("started") == 1 for t in ids)
-        print(f"\n{TOTAL} requests over the switch: {versions.count('tiny-v1')} drawn by tiny-v1, "
-              f"{versions.count('synthetic-v2')} by synthetic-v2")
+        print(f"\n{TOTAL} requests over the switch: {versions.count('shapes-v1')} drawn by shapes-v1, "
+              f"{versions.count('tiny-v2')} by tiny-v2")
