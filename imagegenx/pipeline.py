@@ -1,6 +1,6 @@
 """Turn a batch of validated requests into stored images and per-request results.
 
-Independent of Celery: the worker's executor supplies the jobs and the
+Independent of Celery: the worker's executor supplies the request states and the
 callbacks; this module plans the engine batch, maps samples back to requests,
 post-processes, stores files and isolates failures (a request that makes its
 batch fail is found by bisection, so it alone fails).
@@ -28,6 +28,7 @@ from imagegenx.cost import request_cost
 from imagegenx.engine.base import BatchSpec, Engine, Sample
 from imagegenx.errors import BatchSetupError, GenerationError
 from imagegenx.postprocess import render
+from imagegenx.request_state import RequestState
 from imagegenx.schemas import MAX_SEED, BatchInfo, GenerateRequest, GenerateResult, ImageResult
 from imagegenx.storage import Storage
 from imagegenx.upscale import LanczosUpscaler, Upscaler
@@ -75,22 +76,13 @@ def step_group(request: GenerateRequest, model: str) -> tuple[str, int, int, tup
     return (model, request.width, request.height, request.lora_set())
 
 
-@dataclass
-class Job:
-    """One request inside a batch (already resolved: seed and size are set)."""
-
-    id: str
-    request: GenerateRequest
-    received_at: float = field(default_factory=time.time)
-
-
-# Called with (step, total) at every step boundary; returns ids of jobs to drop.
-JobStepCallback = Callable[[int, int], Collection[str]]
+# Called with (step, total) at every step boundary; returns ids of requests to drop.
+RequestStepCallback = Callable[[int, int], Collection[str]]
 
 
 @dataclass
 class Outcome:
-    """Per-job outcome: exactly one of result / error is set, or dropped."""
+    """Per-request outcome: exactly one of result / error is set, or dropped."""
 
     result: GenerateResult | None = None
     error: Exception | None = None
@@ -99,9 +91,9 @@ class Outcome:
 
 @dataclass
 class Drawing:
-    """A job's images from one engine run, not yet rendered or stored."""
+    """A request's images from one engine run, not yet rendered or stored."""
 
-    job: Job
+    state: RequestState
     images: list[Image.Image]
     batch: BatchInfo
     started: float  # wall-clock time the engine run started
@@ -111,17 +103,17 @@ class Drawing:
 
 @dataclass
 class Drawn:
-    """The engine phase of a batch: per job its images, or already its final
-    outcome (an error, or dropped). Jobs keep the order they were given in."""
+    """The engine phase of a batch: per request its images, or already its final
+    outcome (an error, or dropped). Requests keep the order they were given in."""
 
-    jobs: list[Job]
+    states: list[RequestState]
     drawings: dict[str, Drawing] = field(default_factory=dict)
     outcomes: dict[str, Outcome] = field(default_factory=dict)
 
     @classmethod
-    def failed(cls, jobs: list[Job], error: Exception) -> "Drawn":
-        """Every job failed with ``error`` (the engine phase itself broke)."""
-        return cls(jobs, outcomes={job.id: Outcome(error=error) for job in jobs})
+    def failed(cls, states: list[RequestState], error: Exception) -> "Drawn":
+        """Every request failed with ``error`` (the engine phase itself broke)."""
+        return cls(states, outcomes={state.id: Outcome(error=error) for state in states})
 
     def merge(self, other: "Drawn") -> None:
         self.drawings.update(other.drawings)
@@ -132,13 +124,13 @@ class Drawn:
         return {d.batch.id: d.engine_s for d in self.drawings.values()}
 
 
-def plan(jobs: list[Job]) -> tuple[BatchSpec, list[tuple[int, int]]]:
-    """The engine batch for ``jobs`` and, per sample, (job index, image index)."""
-    first = jobs[0].request
+def plan(states: list[RequestState]) -> tuple[BatchSpec, list[tuple[int, int]]]:
+    """The engine batch for ``states`` and, per sample, (request index, image index)."""
+    first = states[0].request
     samples: list[Sample] = []
     owners: list[tuple[int, int]] = []
-    for j, job in enumerate(jobs):
-        r = job.request
+    for j, state in enumerate(states):
+        r = state.request
         for i, seed in enumerate(r.sample_seeds()):
             samples.append(Sample(r.prompt, seed, r.guidance_scale, r.negative_prompt,
                                   r.resolved_interval()))
@@ -175,48 +167,48 @@ class BatchPipeline:
             return str(own_url(key))
         return f"{self.public_url}/api/v1/files/{key}"
 
-    def run(self, jobs: list[Job], on_step: JobStepCallback | None = None) -> dict[str, Outcome]:
-        """Draw and finish ``jobs`` in the calling thread."""
-        return self.finish(self.draw(jobs, on_step))
+    def run(self, states: list[RequestState], on_step: RequestStepCallback | None = None) -> dict[str, Outcome]:
+        """Draw and finish ``states`` in the calling thread."""
+        return self.finish(self.draw(states, on_step))
 
-    def draw(self, jobs: list[Job], on_step: JobStepCallback | None = None) -> Drawn:
-        """Run ``jobs`` through the engine as one batch; on failure bisect so
+    def draw(self, states: list[RequestState], on_step: RequestStepCallback | None = None) -> Drawn:
+        """Run ``states`` through the engine as one batch; on failure bisect so
         only the culprit fails.
 
         After an out-of-memory error the pipeline remembers a lower image limit
         and cuts later batches to fit it, so one OOM does not repeat on every batch.
         """
-        images = _images(jobs)
-        if len(jobs) > 1 and self.image_limit is not None and images > self.image_limit:
-            drawn = Drawn(jobs)
-            for part in _fit(jobs, self.image_limit):
+        images = _images(states)
+        if len(states) > 1 and self.image_limit is not None and images > self.image_limit:
+            drawn = Drawn(states)
+            for part in _fit(states, self.image_limit):
                 drawn.merge(self.draw(part, on_step))
             return drawn
         try:
-            return self._draw_once(jobs, on_step)
-        except BatchSetupError as exc:  # shared by every job: no bisection, no image limit
-            log.error("batch of %d failed in its setup: %s", len(jobs), exc)
+            return self._draw_once(states, on_step)
+        except BatchSetupError as exc:  # shared by every request: no bisection, no image limit
+            log.error("batch of %d failed in its setup: %s", len(states), exc)
             exc.__traceback__ = None
-            return Drawn.failed(jobs, exc)
-        except Exception as exc:  # noqa: BLE001 - isolate, then report per job
+            return Drawn.failed(states, exc)
+        except Exception as exc:  # noqa: BLE001 - isolate, then report per request
             oom = is_out_of_memory(exc)
             if oom:
                 self._lower_limit(images)
-            if len(jobs) == 1:
-                log.exception("request %s failed", jobs[0].id)
+            if len(states) == 1:
+                log.exception("request %s failed", states[0].id)
                 error = (GenerationError(f"out of memory with {images} images in one batch "
                                          f"({type(exc).__name__}: {exc})")
                          if oom else as_generation_error(exc))
-                return Drawn.failed(jobs, error)
-            log.warning("batch of %d failed (%r); retrying in halves", len(jobs), exc)
+                return Drawn.failed(states, error)
+            log.warning("batch of %d failed (%r); retrying in halves", len(states), exc)
             # The traceback's frames hold the failed batch's tensors: drop them
             # before the retry, or an out-of-memory error repeats at every split.
             exc.__traceback__ = None
         self.release_memory()
-        mid = len(jobs) // 2
-        drawn = Drawn(jobs)
-        drawn.merge(self.draw(jobs[:mid], on_step))
-        drawn.merge(self.draw(jobs[mid:], on_step))
+        mid = len(states) // 2
+        drawn = Drawn(states)
+        drawn.merge(self.draw(states[:mid], on_step))
+        drawn.merge(self.draw(states[mid:], on_step))
         return drawn
 
     def release_memory(self) -> None:
@@ -234,19 +226,19 @@ class BatchPipeline:
             log.warning("out of memory with %d images: batches are cut to at most %d images "
                         "from now on", images, limit)
 
-    def _draw_once(self, jobs: list[Job], on_step: JobStepCallback | None) -> Drawn:
-        spec, owners = plan(jobs)
+    def _draw_once(self, states: list[RequestState], on_step: RequestStepCallback | None) -> Drawn:
+        spec, owners = plan(states)
         batch_id = uuid.uuid4().hex
-        dropped_jobs: set[str] = set()
+        dropped: set[str] = set()
 
         def step_cb(step: int, total: int) -> list[int]:
             if on_step is None:
                 return []
-            newly = set(on_step(step, total)) - dropped_jobs
-            dropped_jobs.update(newly)
+            newly = set(on_step(step, total)) - dropped
+            dropped.update(newly)
             if not newly:
                 return []
-            return [s for s, (j, _) in enumerate(owners) if jobs[j].id in newly]
+            return [s for s, (j, _) in enumerate(owners) if states[j].id in newly]
 
         started = time.time()
         t0 = time.perf_counter()
@@ -255,17 +247,17 @@ class BatchPipeline:
         if len(images) != len(owners):
             raise GenerationError(f"engine returned {len(images)} images for {len(owners)} samples")
 
-        per_job: list[list[Image.Image | None]] = [[] for _ in jobs]
+        per_state: list[list[Image.Image | None]] = [[] for _ in states]
         for (j, _), image in zip(owners, images):
-            per_job[j].append(image)
+            per_state[j].append(image)
 
-        drawn = Drawn(jobs)
-        info = BatchInfo(id=batch_id, size=len(owners), requests=len(jobs))
-        for job, imgs in zip(jobs, per_job):
-            if job.id in dropped_jobs or any(im is None for im in imgs):
-                drawn.outcomes[job.id] = Outcome(dropped=True)
+        drawn = Drawn(states)
+        info = BatchInfo(id=batch_id, size=len(owners), requests=len(states))
+        for state, imgs in zip(states, per_state):
+            if state.id in dropped or any(im is None for im in imgs):
+                drawn.outcomes[state.id] = Outcome(dropped=True)
             else:
-                drawn.drawings[job.id] = Drawing(job, [im for im in imgs if im is not None],
+                drawn.drawings[state.id] = Drawing(state, [im for im in imgs if im is not None],
                                                  info, started, t_engine)
         if self.upscaler.runs_on_device:
             self.upscale_on_device(drawn)
@@ -273,7 +265,7 @@ class BatchPipeline:
 
     def upscale_on_device(self, drawn: Drawn) -> None:
         """Enlarge every image of the batch that asks for it, in one upscaler call."""
-        wanted = [d for d in drawn.drawings.values() if d.job.request.postprocess.upscale != 1]
+        wanted = [d for d in drawn.drawings.values() if d.state.request.postprocess.upscale != 1]
         if wanted:
             self._upscale_drawings(drawn, wanted)
 
@@ -284,10 +276,10 @@ class BatchPipeline:
         run again for them (their pictures exist, only the enlargement broke).
         """
         images = [im for d in wanted for im in d.images]
-        factors = [d.job.request.postprocess.upscale for d in wanted for _ in d.images]
+        factors = [d.state.request.postprocess.upscale for d in wanted for _ in d.images]
         try:
             enlarged = self.upscaler.upscale(images, factors)
-        except Exception as exc:  # noqa: BLE001 - those jobs fail, the others go on
+        except Exception as exc:  # noqa: BLE001 - those requests fail, the others go on
             oom = is_out_of_memory(exc)
             exc.__traceback__ = None  # its frames hold the batch's tensors
             self.release_memory()
@@ -300,8 +292,8 @@ class BatchPipeline:
             error = GenerationError(f"upscaling failed{' (out of memory)' if oom else ''}: "
                                     f"{type(exc).__name__}: {exc}")
             for d in wanted:
-                del drawn.drawings[d.job.id]
-                drawn.outcomes[d.job.id] = Outcome(error=error)
+                del drawn.drawings[d.state.id]
+                drawn.outcomes[d.state.id] = Outcome(error=error)
             return
         start = 0
         for d in wanted:
@@ -309,38 +301,38 @@ class BatchPipeline:
             start += len(d.images)
 
     def finish(self, drawn: Drawn) -> dict[str, Outcome]:
-        """Render and store the drawn images and build each job's result.
+        """Render and store the drawn images and build each request's result.
 
-        A job whose images cannot be rendered or stored fails alone; the engine
+        A request whose images cannot be rendered or stored fails alone; the engine
         never runs again for it.
         """
         pool = render_pool()
         prepared: dict[str, tuple[list[Image.Image], list[Future[tuple[bytes, bytes]]], float]] = {}
         failed: dict[str, Outcome] = {}
-        for job_id, d in drawn.drawings.items():  # every render starts before the first store
+        for state_id, d in drawn.drawings.items():  # every render starts before the first store
             t0 = time.perf_counter()
             try:
-                images = d.images if d.upscaled else self._prepare_images(d.job, d.images)
-                futures = [pool.submit(render, im, d.job.request.postprocess) for im in images]
-            except Exception as exc:  # noqa: BLE001 - this job fails, the others go on
-                failed[job_id] = _finish_failed(d.job, exc)
+                images = d.images if d.upscaled else self._prepare_images(d.state, d.images)
+                futures = [pool.submit(render, im, d.state.request.postprocess) for im in images]
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                failed[state_id] = _finish_failed(d.state, exc)
                 continue
-            prepared[job_id] = (images, futures, time.perf_counter() - t0)
+            prepared[state_id] = (images, futures, time.perf_counter() - t0)
         outcomes: dict[str, Outcome] = {}
-        for job in drawn.jobs:
-            if job.id in prepared:
-                images, futures, prepare_s = prepared[job.id]
-                outcomes[job.id] = self._finish_one(drawn.drawings[job.id], images, futures,
+        for state in drawn.states:
+            if state.id in prepared:
+                images, futures, prepare_s = prepared[state.id]
+                outcomes[state.id] = self._finish_one(drawn.drawings[state.id], images, futures,
                                                     prepare_s)
             else:
-                outcomes[job.id] = (drawn.outcomes.get(job.id) or failed.get(job.id)
+                outcomes[state.id] = (drawn.outcomes.get(state.id) or failed.get(state.id)
                                     or Outcome(error=GenerationError("no images drawn")))
         return outcomes
 
-    def _prepare_images(self, job: Job, images: list[Image.Image]) -> list[Image.Image]:
+    def _prepare_images(self, state: RequestState, images: list[Image.Image]) -> list[Image.Image]:
         """Images as they are rendered and stored: enlarged with the CPU upscaler
         when the request asks for it. Runs in ``finish``'s thread."""
-        factor = job.request.postprocess.upscale
+        factor = state.request.postprocess.upscale
         if factor == 1:
             return images
         return self.upscaler.upscale(images, [factor] * len(images))
@@ -349,11 +341,11 @@ class BatchPipeline:
                     rendered: list[Future[tuple[bytes, bytes]]], prepare_s: float) -> Outcome:
         t1 = time.perf_counter()
         try:
-            results = self._store(d.job, images, rendered)
-        except Exception as exc:  # noqa: BLE001 - this job fails, the others go on
-            return _finish_failed(d.job, exc)
+            results = self._store(d.state, images, rendered)
+        except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+            return _finish_failed(d.state, exc)
         timings = {
-            "queued_s": max(0.0, d.started - d.job.received_at),
+            "queued_s": max(0.0, d.started - d.state.received_at),
             "engine_s": d.engine_s,
             "postprocess_s": prepare_s + time.perf_counter() - t1,
         }
@@ -364,21 +356,21 @@ class BatchPipeline:
                 timings=timings,
                 model=self.model_name,
                 model_version=self.model_version,
-                sampler=d.job.request.sampler,
-                steps=d.job.request.steps,
-                cost=request_cost(d.job.request),
-                warnings=self.prompt_warnings(d.job.request.prompt) if self.prompt_warnings else [],
+                sampler=d.state.request.sampler,
+                steps=d.state.request.steps,
+                cost=request_cost(d.state.request),
+                warnings=self.prompt_warnings(d.state.request.prompt) if self.prompt_warnings else [],
             )
         )
 
-    def _store(self, job: Job, images: list[Image.Image],
+    def _store(self, state: RequestState, images: list[Image.Image],
                rendered: list[Future[tuple[bytes, bytes]]] | None = None) -> list[ImageResult]:
-        r = job.request
+        r = state.request
         out = []
         for i, (image, seed) in enumerate(zip(images, r.sample_seeds())):
             full, thumb = rendered[i].result() if rendered else render(image, r.postprocess)
-            key = f"{job.id}/{i}.png"
-            thumb_key = f"{job.id}/{i}.thumb.png"
+            key = f"{state.id}/{i}.png"
+            thumb_key = f"{state.id}/{i}.thumb.png"
             self.storage.put(key, full, "image/png")
             self.storage.put(thumb_key, thumb, "image/png")
             out.append(
@@ -401,27 +393,27 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def _images(jobs: list[Job]) -> int:
-    return sum(job.request.num_images for job in jobs)
+def _images(states: list[RequestState]) -> int:
+    return sum(state.request.num_images for state in states)
 
 
-def _fit(jobs: list[Job], limit: int) -> list[list[Job]]:
+def _fit(states: list[RequestState], limit: int) -> list[list[RequestState]]:
     """Consecutive parts of at most ``limit`` images (a larger request alone)."""
-    parts: list[list[Job]] = []
+    parts: list[list[RequestState]] = []
     size = 0
-    for job in jobs:
-        n = job.request.num_images
+    for state in states:
+        n = state.request.num_images
         if parts and size + n <= limit:
-            parts[-1].append(job)
+            parts[-1].append(state)
             size += n
         else:
-            parts.append([job])
+            parts.append([state])
             size = n
     return parts
 
 
-def _finish_failed(job: Job, exc: Exception) -> Outcome:
-    log.error("request %s: its images could not be rendered or stored", job.id, exc_info=exc)
+def _finish_failed(state: RequestState, exc: Exception) -> Outcome:
+    log.error("request %s: its images could not be rendered or stored", state.id, exc_info=exc)
     return Outcome(error=as_generation_error(exc))
 
 
