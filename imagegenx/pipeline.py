@@ -82,46 +82,60 @@ RequestStepCallback = Callable[[int, int], Collection[str]]
 
 @dataclass
 class Outcome:
-    """Per-request outcome: exactly one of result / error is set, or dropped."""
+    """One request's part of a step output.
 
+    Drawn: ``images`` holds its pictures, not yet rendered or stored, from the
+    engine run that began at ``started`` (wall clock) and took ``engine_s``;
+    ``finish`` stores them and gives the request its end. Ended: exactly one of
+    ``result`` / ``error`` is set, or ``dropped``.
+    """
+
+    images: list[Image.Image] | None = None
+    batch: BatchInfo | None = None  # the engine run (batch or step-scheduler run) that drew them
+    started: float = 0.0
+    engine_s: float = 0.0
+    upscaled: bool = False  # already enlarged on the engine's device (postprocess.upscale)
     result: GenerateResult | None = None
     error: Exception | None = None
     dropped: bool = False
 
-
-@dataclass
-class Drawing:
-    """A request's images from one engine run, not yet rendered or stored."""
-
-    state: RequestState
-    images: list[Image.Image]
-    batch: BatchInfo
-    started: float  # wall-clock time the engine run started
-    engine_s: float
-    upscaled: bool = False  # already enlarged on the engine's device (postprocess.upscale)
+    @property
+    def drawn(self) -> bool:
+        return self.images is not None
 
 
 @dataclass
-class Drawn:
-    """The engine phase of a batch: per request its images, or already its final
-    outcome (an error, or dropped). Requests keep the order they were given in."""
+class StepOutput:
+    """What the engine phase hands to the finishing phase: its requests, in the
+    order given, and per request its :class:`Outcome` (drawn images, or already
+    its end). The engine phase is a whole batch under the request scheduler, and
+    the requests that finished (or failed) at one step under the step scheduler.
+    """
 
-    states: list[RequestState]
-    drawings: dict[str, Drawing] = field(default_factory=dict)
+    requests: list[RequestState]
     outcomes: dict[str, Outcome] = field(default_factory=dict)
+    # Set at the hand-over (workers.executor): perf_counter when the engine phase
+    # began, and whether it counts as one batch in the statistics (the step
+    # scheduler counts its runs itself).
+    t0: float = 0.0
+    record: bool = True
 
     @classmethod
-    def failed(cls, states: list[RequestState], error: Exception) -> "Drawn":
+    def failed(cls, requests: list[RequestState], error: Exception) -> "StepOutput":
         """Every request failed with ``error`` (the engine phase itself broke)."""
-        return cls(states, outcomes={state.id: Outcome(error=error) for state in states})
+        return cls(requests, {state.id: Outcome(error=error) for state in requests})
 
-    def merge(self, other: "Drawn") -> None:
-        self.drawings.update(other.drawings)
+    def merge(self, other: "StepOutput") -> None:
         self.outcomes.update(other.outcomes)
+
+    def drawn_requests(self) -> list[tuple[RequestState, Outcome]]:
+        """The requests with drawn images, and their outcomes, in order."""
+        pairs = [(state, self.outcomes.get(state.id)) for state in self.requests]
+        return [(state, o) for state, o in pairs if o is not None and o.drawn]
 
     def engine_runs(self) -> dict[str, float]:
         """Engine seconds per engine run that produced images (a bisected batch has several)."""
-        return {d.batch.id: d.engine_s for d in self.drawings.values()}
+        return {o.batch.id: o.engine_s for _, o in self.drawn_requests() if o.batch is not None}
 
 
 def plan(states: list[RequestState]) -> tuple[BatchSpec, list[tuple[int, int]]]:
@@ -171,7 +185,7 @@ class BatchPipeline:
         """Draw and finish ``states`` in the calling thread."""
         return self.finish(self.draw(states, on_step))
 
-    def draw(self, states: list[RequestState], on_step: RequestStepCallback | None = None) -> Drawn:
+    def draw(self, states: list[RequestState], on_step: RequestStepCallback | None = None) -> StepOutput:
         """Run ``states`` through the engine as one batch; on failure bisect so
         only the culprit fails.
 
@@ -180,16 +194,16 @@ class BatchPipeline:
         """
         images = _images(states)
         if len(states) > 1 and self.image_limit is not None and images > self.image_limit:
-            drawn = Drawn(states)
+            output = StepOutput(states)
             for part in _fit(states, self.image_limit):
-                drawn.merge(self.draw(part, on_step))
-            return drawn
+                output.merge(self.draw(part, on_step))
+            return output
         try:
             return self._draw_once(states, on_step)
         except BatchSetupError as exc:  # shared by every request: no bisection, no image limit
             log.error("batch of %d failed in its setup: %s", len(states), exc)
             exc.__traceback__ = None
-            return Drawn.failed(states, exc)
+            return StepOutput.failed(states, exc)
         except Exception as exc:  # noqa: BLE001 - isolate, then report per request
             oom = is_out_of_memory(exc)
             if oom:
@@ -199,17 +213,17 @@ class BatchPipeline:
                 error = (GenerationError(f"out of memory with {images} images in one batch "
                                          f"({type(exc).__name__}: {exc})")
                          if oom else as_generation_error(exc))
-                return Drawn.failed(states, error)
+                return StepOutput.failed(states, error)
             log.warning("batch of %d failed (%r); retrying in halves", len(states), exc)
             # The traceback's frames hold the failed batch's tensors: drop them
             # before the retry, or an out-of-memory error repeats at every split.
             exc.__traceback__ = None
         self.release_memory()
         mid = len(states) // 2
-        drawn = Drawn(states)
-        drawn.merge(self.draw(states[:mid], on_step))
-        drawn.merge(self.draw(states[mid:], on_step))
-        return drawn
+        output = StepOutput(states)
+        output.merge(self.draw(states[:mid], on_step))
+        output.merge(self.draw(states[mid:], on_step))
+        return output
 
     def release_memory(self) -> None:
         """Give the engine a chance to free what a failed batch left (GPU cache)."""
@@ -226,7 +240,7 @@ class BatchPipeline:
             log.warning("out of memory with %d images: batches are cut to at most %d images "
                         "from now on", images, limit)
 
-    def _draw_once(self, states: list[RequestState], on_step: RequestStepCallback | None) -> Drawn:
+    def _draw_once(self, states: list[RequestState], on_step: RequestStepCallback | None) -> StepOutput:
         spec, owners = plan(states)
         batch_id = uuid.uuid4().hex
         dropped: set[str] = set()
@@ -251,32 +265,33 @@ class BatchPipeline:
         for (j, _), image in zip(owners, images):
             per_state[j].append(image)
 
-        drawn = Drawn(states)
+        output = StepOutput(states)
         info = BatchInfo(id=batch_id, size=len(owners), requests=len(states))
         for state, imgs in zip(states, per_state):
             if state.id in dropped or any(im is None for im in imgs):
-                drawn.outcomes[state.id] = Outcome(dropped=True)
+                output.outcomes[state.id] = Outcome(dropped=True)
             else:
-                drawn.drawings[state.id] = Drawing(state, [im for im in imgs if im is not None],
-                                                 info, started, t_engine)
+                output.outcomes[state.id] = Outcome([im for im in imgs if im is not None],
+                                                    info, started, t_engine)
         if self.upscaler.runs_on_device:
-            self.upscale_on_device(drawn)
-        return drawn
+            self.upscale_on_device(output)
+        return output
 
-    def upscale_on_device(self, drawn: Drawn) -> None:
-        """Enlarge every image of the batch that asks for it, in one upscaler call."""
-        wanted = [d for d in drawn.drawings.values() if d.state.request.postprocess.upscale != 1]
+    def upscale_on_device(self, output: StepOutput) -> None:
+        """Enlarge every image of the step output that asks for it, in one upscaler call."""
+        wanted = [(state, o) for state, o in output.drawn_requests()
+                  if state.request.postprocess.upscale != 1]
         if wanted:
-            self._upscale_drawings(drawn, wanted)
+            self._upscale_drawn(output, wanted)
 
-    def _upscale_drawings(self, drawn: Drawn, wanted: list[Drawing]) -> None:
+    def _upscale_drawn(self, output: StepOutput, wanted: list[tuple[RequestState, Outcome]]) -> None:
         """Enlarge ``wanted`` in one call; after running out of memory, once per request.
 
         A failure fails the requests that asked for upscaling; the engine does not
         run again for them (their pictures exist, only the enlargement broke).
         """
-        images = [im for d in wanted for im in d.images]
-        factors = [d.state.request.postprocess.upscale for d in wanted for _ in d.images]
+        images = [im for _, o in wanted for im in o.images or []]
+        factors = [state.request.postprocess.upscale for state, o in wanted for _ in o.images or []]
         try:
             enlarged = self.upscaler.upscale(images, factors)
         except Exception as exc:  # noqa: BLE001 - those requests fail, the others go on
@@ -285,23 +300,23 @@ class BatchPipeline:
             self.release_memory()
             if oom and len(wanted) > 1:
                 log.warning("upscaling %d images ran out of memory: once per request", len(images))
-                for d in wanted:
-                    self._upscale_drawings(drawn, [d])
+                for pair in wanted:
+                    self._upscale_drawn(output, [pair])
                 return
             log.error("upscaling %d images failed: %r", len(images), exc)
             error = GenerationError(f"upscaling failed{' (out of memory)' if oom else ''}: "
                                     f"{type(exc).__name__}: {exc}")
-            for d in wanted:
-                del drawn.drawings[d.state.id]
-                drawn.outcomes[d.state.id] = Outcome(error=error)
+            for state, _ in wanted:
+                output.outcomes[state.id] = Outcome(error=error)
             return
         start = 0
-        for d in wanted:
-            d.images, d.upscaled = enlarged[start:start + len(d.images)], True
-            start += len(d.images)
+        for _, o in wanted:
+            n = len(o.images or [])
+            o.images, o.upscaled = enlarged[start:start + n], True
+            start += n
 
-    def finish(self, drawn: Drawn) -> dict[str, Outcome]:
-        """Render and store the drawn images and build each request's result.
+    def finish(self, output: StepOutput) -> dict[str, Outcome]:
+        """Render and store the drawn images and give each request its end.
 
         A request whose images cannot be rendered or stored fails alone; the engine
         never runs again for it.
@@ -309,24 +324,26 @@ class BatchPipeline:
         pool = render_pool()
         prepared: dict[str, tuple[list[Image.Image], list[Future[tuple[bytes, bytes]]], float]] = {}
         failed: dict[str, Outcome] = {}
-        for state_id, d in drawn.drawings.items():  # every render starts before the first store
+        for state, o in output.drawn_requests():  # every render starts before the first store
             t0 = time.perf_counter()
+            pictures = o.images or []
             try:
-                images = d.images if d.upscaled else self._prepare_images(d.state, d.images)
-                futures = [pool.submit(render, im, d.state.request.postprocess) for im in images]
+                images = pictures if o.upscaled else self._prepare_images(state, pictures)
+                futures = [pool.submit(render, im, state.request.postprocess) for im in images]
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
-                failed[state_id] = _finish_failed(d.state, exc)
+                failed[state.id] = _finish_failed(state, exc)
                 continue
-            prepared[state_id] = (images, futures, time.perf_counter() - t0)
+            prepared[state.id] = (images, futures, time.perf_counter() - t0)
         outcomes: dict[str, Outcome] = {}
-        for state in drawn.states:
-            if state.id in prepared:
+        for state in output.requests:
+            o = output.outcomes.get(state.id)
+            if state.id in prepared and o is not None:
                 images, futures, prepare_s = prepared[state.id]
-                outcomes[state.id] = self._finish_one(drawn.drawings[state.id], images, futures,
-                                                    prepare_s)
+                outcomes[state.id] = self._finish_one(state, o, images, futures, prepare_s)
+            elif o is not None and not o.drawn:  # ended in the engine phase
+                outcomes[state.id] = o
             else:
-                outcomes[state.id] = (drawn.outcomes.get(state.id) or failed.get(state.id)
-                                    or Outcome(error=GenerationError("no images drawn")))
+                outcomes[state.id] = failed.get(state.id) or Outcome(error=GenerationError("no images drawn"))
         return outcomes
 
     def _prepare_images(self, state: RequestState, images: list[Image.Image]) -> list[Image.Image]:
@@ -337,29 +354,30 @@ class BatchPipeline:
             return images
         return self.upscaler.upscale(images, [factor] * len(images))
 
-    def _finish_one(self, d: Drawing, images: list[Image.Image],
+    def _finish_one(self, state: RequestState, drawn: Outcome, images: list[Image.Image],
                     rendered: list[Future[tuple[bytes, bytes]]], prepare_s: float) -> Outcome:
         t1 = time.perf_counter()
         try:
-            results = self._store(d.state, images, rendered)
+            results = self._store(state, images, rendered)
         except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
-            return _finish_failed(d.state, exc)
+            return _finish_failed(state, exc)
+        assert drawn.batch is not None
         timings = {
-            "queued_s": max(0.0, d.started - d.state.received_at),
-            "engine_s": d.engine_s,
+            "queued_s": max(0.0, drawn.started - state.received_at),
+            "engine_s": drawn.engine_s,
             "postprocess_s": prepare_s + time.perf_counter() - t1,
         }
         return Outcome(
             result=GenerateResult(
                 images=results,
-                batch=d.batch,
+                batch=drawn.batch,
                 timings=timings,
                 model=self.model_name,
                 model_version=self.model_version,
-                sampler=d.state.request.sampler,
-                steps=d.state.request.steps,
-                cost=request_cost(d.state.request),
-                warnings=self.prompt_warnings(d.state.request.prompt) if self.prompt_warnings else [],
+                sampler=state.request.sampler,
+                steps=state.request.steps,
+                cost=request_cost(state.request),
+                warnings=self.prompt_warnings(state.request.prompt) if self.prompt_warnings else [],
             )
         )
 

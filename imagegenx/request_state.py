@@ -6,10 +6,14 @@
   The validated request, the Celery request it came in (``delivery``, opaque
   here, so this module and the pure schedulers and pipeline need no Celery),
   and every per-request record of the worker live on it.
-- **row**: one image of a request in a UNet call. The engine's input for it is
-  ``imagegenx.engine.base.Sample`` (the engine's own name, kept: it is the
-  engine contract's word); a request of ``num_images`` images has that many rows
-  (UNet rows: two per image while it runs classifier-free guidance).
+- **row**: one image of a request in a UNet call (an *image row*); the UNet
+  runs it as two *UNet rows* while classifier-free guidance is on, one
+  otherwise (``imagegenx.guidance``). The engine's input for a row keeps the
+  engine contract's own name, ``imagegenx.engine.base.Sample``: renaming it
+  would only churn the engines, benchmarks and tests that build batches.
+- **step output** (``imagegenx.pipeline.StepOutput``): what the engine phase
+  hands to the finishing phase; in it, per request, an ``Outcome``: its drawn
+  images, or already its end (a result, an error, or dropped).
 
 The schedulers (``imagegenx.batching``, ``imagegenx.step_scheduler``) are
 generic over what they queue, so their pure tests queue plain values; the

@@ -30,7 +30,7 @@ from celery.worker.request import Request
 
 from imagegenx.batching import Batch
 from imagegenx.errors import GenerationError
-from imagegenx.pipeline import BatchPipeline, Drawn, Outcome
+from imagegenx.pipeline import BatchPipeline, Outcome, StepOutput
 from imagegenx.preview import encode as encode_preview
 from imagegenx.preview import preview_due
 from imagegenx.request_state import RequestState
@@ -141,16 +141,6 @@ class BatchStats:
         }
 
 
-@dataclass
-class DrawnBatch:
-    """A batch between its engine run and its reports."""
-
-    states: list[RequestState]
-    drawn: Drawn
-    t0: float  # perf_counter when the batch started
-    record: bool = True  # counted as a batch here (the step scheduler counts its runs itself)
-
-
 def _summary(result: dict[str, Any]) -> str:
     urls = [im["url"] for im in result.get("images", [])]
     return f"{{'images': {urls!r}, 'batch': {result.get('batch')!r}}}"
@@ -173,7 +163,7 @@ class BatchExecutor:
         self.stats = stats or BatchStats()
         self.ledger = ledger  # workers.deliveries.DeliveryLedger, or None
         self.store_retry_s = store_retry_s
-        self._finisher: Finisher[DrawnBatch] = Finisher(self._finish, backlog=finish_backlog)
+        self._finisher: Finisher[StepOutput] = Finisher(self._finish, backlog=finish_backlog)
         # Previews are encoded and stored off the model thread; the lock orders the
         # PROGRESS stores of both threads so the latest preview is never replaced by an older one.
         self._preview_pool = ThreadPoolExecutor(1, thread_name_prefix="imagegenx-preview")
@@ -188,21 +178,22 @@ class BatchExecutor:
         t0 = time.perf_counter()
         self.accept(states)
         try:
-            drawn = self._pipeline().draw(states, self._step_callback(states))
+            output = self._pipeline().draw(states, self._step_callback(states))
         except Exception as exc:  # noqa: BLE001 - never leave a request PENDING
             log.exception("batch failed outside the pipeline")
-            drawn = Drawn.failed(states, GenerationError(f"{type(exc).__name__}: {exc}"))
-        self.hand_over(states, drawn, t0)
+            output = StepOutput.failed(states, GenerationError(f"{type(exc).__name__}: {exc}"))
+        self.hand_over(output, t0)
 
-    def hand_over(self, states: list[RequestState], drawn: Drawn, t0: float, record: bool = True) -> None:
+    def hand_over(self, output: StepOutput, t0: float, record: bool = True) -> None:
         """Give drawn (or failed) requests to the finishing thread, which stores,
-        reports and acks them; blocks while it is a batch behind. ``record``: count
-        them as one batch in the statistics."""
-        self._finisher.submit(DrawnBatch(states, drawn, t0, record))
+        reports and acks them; blocks while it is a batch behind. ``t0``: when their
+        engine phase began; ``record``: count them as one batch in the statistics."""
+        output.t0, output.record = t0, record
+        self._finisher.submit(output)
 
     def finishing(self) -> list[RequestState]:
         """Requests drawn and not yet reported (still unacknowledged)."""
-        return [e for d in self._finisher.items() for e in d.states]
+        return [e for output in self._finisher.items() for e in output.requests]
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every drawn batch is stored, reported and acknowledged."""
@@ -214,20 +205,20 @@ class BatchExecutor:
         self._preview_pool.shutdown(wait=False, cancel_futures=True)
         return self._finisher.close(timeout)
 
-    def _finish(self, d: DrawnBatch) -> None:
+    def _finish(self, output: StepOutput) -> None:
         """On the finishing thread: render, store, record and report each request."""
-        states = d.states
+        states = output.requests
         try:
-            outcomes = self._pipeline().finish(d.drawn)
+            outcomes = self._pipeline().finish(output)
         except Exception as exc:  # noqa: BLE001 - never leave a request PENDING
             log.exception("batch failed outside the pipeline")
             error = GenerationError(f"{type(exc).__name__}: {exc}")
             outcomes = {e.id: Outcome(error=error) for e in states}
         try:
-            if d.record:
+            if output.record:
                 self.stats.record(sum(e.images for e in states), len(states),
-                                  time.perf_counter() - d.t0)
-                for seconds in d.drawn.engine_runs().values():
+                                  time.perf_counter() - output.t0)
+                for seconds in output.engine_runs().values():
                     self.stats.record_engine(seconds)
         except Exception:  # noqa: BLE001 - statistics must not keep results from being reported
             log.exception("could not record the statistics of a batch")

@@ -29,7 +29,7 @@ from celery.worker import state as worker_state
 from imagegenx import guidance
 from imagegenx.engine.base import StepEngine
 from imagegenx.errors import GenerationError
-from imagegenx.pipeline import BatchPipeline, Drawing, Drawn, Outcome, as_generation_error, is_out_of_memory, plan
+from imagegenx.pipeline import BatchPipeline, Outcome, StepOutput, as_generation_error, is_out_of_memory, plan
 from imagegenx.request_state import RequestState
 from imagegenx.schemas import BatchInfo
 from imagegenx.step_scheduler import StepPlan, StepScheduler
@@ -289,32 +289,31 @@ class StepRunner(ModelThread):
     def _finish(self, engine: StepEngine, done: list[RequestState]) -> None:
         """Decode the finished requests together and hand them to the finishing thread."""
         t0 = time.perf_counter()
-        drawn = Drawn(done)
+        output = StepOutput(done)
         try:
             images = engine.decode([e.denoising for e in done])
         except Exception as exc:  # noqa: BLE001 - decode once per request to find the culprit
             exc.__traceback__ = None
             self._pipeline().release_memory()
-            images = [self._decode_alone(engine, e, drawn) for e in done]
+            images = [self._decode_alone(engine, e, output) for e in done]
         for e, imgs in zip(done, images):
             if imgs is None:
                 continue
             info = BatchInfo(id=e.run_id, size=e.peak_rows, requests=e.peak_requests)
-            drawn.drawings[e.id] = Drawing(e, imgs, info, e.started_at,
-                                               time.perf_counter() - e.admitted_at)
+            output.outcomes[e.id] = Outcome(imgs, info, e.started_at, time.perf_counter() - e.admitted_at)
             e.denoising = None  # the latents are no longer needed
         pipeline = self._pipeline()
         if pipeline.upscaler.runs_on_device:
-            pipeline.upscale_on_device(drawn)
+            pipeline.upscale_on_device(output)
         self._leave(done)  # records the run when it ends, before the results go out
-        self.executor.hand_over(done, drawn, t0, record=False)  # the run is the batch
+        self.executor.hand_over(output, t0, record=False)  # the run is the batch
 
-    def _decode_alone(self, engine: StepEngine, state: RequestState, drawn: Drawn) -> list[Any] | None:
+    def _decode_alone(self, engine: StepEngine, state: RequestState, output: StepOutput) -> list[Any] | None:
         try:
             return engine.decode([state.denoising])[0]
         except Exception as exc:  # noqa: BLE001 - this request fails alone
             log.error("request %s could not be decoded: %r", state.id, exc)
-            drawn.outcomes[state.id] = Outcome(error=as_generation_error(exc))
+            output.outcomes[state.id] = Outcome(error=as_generation_error(exc))
             return None
 
     def _fail(self, states: list[RequestState], error: Exception) -> None:
@@ -322,5 +321,4 @@ class StepRunner(ModelThread):
         self._leave(states)
         for e in states:
             e.denoising = None
-        self.executor.hand_over(states, Drawn.failed(states, error),
-                                time.perf_counter(), record=False)
+        self.executor.hand_over(StepOutput.failed(states, error), time.perf_counter(), record=False)

@@ -86,14 +86,14 @@ class Storage:
 def comparable(outcomes: dict[str, Any]) -> dict[str, Any]:
     """Outcomes without what differs between runs (batch ids, timings)."""
     out = {}
-    for job_id, o in outcomes.items():
+    for state_id, o in outcomes.items():
         if o.result is None:
-            out[job_id] = (o.dropped, str(o.error))
+            out[state_id] = (o.dropped, str(o.error))
             continue
         r = o.result.model_dump()
         r["batch"].pop("id")
         assert set(r.pop("timings")) == {"queued_s", "engine_s", "postprocess_s"}
-        out[job_id] = r
+        out[state_id] = r
     return out
 
 
@@ -102,10 +102,11 @@ def test_draw_then_finish_equals_run(tmp_path: Path) -> None:
     a = BatchPipeline(SyntheticEngine(faults="raise:POISON"), LocalStorage(tmp_path / "a"), "http://x", "m")
     b = BatchPipeline(SyntheticEngine(faults="raise:POISON"), LocalStorage(tmp_path / "b"), "http://x", "m")
     batch = states("a", "POISON b", "c", images=2)
-    drawn = b.draw(batch)
-    assert set(drawn.drawings) == {"j0", "j2"} and set(drawn.outcomes) == {"j1"}
+    output = b.draw(batch)
+    assert [state.id for state, _ in output.drawn_requests()] == ["j0", "j2"]
+    assert set(output.outcomes) == {"j0", "j1", "j2"} and not output.outcomes["j1"].drawn
     assert not list((tmp_path / "b").rglob("*.png"))  # nothing stored before finish
-    split = b.finish(drawn)
+    split = b.finish(output)
     whole = a.run(batch)
     assert list(split) == list(whole) == ["j0", "j1", "j2"]
     assert comparable(split) == comparable(whole)
@@ -255,7 +256,7 @@ def test_a_broken_finish_still_reports_every_request() -> None:
     events = Events()
     pipeline = BatchPipeline(RecordingEngine(events), Storage(events), "http://x", "m")  # type: ignore[arg-type]
 
-    def broken(drawn: Any) -> Any:
+    def broken(output: Any) -> Any:
         raise RuntimeError("render pool gone")
 
     pipeline.finish = broken  # type: ignore[method-assign]
@@ -280,9 +281,9 @@ def test_a_request_revoked_while_its_batch_waits_to_be_finished_ends_revoked() -
     batch = batch_of(states("a", "b", prefix="rv-"), backend, RevocableRequest)
     finish = pipeline.finish
 
-    def revoke_first_then_finish(drawn: Any) -> Any:  # the revoke arrives after the engine ran
+    def revoke_first_then_finish(output: Any) -> Any:  # the revoke arrives after the engine ran
         worker_state.revoked.add("rv-0")
-        return finish(drawn)
+        return finish(output)
 
     pipeline.finish = revoke_first_then_finish  # type: ignore[method-assign]
     try:

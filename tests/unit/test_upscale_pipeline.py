@@ -59,10 +59,10 @@ def test_lanczos_upscale_enlarges_stored_images_and_results(tmp_path: Path) -> N
 def test_device_upscaler_runs_once_per_batch_after_the_engine(tmp_path: Path) -> None:
     up = DeviceUpscaler()
     pipe = BatchPipeline(SyntheticEngine(), LocalStorage(tmp_path), "http://x", "m", upscaler=up)
-    drawn = pipe.draw([request_state("a", 2, images=2), request_state("b", 1), request_state("c", 4)])
+    output = pipe.draw([request_state("a", 2, images=2), request_state("b", 1), request_state("c", 4)])
     assert up.calls == [[2, 2, 4]]  # one call, only the images that ask for it
-    assert drawn.drawings["a"].images[0].size == (128, 128)  # enlarged before the finisher
-    out = pipe.finish(drawn)
+    assert output.outcomes["a"].images[0].size == (128, 128)  # enlarged before the finisher
+    out = pipe.finish(output)
     assert [im.width for im in out["c"].result.images] == [256]
     assert [im.width for im in out["b"].result.images] == [64]
     assert up.calls == [[2, 2, 4]]  # the finisher does not enlarge again
