@@ -3,7 +3,7 @@
 - ``BatchingWorkerStep``: loads the engine before the consumer takes work. On
   warm shutdown it gives the buffered messages back to the queue at once, then
   lets the running batch finish and waits until the finishing thread has
-  stored every drawn batch's results. It stops after the
+  stored every step output's results. It stops after the
   consumer bootstep (which only cancels consuming) and before the event loop
   (``Hub``, whose close runs the acks the finishing thread scheduled) and the
   broker connection (``Consumer.shutdown``, run by the worker's

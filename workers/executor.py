@@ -147,7 +147,8 @@ def _summary(result: dict[str, Any]) -> str:
 
 
 class BatchExecutor:
-    """Runs a ``Batch[RequestState]`` through the pipeline and reports to Celery."""
+    """Runs a ``Batch[RequestState]`` through the pipeline and reports to Celery;
+    the step runner hands its step outputs to the same finishing thread."""
 
     def __init__(
         self,
@@ -196,12 +197,12 @@ class BatchExecutor:
         return [e for output in self._finisher.items() for e in output.requests]
 
     def drain(self, timeout: float | None = None) -> bool:
-        """Wait until every drawn batch is stored, reported and acknowledged."""
+        """Wait until every step output is stored, reported and acknowledged."""
         return self._finisher.drain(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
-        """Finish the drawn batches, then stop the finishing thread (batches
-        handed over later are finished in the caller's thread)."""
+        """Finish the step outputs handed over, then stop the finishing thread
+        (those handed over later are finished in the caller's thread)."""
         self._preview_pool.shutdown(wait=False, cancel_futures=True)
         return self._finisher.close(timeout)
 
@@ -224,7 +225,7 @@ class BatchExecutor:
             log.exception("could not record the statistics of a batch")
         for state in states:
             outcome = outcomes.get(state.id) or Outcome(error=GenerationError("no outcome"))
-            # Revoked while its drawn batch waited for this thread: REVOKED, not a result.
+            # Revoked while its step output waited for this thread: REVOKED, not a result.
             if not outcome.dropped and state.delivery.id in worker_state.revoked:
                 if state.delivery._already_revoked or self.revoked(state):  # REVOKED stays
                     continue

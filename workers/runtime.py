@@ -120,7 +120,7 @@ class WorkerRuntime:
 
     def stop(self, requeue: Callable[[list[RequestState]], None] | None = None) -> list[RequestState]:
         """Take no more batches, hand the buffered requests to ``requeue`` at once,
-        then let the running batch finish, and every drawn batch be stored,
+        then let the running batch finish, and every step output be stored,
         reported and acknowledged. Returns the buffered requests."""
         global _current
         leftovers = self.runner.close()
