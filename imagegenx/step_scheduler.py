@@ -122,7 +122,7 @@ class StepScheduler(Generic[T]):
         if id in self._waiting or id in self._running:
             raise ValueError(f"request {id} is already scheduled")
         self._waiting[id] = _Scheduled(item, id, group, rows, now, priority, tenant, next(self._seq),
-                                    steps, need)
+                                       steps, need)
 
     def requeue(self, ids: Iterable[str]) -> None:
         """Move running requests back to waiting (e.g. they did not fit after an
