@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from imagegenx.engine.diffusion import DiffusionEngine
     from imagegenx.engine.model_init import write_sd15_model
-    from imagegenx.pipeline import BatchPipeline, Job
+    from imagegenx.pipeline import BatchPipeline
+    from imagegenx.request_state import RequestState
     from imagegenx.schemas import GenerateRequest
     from imagegenx.storage import LocalStorage
 
@@ -61,12 +62,12 @@ def main(argv: list[str] | None = None) -> int:
 
     engine.generate = traced  # type: ignore[method-assign]
     pipe = BatchPipeline(engine, LocalStorage(tmp / "images"), "http://127.0.0.1", "sd15")
-    jobs = [Job(uuid.uuid4().hex, GenerateRequest(prompt=f"oversized batch {i}", seed=i,
-                                                  width=args.size, height=args.size,
-                                                  steps=args.steps))
-            for i in range(args.requests)]
+    states = [RequestState(uuid.uuid4().hex, GenerateRequest(prompt=f"oversized batch {i}", seed=i,
+                                                             width=args.size, height=args.size,
+                                                             steps=args.steps))
+              for i in range(args.requests)]
     t0 = time.perf_counter()
-    outcomes = pipe.run(jobs)
+    outcomes = pipe.run(states)
     wall = time.perf_counter() - t0
     ok = sum(1 for o in outcomes.values() if o.result is not None)
     report = {

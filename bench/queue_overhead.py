@@ -97,7 +97,8 @@ def run_queue(base: str, collector: ResultCollector, clients: int, duration: flo
 
 def run_inprocess(tmp: Path, duration: float, batch: int, num_images: int) -> dict[str, Any]:
     from imagegenx.engine.synthetic import SyntheticEngine
-    from imagegenx.pipeline import BatchPipeline, Job, resolve_request
+    from imagegenx.pipeline import BatchPipeline, resolve_request
+    from imagegenx.request_state import RequestState
     from imagegenx.schemas import GenerateRequest
     from imagegenx.storage import LocalStorage
 
@@ -108,10 +109,11 @@ def run_inprocess(tmp: Path, duration: float, batch: int, num_images: int) -> di
     stop_at = time.perf_counter() + duration
     t_start = time.perf_counter()
     while time.perf_counter() < stop_at:
-        jobs = [Job(uuid.uuid4().hex, resolve_request(GenerateRequest(**body(n + k, num_images)),
-                                                      engine.native_size)) for k in range(batch)]
+        states = [RequestState(uuid.uuid4().hex,
+                               resolve_request(GenerateRequest(**body(n + k, num_images)), engine.native_size))
+                  for k in range(batch)]
         t0 = time.perf_counter()
-        out = pipe.run(jobs)
+        out = pipe.run(states)
         lat.append((time.perf_counter() - t0) * 1000)
         assert all(o.result is not None for o in out.values())
         n += batch

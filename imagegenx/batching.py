@@ -38,25 +38,21 @@ class BatchKey:
 
 
 @dataclass
-class Pending(Generic[T]):
+class _Queued(Generic[T]):
+    """The policy's own bookkeeping of a buffered item (never handed out)."""
+
     item: T
-    key: Hashable
     images: int
     arrived: float
 
 
 @dataclass
 class Batch(Generic[T]):
+    """What the policy hands out: one key's items in arrival order, and their images."""
+
     key: Hashable
-    entries: list[Pending[T]] = field(default_factory=list)
-
-    @property
-    def images(self) -> int:
-        return sum(e.images for e in self.entries)
-
-    @property
-    def items(self) -> list[T]:
-        return [e.item for e in self.entries]
+    items: list[T] = field(default_factory=list)
+    images: int = 0
 
 
 class BatchPolicy(Generic[T]):
@@ -69,14 +65,14 @@ class BatchPolicy(Generic[T]):
             raise ValueError("max_wait must be >= 0")
         self.max_batch = max_batch
         self.max_wait = max_wait
-        self._queues: OrderedDict[Hashable, deque[Pending[T]]] = OrderedDict()
+        self._queues: OrderedDict[Hashable, deque[_Queued[T]]] = OrderedDict()
         self._images: dict[Hashable, int] = {}
 
     # -- buffering ---------------------------------------------------------
     def add(self, item: T, key: Hashable, now: float, images: int = 1) -> None:
         if not 1 <= images <= self.max_batch:
             raise ValueError(f"a request of {images} images cannot fit a batch of {self.max_batch}")
-        self._queues.setdefault(key, deque()).append(Pending(item, key, images, now))
+        self._queues.setdefault(key, deque()).append(_Queued(item, images, now))
         self._images[key] = self._images.get(key, 0) + images
 
     def __len__(self) -> int:
@@ -86,9 +82,10 @@ class BatchPolicy(Generic[T]):
     def buffered_images(self) -> int:
         return sum(self._images.values())
 
-    def __iter__(self) -> Iterator[Pending[T]]:
+    def __iter__(self) -> Iterator[T]:
+        """The buffered items."""
         for q in self._queues.values():
-            yield from q
+            yield from (p.item for p in q)
 
     # -- timing ------------------------------------------------------------
     def _ready(self, key: Hashable, now: float) -> bool:
@@ -120,9 +117,10 @@ class BatchPolicy(Generic[T]):
         batch: Batch[T] = Batch(key)
         size = 0
         while queue and size + queue[0].images <= self.max_batch:
-            entry = queue.popleft()
-            size += entry.images
-            batch.entries.append(entry)
+            queued = queue.popleft()
+            size += queued.images
+            batch.items.append(queued.item)
+        batch.images = size
         self._images[key] -= size
         if not queue:
             del self._queues[key]
@@ -148,10 +146,10 @@ class BatchPolicy(Generic[T]):
 
     def drain(self) -> list[T]:
         """Remove everything, oldest first (used on shutdown to requeue)."""
-        entries = sorted(self, key=lambda p: p.arrived)
+        queued = sorted((p for q in self._queues.values() for p in q), key=lambda p: p.arrived)
         self._queues.clear()
         self._images.clear()
-        return [p.item for p in entries]
+        return [p.item for p in queued]
 
 
 def prefetch_window(max_batch: int, batches: int = 2) -> int:

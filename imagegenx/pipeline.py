@@ -1,6 +1,6 @@
 """Turn a batch of validated requests into stored images and per-request results.
 
-Independent of Celery: the worker's executor supplies the jobs and the
+Independent of Celery: the worker's executor supplies the request states and the
 callbacks; this module plans the engine batch, maps samples back to requests,
 post-processes, stores files and isolates failures (a request that makes its
 batch fail is found by bisection, so it alone fails).
@@ -28,6 +28,7 @@ from imagegenx.cost import request_cost
 from imagegenx.engine.base import BatchSpec, Engine, Sample
 from imagegenx.errors import BatchSetupError, GenerationError
 from imagegenx.postprocess import render
+from imagegenx.request_state import RequestState
 from imagegenx.schemas import MAX_SEED, BatchInfo, GenerateRequest, GenerateResult, ImageResult
 from imagegenx.storage import Storage
 from imagegenx.upscale import LanczosUpscaler, Upscaler
@@ -75,70 +76,75 @@ def step_group(request: GenerateRequest, model: str) -> tuple[str, int, int, tup
     return (model, request.width, request.height, request.lora_set())
 
 
-@dataclass
-class Job:
-    """One request inside a batch (already resolved: seed and size are set)."""
-
-    id: str
-    request: GenerateRequest
-    received_at: float = field(default_factory=time.time)
-
-
-# Called with (step, total) at every step boundary; returns ids of jobs to drop.
-JobStepCallback = Callable[[int, int], Collection[str]]
+# Called with (step, total) at every step boundary; returns ids of requests to drop.
+RequestStepCallback = Callable[[int, int], Collection[str]]
 
 
 @dataclass
 class Outcome:
-    """Per-job outcome: exactly one of result / error is set, or dropped."""
+    """One request's part of a step output.
 
+    Drawn: ``images`` holds its pictures, not yet rendered or stored, from the
+    engine run that began at ``started`` (wall clock) and took ``engine_s``;
+    ``finish`` stores them and gives the request its end. Ended: exactly one of
+    ``result`` / ``error`` is set, or ``dropped``.
+    """
+
+    images: list[Image.Image] | None = None
+    batch: BatchInfo | None = None  # the engine run (batch or step-scheduler run) that drew them
+    started: float = 0.0
+    engine_s: float = 0.0
+    upscaled: bool = False  # already enlarged on the engine's device (postprocess.upscale)
     result: GenerateResult | None = None
     error: Exception | None = None
     dropped: bool = False
 
-
-@dataclass
-class Drawing:
-    """A job's images from one engine run, not yet rendered or stored."""
-
-    job: Job
-    images: list[Image.Image]
-    batch: BatchInfo
-    started: float  # wall-clock time the engine run started
-    engine_s: float
-    upscaled: bool = False  # already enlarged on the engine's device (postprocess.upscale)
+    @property
+    def drawn(self) -> bool:
+        return self.images is not None
 
 
 @dataclass
-class Drawn:
-    """The engine phase of a batch: per job its images, or already its final
-    outcome (an error, or dropped). Jobs keep the order they were given in."""
+class StepOutput:
+    """What the engine phase hands to the finishing phase: its requests, in the
+    order given, and per request its :class:`Outcome` (drawn images, or already
+    its end). The engine phase is a whole batch under the request scheduler, and
+    the requests that finished (or failed) at one step under the step scheduler.
+    """
 
-    jobs: list[Job]
-    drawings: dict[str, Drawing] = field(default_factory=dict)
+    requests: list[RequestState]
     outcomes: dict[str, Outcome] = field(default_factory=dict)
+    # Set at the hand-over (workers.executor): perf_counter when the engine phase
+    # began, and whether it counts as one batch in the statistics (the step
+    # scheduler counts its runs itself).
+    t0: float = 0.0
+    record: bool = True
 
     @classmethod
-    def failed(cls, jobs: list[Job], error: Exception) -> "Drawn":
-        """Every job failed with ``error`` (the engine phase itself broke)."""
-        return cls(jobs, outcomes={job.id: Outcome(error=error) for job in jobs})
+    def failed(cls, requests: list[RequestState], error: Exception) -> "StepOutput":
+        """Every request failed with ``error`` (the engine phase itself broke)."""
+        return cls(requests, {state.id: Outcome(error=error) for state in requests})
 
-    def merge(self, other: "Drawn") -> None:
-        self.drawings.update(other.drawings)
+    def merge(self, other: "StepOutput") -> None:
         self.outcomes.update(other.outcomes)
+
+    def drawn_requests(self) -> list[tuple[RequestState, Outcome]]:
+        """The requests with drawn images, and their outcomes, in order."""
+        pairs = [(state, self.outcomes.get(state.id)) for state in self.requests]
+        return [(state, o) for state, o in pairs if o is not None and o.drawn]
 
     def engine_runs(self) -> dict[str, float]:
         """Engine seconds per engine run that produced images (a bisected batch has several)."""
-        return {d.batch.id: d.engine_s for d in self.drawings.values()}
+        return {o.batch.id: o.engine_s for _, o in self.drawn_requests() if o.batch is not None}
 
 
-def plan(jobs: list[Job]) -> tuple[BatchSpec, list[tuple[int, int]]]:
-    """The engine batch for ``jobs`` and, per sample, (job index, image index)."""
-    first = jobs[0].request
+def plan(states: list[RequestState]) -> tuple[BatchSpec, list[tuple[int, int]]]:
+    """The engine batch for ``states`` and, per sample, (request index, image index)."""
+    first = states[0].request
     samples: list[Sample] = []
     owners: list[tuple[int, int]] = []
-    for j, job in enumerate(jobs):
-        r = job.request
+    for j, state in enumerate(states):
+        r = state.request
         for i, seed in enumerate(r.sample_seeds()):
             samples.append(Sample(r.prompt, seed, r.guidance_scale, r.negative_prompt,
                                   r.resolved_interval()))
@@ -175,49 +181,49 @@ class BatchPipeline:
             return str(own_url(key))
         return f"{self.public_url}/api/v1/files/{key}"
 
-    def run(self, jobs: list[Job], on_step: JobStepCallback | None = None) -> dict[str, Outcome]:
-        """Draw and finish ``jobs`` in the calling thread."""
-        return self.finish(self.draw(jobs, on_step))
+    def run(self, states: list[RequestState], on_step: RequestStepCallback | None = None) -> dict[str, Outcome]:
+        """Draw and finish ``states`` in the calling thread."""
+        return self.finish(self.draw(states, on_step))
 
-    def draw(self, jobs: list[Job], on_step: JobStepCallback | None = None) -> Drawn:
-        """Run ``jobs`` through the engine as one batch; on failure bisect so
+    def draw(self, states: list[RequestState], on_step: RequestStepCallback | None = None) -> StepOutput:
+        """Run ``states`` through the engine as one batch; on failure bisect so
         only the culprit fails.
 
         After an out-of-memory error the pipeline remembers a lower image limit
         and cuts later batches to fit it, so one OOM does not repeat on every batch.
         """
-        images = _images(jobs)
-        if len(jobs) > 1 and self.image_limit is not None and images > self.image_limit:
-            drawn = Drawn(jobs)
-            for part in _fit(jobs, self.image_limit):
-                drawn.merge(self.draw(part, on_step))
-            return drawn
+        images = _images(states)
+        if len(states) > 1 and self.image_limit is not None and images > self.image_limit:
+            output = StepOutput(states)
+            for part in _fit(states, self.image_limit):
+                output.merge(self.draw(part, on_step))
+            return output
         try:
-            return self._draw_once(jobs, on_step)
-        except BatchSetupError as exc:  # shared by every job: no bisection, no image limit
-            log.error("batch of %d failed in its setup: %s", len(jobs), exc)
+            return self._draw_once(states, on_step)
+        except BatchSetupError as exc:  # shared by every request: no bisection, no image limit
+            log.error("batch of %d failed in its setup: %s", len(states), exc)
             exc.__traceback__ = None
-            return Drawn.failed(jobs, exc)
-        except Exception as exc:  # noqa: BLE001 - isolate, then report per job
+            return StepOutput.failed(states, exc)
+        except Exception as exc:  # noqa: BLE001 - isolate, then report per request
             oom = is_out_of_memory(exc)
             if oom:
                 self._lower_limit(images)
-            if len(jobs) == 1:
-                log.exception("request %s failed", jobs[0].id)
+            if len(states) == 1:
+                log.exception("request %s failed", states[0].id)
                 error = (GenerationError(f"out of memory with {images} images in one batch "
                                          f"({type(exc).__name__}: {exc})")
                          if oom else as_generation_error(exc))
-                return Drawn.failed(jobs, error)
-            log.warning("batch of %d failed (%r); retrying in halves", len(jobs), exc)
+                return StepOutput.failed(states, error)
+            log.warning("batch of %d failed (%r); retrying in halves", len(states), exc)
             # The traceback's frames hold the failed batch's tensors: drop them
             # before the retry, or an out-of-memory error repeats at every split.
             exc.__traceback__ = None
         self.release_memory()
-        mid = len(jobs) // 2
-        drawn = Drawn(jobs)
-        drawn.merge(self.draw(jobs[:mid], on_step))
-        drawn.merge(self.draw(jobs[mid:], on_step))
-        return drawn
+        mid = len(states) // 2
+        output = StepOutput(states)
+        output.merge(self.draw(states[:mid], on_step))
+        output.merge(self.draw(states[mid:], on_step))
+        return output
 
     def release_memory(self) -> None:
         """Give the engine a chance to free what a failed batch left (GPU cache)."""
@@ -234,19 +240,19 @@ class BatchPipeline:
             log.warning("out of memory with %d images: batches are cut to at most %d images "
                         "from now on", images, limit)
 
-    def _draw_once(self, jobs: list[Job], on_step: JobStepCallback | None) -> Drawn:
-        spec, owners = plan(jobs)
+    def _draw_once(self, states: list[RequestState], on_step: RequestStepCallback | None) -> StepOutput:
+        spec, owners = plan(states)
         batch_id = uuid.uuid4().hex
-        dropped_jobs: set[str] = set()
+        dropped: set[str] = set()
 
         def step_cb(step: int, total: int) -> list[int]:
             if on_step is None:
                 return []
-            newly = set(on_step(step, total)) - dropped_jobs
-            dropped_jobs.update(newly)
+            newly = set(on_step(step, total)) - dropped
+            dropped.update(newly)
             if not newly:
                 return []
-            return [s for s, (j, _) in enumerate(owners) if jobs[j].id in newly]
+            return [s for s, (j, _) in enumerate(owners) if states[j].id in newly]
 
         started = time.time()
         t0 = time.perf_counter()
@@ -255,130 +261,134 @@ class BatchPipeline:
         if len(images) != len(owners):
             raise GenerationError(f"engine returned {len(images)} images for {len(owners)} samples")
 
-        per_job: list[list[Image.Image | None]] = [[] for _ in jobs]
+        per_state: list[list[Image.Image | None]] = [[] for _ in states]
         for (j, _), image in zip(owners, images):
-            per_job[j].append(image)
+            per_state[j].append(image)
 
-        drawn = Drawn(jobs)
-        info = BatchInfo(id=batch_id, size=len(owners), requests=len(jobs))
-        for job, imgs in zip(jobs, per_job):
-            if job.id in dropped_jobs or any(im is None for im in imgs):
-                drawn.outcomes[job.id] = Outcome(dropped=True)
+        output = StepOutput(states)
+        info = BatchInfo(id=batch_id, size=len(owners), requests=len(states))
+        for state, imgs in zip(states, per_state):
+            if state.id in dropped or any(im is None for im in imgs):
+                output.outcomes[state.id] = Outcome(dropped=True)
             else:
-                drawn.drawings[job.id] = Drawing(job, [im for im in imgs if im is not None],
-                                                 info, started, t_engine)
+                output.outcomes[state.id] = Outcome([im for im in imgs if im is not None],
+                                                    info, started, t_engine)
         if self.upscaler.runs_on_device:
-            self.upscale_on_device(drawn)
-        return drawn
+            self.upscale_on_device(output)
+        return output
 
-    def upscale_on_device(self, drawn: Drawn) -> None:
-        """Enlarge every image of the batch that asks for it, in one upscaler call."""
-        wanted = [d for d in drawn.drawings.values() if d.job.request.postprocess.upscale != 1]
+    def upscale_on_device(self, output: StepOutput) -> None:
+        """Enlarge every image of the step output that asks for it, in one upscaler call."""
+        wanted = [(state, o) for state, o in output.drawn_requests()
+                  if state.request.postprocess.upscale != 1]
         if wanted:
-            self._upscale_drawings(drawn, wanted)
+            self._upscale_drawn(output, wanted)
 
-    def _upscale_drawings(self, drawn: Drawn, wanted: list[Drawing]) -> None:
+    def _upscale_drawn(self, output: StepOutput, wanted: list[tuple[RequestState, Outcome]]) -> None:
         """Enlarge ``wanted`` in one call; after running out of memory, once per request.
 
         A failure fails the requests that asked for upscaling; the engine does not
         run again for them (their pictures exist, only the enlargement broke).
         """
-        images = [im for d in wanted for im in d.images]
-        factors = [d.job.request.postprocess.upscale for d in wanted for _ in d.images]
+        images = [im for _, o in wanted for im in o.images or []]
+        factors = [state.request.postprocess.upscale for state, o in wanted for _ in o.images or []]
         try:
             enlarged = self.upscaler.upscale(images, factors)
-        except Exception as exc:  # noqa: BLE001 - those jobs fail, the others go on
+        except Exception as exc:  # noqa: BLE001 - those requests fail, the others go on
             oom = is_out_of_memory(exc)
             exc.__traceback__ = None  # its frames hold the batch's tensors
             self.release_memory()
             if oom and len(wanted) > 1:
                 log.warning("upscaling %d images ran out of memory: once per request", len(images))
-                for d in wanted:
-                    self._upscale_drawings(drawn, [d])
+                for pair in wanted:
+                    self._upscale_drawn(output, [pair])
                 return
             log.error("upscaling %d images failed: %r", len(images), exc)
             error = GenerationError(f"upscaling failed{' (out of memory)' if oom else ''}: "
                                     f"{type(exc).__name__}: {exc}")
-            for d in wanted:
-                del drawn.drawings[d.job.id]
-                drawn.outcomes[d.job.id] = Outcome(error=error)
+            for state, _ in wanted:
+                output.outcomes[state.id] = Outcome(error=error)
             return
         start = 0
-        for d in wanted:
-            d.images, d.upscaled = enlarged[start:start + len(d.images)], True
-            start += len(d.images)
+        for _, o in wanted:
+            n = len(o.images or [])
+            o.images, o.upscaled = enlarged[start:start + n], True
+            start += n
 
-    def finish(self, drawn: Drawn) -> dict[str, Outcome]:
-        """Render and store the drawn images and build each job's result.
+    def finish(self, output: StepOutput) -> dict[str, Outcome]:
+        """Render and store the drawn images and give each request its end.
 
-        A job whose images cannot be rendered or stored fails alone; the engine
+        A request whose images cannot be rendered or stored fails alone; the engine
         never runs again for it.
         """
         pool = render_pool()
         prepared: dict[str, tuple[list[Image.Image], list[Future[tuple[bytes, bytes]]], float]] = {}
         failed: dict[str, Outcome] = {}
-        for job_id, d in drawn.drawings.items():  # every render starts before the first store
+        for state, o in output.drawn_requests():  # every render starts before the first store
             t0 = time.perf_counter()
+            pictures = o.images or []
             try:
-                images = d.images if d.upscaled else self._prepare_images(d.job, d.images)
-                futures = [pool.submit(render, im, d.job.request.postprocess) for im in images]
-            except Exception as exc:  # noqa: BLE001 - this job fails, the others go on
-                failed[job_id] = _finish_failed(d.job, exc)
+                images = pictures if o.upscaled else self._prepare_images(state, pictures)
+                futures = [pool.submit(render, im, state.request.postprocess) for im in images]
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                failed[state.id] = _finish_failed(state, exc)
                 continue
-            prepared[job_id] = (images, futures, time.perf_counter() - t0)
+            prepared[state.id] = (images, futures, time.perf_counter() - t0)
         outcomes: dict[str, Outcome] = {}
-        for job in drawn.jobs:
-            if job.id in prepared:
-                images, futures, prepare_s = prepared[job.id]
-                outcomes[job.id] = self._finish_one(drawn.drawings[job.id], images, futures,
-                                                    prepare_s)
+        for state in output.requests:
+            o = output.outcomes.get(state.id)
+            if state.id in prepared and o is not None:
+                images, futures, prepare_s = prepared[state.id]
+                outcomes[state.id] = self._finish_one(state, o, images, futures, prepare_s)
+            elif o is not None and not o.drawn:  # ended in the engine phase
+                outcomes[state.id] = o
             else:
-                outcomes[job.id] = (drawn.outcomes.get(job.id) or failed.get(job.id)
-                                    or Outcome(error=GenerationError("no images drawn")))
+                outcomes[state.id] = failed.get(state.id) or Outcome(error=GenerationError("no images drawn"))
         return outcomes
 
-    def _prepare_images(self, job: Job, images: list[Image.Image]) -> list[Image.Image]:
+    def _prepare_images(self, state: RequestState, images: list[Image.Image]) -> list[Image.Image]:
         """Images as they are rendered and stored: enlarged with the CPU upscaler
         when the request asks for it. Runs in ``finish``'s thread."""
-        factor = job.request.postprocess.upscale
+        factor = state.request.postprocess.upscale
         if factor == 1:
             return images
         return self.upscaler.upscale(images, [factor] * len(images))
 
-    def _finish_one(self, d: Drawing, images: list[Image.Image],
+    def _finish_one(self, state: RequestState, drawn: Outcome, images: list[Image.Image],
                     rendered: list[Future[tuple[bytes, bytes]]], prepare_s: float) -> Outcome:
         t1 = time.perf_counter()
         try:
-            results = self._store(d.job, images, rendered)
-        except Exception as exc:  # noqa: BLE001 - this job fails, the others go on
-            return _finish_failed(d.job, exc)
+            results = self._store(state, images, rendered)
+        except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+            return _finish_failed(state, exc)
+        assert drawn.batch is not None
         timings = {
-            "queued_s": max(0.0, d.started - d.job.received_at),
-            "engine_s": d.engine_s,
+            "queued_s": max(0.0, drawn.started - state.received_at),
+            "engine_s": drawn.engine_s,
             "postprocess_s": prepare_s + time.perf_counter() - t1,
         }
         return Outcome(
             result=GenerateResult(
                 images=results,
-                batch=d.batch,
+                batch=drawn.batch,
                 timings=timings,
                 model=self.model_name,
                 model_version=self.model_version,
-                sampler=d.job.request.sampler,
-                steps=d.job.request.steps,
-                cost=request_cost(d.job.request),
-                warnings=self.prompt_warnings(d.job.request.prompt) if self.prompt_warnings else [],
+                sampler=state.request.sampler,
+                steps=state.request.steps,
+                cost=request_cost(state.request),
+                warnings=self.prompt_warnings(state.request.prompt) if self.prompt_warnings else [],
             )
         )
 
-    def _store(self, job: Job, images: list[Image.Image],
+    def _store(self, state: RequestState, images: list[Image.Image],
                rendered: list[Future[tuple[bytes, bytes]]] | None = None) -> list[ImageResult]:
-        r = job.request
+        r = state.request
         out = []
         for i, (image, seed) in enumerate(zip(images, r.sample_seeds())):
             full, thumb = rendered[i].result() if rendered else render(image, r.postprocess)
-            key = f"{job.id}/{i}.png"
-            thumb_key = f"{job.id}/{i}.thumb.png"
+            key = f"{state.id}/{i}.png"
+            thumb_key = f"{state.id}/{i}.thumb.png"
             self.storage.put(key, full, "image/png")
             self.storage.put(thumb_key, thumb, "image/png")
             out.append(
@@ -401,27 +411,27 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def _images(jobs: list[Job]) -> int:
-    return sum(job.request.num_images for job in jobs)
+def _images(states: list[RequestState]) -> int:
+    return sum(state.request.num_images for state in states)
 
 
-def _fit(jobs: list[Job], limit: int) -> list[list[Job]]:
+def _fit(states: list[RequestState], limit: int) -> list[list[RequestState]]:
     """Consecutive parts of at most ``limit`` images (a larger request alone)."""
-    parts: list[list[Job]] = []
+    parts: list[list[RequestState]] = []
     size = 0
-    for job in jobs:
-        n = job.request.num_images
+    for state in states:
+        n = state.request.num_images
         if parts and size + n <= limit:
-            parts[-1].append(job)
+            parts[-1].append(state)
             size += n
         else:
-            parts.append([job])
+            parts.append([state])
             size = n
     return parts
 
 
-def _finish_failed(job: Job, exc: Exception) -> Outcome:
-    log.error("request %s: its images could not be rendered or stored", job.id, exc_info=exc)
+def _finish_failed(state: RequestState, exc: Exception) -> Outcome:
+    log.error("request %s: its images could not be rendered or stored", state.id, exc_info=exc)
     return Outcome(error=as_generation_error(exc))
 
 

@@ -47,8 +47,9 @@ T = TypeVar("T")
 
 
 @dataclass
-class Waiting(Generic[T]):
-    """A request in the waiting pool or the running set."""
+class _Scheduled(Generic[T]):
+    """The scheduler's own bookkeeping of an item in the waiting pool or the
+    running set (never handed out: callers see their items)."""
 
     item: T
     id: str
@@ -105,8 +106,8 @@ class StepScheduler(Generic[T]):
         self.order = order
         self.step_cost = step_cost
         self.min_gain = min_gain
-        self._waiting: dict[str, Waiting[T]] = {}
-        self._running: dict[str, Waiting[T]] = {}
+        self._waiting: dict[str, _Scheduled[T]] = {}
+        self._running: dict[str, _Scheduled[T]] = {}
         self._seq = itertools.count()
         self._served = itertools.count()
         self._last_served: dict[str, int] = {}
@@ -120,8 +121,8 @@ class StepScheduler(Generic[T]):
             raise ValueError("a request needs at least one row")
         if id in self._waiting or id in self._running:
             raise ValueError(f"request {id} is already scheduled")
-        self._waiting[id] = Waiting(item, id, group, rows, now, priority, tenant, next(self._seq),
-                                    steps, need)
+        self._waiting[id] = _Scheduled(item, id, group, rows, now, priority, tenant, next(self._seq),
+                                       steps, need)
 
     def requeue(self, ids: Iterable[str]) -> None:
         """Move running requests back to waiting (e.g. they did not fit after an
@@ -165,11 +166,12 @@ class StepScheduler(Generic[T]):
     def __len__(self) -> int:
         return len(self._waiting) + len(self._running)
 
-    def __iter__(self) -> Iterator[Waiting[T]]:
-        yield from self._waiting.values()
+    def __iter__(self) -> Iterator[T]:
+        """The waiting items."""
+        yield from (w.item for w in self._waiting.values())
 
     # -- planning ------------------------------------------------------------
-    def effective_priority(self, w: Waiting[T], now: float) -> int:
+    def _effective_priority(self, w: _Scheduled[T], now: float) -> int:
         aged = w.priority + int(max(0.0, now - w.arrived) // self.priority_age_s)
         return max(w.priority, min(self.max_priority, aged))
 
@@ -211,10 +213,10 @@ class StepScheduler(Generic[T]):
         return any(w.group != group and now - w.arrived >= self.max_wait
                    for w in self._waiting.values())
 
-    def _order(self, w: Waiting[T], now: float,
+    def _order(self, w: _Scheduled[T], now: float,
                tenant_rows: dict[str, int]) -> tuple[int, int, int, int, float, int]:
         work = w.steps * w.current_rows if self.order == "shortest" else 0
-        return (-self.effective_priority(w, now), tenant_rows.get(w.tenant, 0),
+        return (-self._effective_priority(w, now), tenant_rows.get(w.tenant, 0),
                 self._last_served.get(w.tenant, -1), work, w.arrived, w.seq)
 
     def _worth_growing(self, rows: int, extra: int, backlog: int) -> bool:

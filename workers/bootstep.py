@@ -3,7 +3,7 @@
 - ``BatchingWorkerStep``: loads the engine before the consumer takes work. On
   warm shutdown it gives the buffered messages back to the queue at once, then
   lets the running batch finish and waits until the finishing thread has
-  stored every drawn batch's results. It stops after the
+  stored every step output's results. It stops after the
   consumer bootstep (which only cancels consuming) and before the event loop
   (``Hub``, whose close runs the acks the finishing thread scheduled) and the
   broker connection (``Consumer.shutdown``, run by the worker's
@@ -61,7 +61,7 @@ class BatchingWorkerStep(bootsteps.StartStopStep):
         runtime.stop(requeue=_requeue)
 
 
-def _requeue(entries: list[Any]) -> None:
+def _requeue(states: list[Any]) -> None:
     """Give buffered messages back to the queue now.
 
     ``Request.reject`` only schedules the reject on the consumer's event loop,
@@ -70,11 +70,11 @@ def _requeue(entries: list[Any]) -> None:
     batch. This runs in the thread that owns the loop (the stopping main
     thread), so it rejects on the channel directly.
     """
-    for channel in {id(e.req.message.channel): e.req.message.channel for e in entries}.values():
+    for channel in {id(s.delivery.message.channel): s.delivery.message.channel for s in states}.values():
         _finish_pending_fetch(channel)
     requeued = 0
-    for entry in entries:
-        req = entry.req
+    for state in states:
+        req = state.delivery
         try:
             worker_state.task_ready(req)
             if not req.acknowledged:
@@ -84,7 +84,7 @@ def _requeue(entries: list[Any]) -> None:
                 requeued += 1
         except Exception:  # noqa: BLE001 - broker gone: redelivered after visibility timeout
             log.exception("could not requeue %s", req.id)
-    if entries:
+    if states:
         log.info("requeued %d buffered requests", requeued)
 
 
@@ -149,10 +149,10 @@ class ConnectionLossStep(bootsteps.StartStopStep):
         if runtime is None:
             return
         dropped = runtime.drop_buffered()
-        for entry in dropped:
-            tag = getattr(entry.req.message, "delivery_tag", None)
+        for state in dropped:
+            tag = getattr(state.delivery.message, "delivery_tag", None)
             if tag is not None:
-                self.lost.append((tag, max(entry.job.received_at, entry.leased_at)))
+                self.lost.append((tag, max(state.received_at, state.leased_at)))
         if dropped:
             log.warning("broker connection lost: dropped %d buffered requests; their messages "
                         "go back to the queue once the broker answers", len(dropped))

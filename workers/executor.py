@@ -24,15 +24,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from celery import states
+from celery import states as task_states
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from imagegenx.batching import Batch
 from imagegenx.errors import GenerationError
-from imagegenx.pipeline import BatchPipeline, Drawn, Job, Outcome
+from imagegenx.pipeline import BatchPipeline, Outcome, StepOutput
 from imagegenx.preview import encode as encode_preview
 from imagegenx.preview import preview_due
+from imagegenx.request_state import RequestState
 from workers import callbacks
 from workers.finisher import Finisher
 
@@ -42,36 +43,6 @@ log = logging.getLogger(__name__)
 STORE_RETRY_S = 120.0
 # Preview batches (one per progress store) queued for the preview thread at most.
 PREVIEW_BACKLOG = 4
-
-
-@dataclass(eq=False)  # one record per delivery: compared by identity
-class Entry:
-    """The worker's one record of a request, from delivery to ack: the Celery
-    request, the validated job and, under the step scheduler, its trajectory."""
-
-    req: Request
-    job: Job
-    images: int
-    # Delivered before (another worker, or this one before a reconnect, may
-    # have finished it): the result backend is checked again before it runs.
-    redelivered: bool = False
-    # Last time this worker recorded the message as delivered now (workers.leases).
-    leased_at: float = 0.0
-    # Step scheduler: the engine's state of its trajectory (None until admitted),
-    # when it was admitted (perf_counter and wall clock), the most rows and
-    # requests it shared a UNet call with, and when its progress was last stored.
-    denoising: Any = None
-    run_id: str = ""
-    admitted_at: float = 0.0
-    started_at: float = 0.0
-    peak_rows: int = 0
-    peak_requests: int = 0
-    progress_at: float = float("-inf")
-    # Previews: the step of the last one taken, the latest one encoded (the progress
-    # data's "preview"), and the step of the last progress stored.
-    preview_step: int = 0
-    preview: dict[str, Any] | None = None
-    progress_step: int = 0
 
 
 @dataclass
@@ -138,11 +109,11 @@ class BatchStats:
         model thread (revoked) and the finishing thread.
         """
         with self._lock:
-            if state == states.SUCCESS:
+            if state == task_states.SUCCESS:
                 self.succeeded += 1
-            elif state == states.FAILURE:
+            elif state == task_states.FAILURE:
                 self.failed += 1
-            elif state == states.REVOKED:
+            elif state == task_states.REVOKED:
                 self.revoked += 1
         if self.metrics is not None:
             self.metrics.outcome(state, images)
@@ -170,23 +141,14 @@ class BatchStats:
         }
 
 
-@dataclass
-class DrawnBatch:
-    """A batch between its engine run and its reports."""
-
-    entries: list[Entry]
-    drawn: Drawn
-    t0: float  # perf_counter when the batch started
-    record: bool = True  # counted as a batch here (the step scheduler counts its runs itself)
-
-
 def _summary(result: dict[str, Any]) -> str:
     urls = [im["url"] for im in result.get("images", [])]
     return f"{{'images': {urls!r}, 'batch': {result.get('batch')!r}}}"
 
 
 class BatchExecutor:
-    """Runs a ``Batch[Entry]`` through the pipeline and reports to Celery."""
+    """Runs a ``Batch[RequestState]`` through the pipeline and reports to Celery;
+    the step runner hands its step outputs to the same finishing thread."""
 
     def __init__(
         self,
@@ -202,130 +164,130 @@ class BatchExecutor:
         self.stats = stats or BatchStats()
         self.ledger = ledger  # workers.deliveries.DeliveryLedger, or None
         self.store_retry_s = store_retry_s
-        self._finisher: Finisher[DrawnBatch] = Finisher(self._finish, backlog=finish_backlog)
+        self._finisher: Finisher[StepOutput] = Finisher(self._finish, backlog=finish_backlog)
         # Previews are encoded and stored off the model thread; the lock orders the
         # PROGRESS stores of both threads so the latest preview is never replaced by an older one.
         self._preview_pool = ThreadPoolExecutor(1, thread_name_prefix="imagegenx-preview")
         self._progress_lock = threading.Lock()
         self._previews_queued = 0
 
-    def __call__(self, batch: Batch[Entry]) -> None:
+    def __call__(self, batch: Batch[RequestState]) -> None:
         """On the model thread: the engine phase; the rest goes to the finisher."""
-        entries = [e for e in batch.items if not self.revoked(e) and not self.finished_before(e)]
-        if not entries:
+        states = [e for e in batch.items if not self.revoked(e) and not self.finished_before(e)]
+        if not states:
             return
         t0 = time.perf_counter()
-        self.accept(entries)
-        jobs = [e.job for e in entries]
+        self.accept(states)
         try:
-            drawn = self._pipeline().draw(jobs, self._step_callback(entries))
+            output = self._pipeline().draw(states, self._step_callback(states))
         except Exception as exc:  # noqa: BLE001 - never leave a request PENDING
             log.exception("batch failed outside the pipeline")
-            drawn = Drawn.failed(jobs, GenerationError(f"{type(exc).__name__}: {exc}"))
-        self.hand_over(entries, drawn, t0)
+            output = StepOutput.failed(states, GenerationError(f"{type(exc).__name__}: {exc}"))
+        self.hand_over(output, t0)
 
-    def hand_over(self, entries: list[Entry], drawn: Drawn, t0: float, record: bool = True) -> None:
+    def hand_over(self, output: StepOutput, t0: float, record: bool = True) -> None:
         """Give drawn (or failed) requests to the finishing thread, which stores,
-        reports and acks them; blocks while it is a batch behind. ``record``: count
-        them as one batch in the statistics."""
-        self._finisher.submit(DrawnBatch(entries, drawn, t0, record))
+        reports and acks them; blocks while it is a batch behind. ``t0``: when their
+        engine phase began; ``record``: count them as one batch in the statistics."""
+        output.t0, output.record = t0, record
+        self._finisher.submit(output)
 
-    def finishing(self) -> list[Entry]:
+    def finishing(self) -> list[RequestState]:
         """Requests drawn and not yet reported (still unacknowledged)."""
-        return [e for d in self._finisher.items() for e in d.entries]
+        return [e for output in self._finisher.items() for e in output.requests]
 
     def drain(self, timeout: float | None = None) -> bool:
-        """Wait until every drawn batch is stored, reported and acknowledged."""
+        """Wait until every step output is stored, reported and acknowledged."""
         return self._finisher.drain(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
-        """Finish the drawn batches, then stop the finishing thread (batches
-        handed over later are finished in the caller's thread)."""
+        """Finish the step outputs handed over, then stop the finishing thread
+        (those handed over later are finished in the caller's thread)."""
         self._preview_pool.shutdown(wait=False, cancel_futures=True)
         return self._finisher.close(timeout)
 
-    def _finish(self, d: DrawnBatch) -> None:
+    def _finish(self, output: StepOutput) -> None:
         """On the finishing thread: render, store, record and report each request."""
-        entries = d.entries
+        states = output.requests
         try:
-            outcomes = self._pipeline().finish(d.drawn)
+            outcomes = self._pipeline().finish(output)
         except Exception as exc:  # noqa: BLE001 - never leave a request PENDING
             log.exception("batch failed outside the pipeline")
             error = GenerationError(f"{type(exc).__name__}: {exc}")
-            outcomes = {e.job.id: Outcome(error=error) for e in entries}
+            outcomes = {e.id: Outcome(error=error) for e in states}
         try:
-            if d.record:
-                self.stats.record(sum(e.images for e in entries), len(entries),
-                                  time.perf_counter() - d.t0)
-                for seconds in d.drawn.engine_runs().values():
+            if output.record:
+                self.stats.record(sum(e.images for e in states), len(states),
+                                  time.perf_counter() - output.t0)
+                for seconds in output.engine_runs().values():
                     self.stats.record_engine(seconds)
         except Exception:  # noqa: BLE001 - statistics must not keep results from being reported
             log.exception("could not record the statistics of a batch")
-        for entry in entries:
-            outcome = outcomes.get(entry.job.id) or Outcome(error=GenerationError("no outcome"))
-            # Revoked while its drawn batch waited for this thread: REVOKED, not a result.
-            if not outcome.dropped and entry.req.id in worker_state.revoked:
-                if entry.req._already_revoked or self.revoked(entry):  # REVOKED stays
+        for state in states:
+            outcome = outcomes.get(state.id) or Outcome(error=GenerationError("no outcome"))
+            # Revoked while its step output waited for this thread: REVOKED, not a result.
+            if not outcome.dropped and state.delivery.id in worker_state.revoked:
+                if state.delivery._already_revoked or self.revoked(state):  # REVOKED stays
                     continue
             try:
-                self._report(entry, outcome)
+                self._report(state, outcome)
             except Exception:  # noqa: BLE001 - one request's report must not stop the others
-                log.exception("could not report %s; its message is left for redelivery", entry.req.id)
-                worker_state.task_ready(entry.req)
+                log.exception("could not report %s; its message is left for redelivery", state.delivery.id)
+                worker_state.task_ready(state.delivery)
 
     # -- per request -------------------------------------------------------
-    def revoked(self, entry: Entry) -> bool:
+    def revoked(self, state: RequestState) -> bool:
         """Revoked or expired: marked REVOKED, reported and acked (True), or running on."""
         try:
-            revoked = entry.req.revoked()  # marks REVOKED (or expired), sends the event, acks
+            revoked = state.delivery.revoked()  # marks REVOKED (or expired), sends the event, acks
         except Exception:  # noqa: BLE001 - backend or broker gone: leave it for redelivery
-            log.exception("could not mark %s revoked; its message is left for redelivery", entry.req.id)
-            worker_state.task_ready(entry.req)
+            log.exception("could not mark %s revoked; its message is left for redelivery", state.delivery.id)
+            worker_state.task_ready(state.delivery)
             return True
         if revoked:
-            self.stats.record_outcome(states.REVOKED)
-            callbacks.revoked(entry.req)
+            self.stats.record_outcome(task_states.REVOKED)
+            callbacks.revoked(state.delivery)
             return True
         return False
 
-    def finished_before(self, entry: Entry) -> bool:
+    def finished_before(self, state: RequestState) -> bool:
         """A redelivered request whose result is already stored is acknowledged, not rerun."""
-        if not entry.redelivered:
+        if not state.redelivered:
             return False
-        req = entry.req
+        req = state.delivery
         try:
             status = req.task.backend.get_task_meta(req.id, cache=False).get("status")
         except Exception as exc:  # noqa: BLE001 - unknown: run it (SUCCESS is never overwritten)
             log.warning("could not read the state of %s: %r", req.id, exc)
             return False
-        if status not in (states.SUCCESS, states.FAILURE):
+        if status not in (task_states.SUCCESS, task_states.FAILURE):
             return False
         log.info("%s already finished (%s): acknowledged without running it again", req.id, status)
         worker_state.task_ready(req)
         self._ack(req)
         return True
 
-    def accept(self, entries: list[Entry]) -> None:
+    def accept(self, states: list[RequestState]) -> None:
         """The requests start running: worker state, task-started, STARTED, delivery count."""
         pid = os.getpid()
-        for e in entries:
-            req = e.req
+        for e in states:
+            req = e.delivery
             req.time_start = time.time()
-            self.stats.record_wait(max(0.0, req.time_start - e.job.received_at))
+            self.stats.record_wait(max(0.0, req.time_start - e.received_at))
             req.worker_pid = pid
             worker_state.task_accepted(req)
             req.send_event("task-started")
             info = {"hostname": req.hostname, "pid": pid}
             try:  # a state for watchers only: the batch runs without it
-                req.task.backend.store_result(req.id, info, states.STARTED, request=req._context)
+                req.task.backend.store_result(req.id, info, task_states.STARTED, request=req._context)
             except Exception as exc:  # noqa: BLE001
                 log.warning("could not store STARTED for %s: %r", req.id, exc)
             callbacks.started(req, info)
         if self.ledger is not None:
-            self.ledger.started(e.req.id for e in entries)
+            self.ledger.started(e.delivery.id for e in states)
 
-    def progress(self, entries: list[Entry], now: float, engine: Any = None) -> None:
-        """Store PROGRESS (each request's own step and total) for the entries whose
+    def progress(self, states: list[RequestState], now: float, engine: Any = None) -> None:
+        """Store PROGRESS (each request's own step and total) for the requests whose
         last store is ``progress_interval_s`` old; a backend outage only logs.
 
         Entries due a preview (``imagegenx.preview``: the rule) get it here: the
@@ -333,7 +295,7 @@ class BatchExecutor:
         thread encodes the PNGs and stores their PROGRESS with it. The others'
         PROGRESS carries their latest preview, if any.
         """
-        due = [e for e in entries if now - e.progress_at >= self.progress_interval_s
+        due = [e for e in states if now - e.progress_at >= self.progress_interval_s
                and e.denoising is not None and not e.denoising.done]
         if not due:
             return
@@ -346,29 +308,29 @@ class BatchExecutor:
             meta = self._progress_meta(e, e.denoising.index, e.denoising.steps)
             try:
                 with self._progress_lock:
-                    e.req.task.backend.store_result(e.req.id, meta, "PROGRESS", request=e.req._context)
+                    e.delivery.task.backend.store_result(e.delivery.id, meta, "PROGRESS", request=e.delivery._context)
             except Exception as exc:  # noqa: BLE001 - progress is for watchers only
-                log.warning("could not store progress of %s: %r", e.req.id, exc)
+                log.warning("could not store progress of %s: %r", e.delivery.id, exc)
                 break
             # The event stream gets the step only: a preview is published once, by the
             # preview thread that drew it.
-            stored.append((e.req, {"step": meta["step"], "total": meta["total"]}))
+            stored.append((e.delivery, {"step": meta["step"], "total": meta["total"]}))
         callbacks.progress_many(stored)  # their event streams, in one round trip
 
     @staticmethod
-    def _progress_meta(e: Entry, step: int, total: int) -> dict[str, Any]:
+    def _progress_meta(e: RequestState, step: int, total: int) -> dict[str, Any]:
         meta: dict[str, Any] = {"step": step, "total": total}
         if e.preview is not None:
             meta["preview"] = e.preview
         return meta
 
-    def _previews_due(self, due: list[Entry], engine: Any) -> list[Entry]:
+    def _previews_due(self, due: list[RequestState], engine: Any) -> list[RequestState]:
         """Take the previews due among ``due`` (one projection) and queue their
-        encoding and storing; the entries whose PROGRESS the preview thread stores."""
+        encoding and storing; the requests whose PROGRESS the preview thread stores."""
         if engine is None or not callable(getattr(engine, "preview", None)):
             return []
-        wanting = [e for e in due if e.job.request.preview is not None
-                   and preview_due(e.denoising.index, e.job.request.preview.every, e.preview_step)]
+        wanting = [e for e in due if e.request.preview is not None
+                   and preview_due(e.denoising.index, e.request.preview.every, e.preview_step)]
         # A preview thread that fell behind (a slow backend): the previews stay due
         # and are taken at a later progress store.
         if not wanting or self._previews_queued >= PREVIEW_BACKLOG:
@@ -391,36 +353,36 @@ class BatchExecutor:
             return []
         return wanting
 
-    def _store_previews(self, entries: list[Entry], steps: list[tuple[int, int]], frames: Any) -> None:
+    def _store_previews(self, states: list[RequestState], steps: list[tuple[int, int]], frames: Any) -> None:
         """On the preview thread: wait for the pixels, encode each request's PNG and
         store its PROGRESS with it (unless it has finished meanwhile)."""
         try:
             arrays = frames.arrays()
-            for e, (step, total), images in zip(entries, steps, arrays):
+            for e, (step, total), images in zip(states, steps, arrays):
                 preview = encode_preview(images, step)
                 with self._progress_lock:
                     e.preview = preview
-                    if e.denoising is None or e.denoising.done or e.req.id in worker_state.revoked:
+                    if e.denoising is None or e.denoising.done or e.delivery.id in worker_state.revoked:
                         continue  # its result (or revocation) is on its way: no PROGRESS after it
                     meta = self._progress_meta(e, max(step, e.progress_step), total)
-                    e.req.task.backend.store_result(e.req.id, meta, "PROGRESS", request=e.req._context)
-                    callbacks.progress(e.req, meta)  # a progress and a preview event, before any final one
+                    e.delivery.task.backend.store_result(e.delivery.id, meta, "PROGRESS", request=e.delivery._context)
+                    callbacks.progress(e.delivery, meta)  # a progress and a preview event, before any final one
         except Exception as exc:  # noqa: BLE001 - previews are for watchers only
             log.warning("could not store previews: %r", exc)
         finally:
             with self._progress_lock:
                 self._previews_queued -= 1
 
-    def _step_callback(self, entries: list[Entry]) -> Callable[[int, int], list[str]]:
-        live = {e.job.id: e for e in entries}
+    def _step_callback(self, states: list[RequestState]) -> Callable[[int, int], list[str]]:
+        live = {e.id: e for e in states}
         gone: list[str] = []  # revoked so far: a retried part of the batch drops them again
         last = [0.0]
         progress_failed = [False]
 
         def on_step(step: int, total: int) -> list[str]:
-            dropped = [jid for jid, e in live.items() if e.req.id in worker_state.revoked]
-            for jid in dropped:
-                self.revoked(live.pop(jid))
+            dropped = [state_id for state_id, e in live.items() if e.delivery.id in worker_state.revoked]
+            for state_id in dropped:
+                self.revoked(live.pop(state_id))
             gone.extend(dropped)
             now = time.monotonic()
             if step < total and now - last[0] >= self.progress_interval_s:
@@ -428,11 +390,11 @@ class BatchExecutor:
                 stored = []
                 try:  # progress is for watchers: a backend outage must not fail the batch
                     for e in live.values():
-                        e.req.task.backend.store_result(
-                            e.req.id, {"step": step, "total": total}, "PROGRESS",
-                            request=e.req._context,
+                        e.delivery.task.backend.store_result(
+                            e.delivery.id, {"step": step, "total": total}, "PROGRESS",
+                            request=e.delivery._context,
                         )
-                        stored.append((e.req, {"step": step, "total": total}))
+                        stored.append((e.delivery, {"step": step, "total": total}))
                 except Exception as exc:  # noqa: BLE001
                     if not progress_failed[0]:
                         log.warning("could not store progress (step %d/%d): %r", step, total, exc)
@@ -442,8 +404,8 @@ class BatchExecutor:
 
         return on_step
 
-    def _report(self, entry: Entry, outcome: Outcome) -> None:
-        req = entry.req
+    def _report(self, state: RequestState, outcome: Outcome) -> None:
+        req = state.delivery
         if outcome.dropped:
             if not req._already_revoked:  # dropped without a revoke: report it
                 self._fail(req, GenerationError("request left its batch"))
@@ -456,23 +418,23 @@ class BatchExecutor:
                                                                      request=req._context)):
                 worker_state.task_ready(req)
                 return
-            callbacks.notify(req, states.SUCCESS, result=result)  # final event, webhook; before the ack
+            callbacks.notify(req, task_states.SUCCESS, result=result)  # final event, webhook; before the ack
             worker_state.task_ready(req, successful=True)
             self._ack(req)
             req.send_event("task-succeeded", result=_summary(result), runtime=runtime)
-            self.stats.record_outcome(states.SUCCESS, images=len(result.get("images", [])))
+            self.stats.record_outcome(task_states.SUCCESS, images=len(result.get("images", [])))
             return
         self._fail(req, outcome.error or GenerationError("unknown error"))
 
     def _fail(self, req: Request, error: BaseException) -> None:
-        self.stats.record_outcome(states.FAILURE)
+        self.stats.record_outcome(task_states.FAILURE)
         tb = "".join(traceback.format_exception(error))
         if not self._store(req, "its failure",
                            lambda: req.task.backend.mark_as_failure(req.id, error, traceback=tb,
                                                                     request=req._context)):
             worker_state.task_ready(req)
             return
-        callbacks.notify(req, states.FAILURE, error=error)  # final event, webhook; before the ack
+        callbacks.notify(req, task_states.FAILURE, error=error)  # final event, webhook; before the ack
         worker_state.task_ready(req)
         self._ack(req)
         req.send_event("task-failed", exception=repr(error), traceback=tb)

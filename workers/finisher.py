@@ -1,10 +1,11 @@
-"""The finishing thread: the CPU and network work that follows an engine batch.
+"""The finishing thread: the CPU and network work that follows an engine phase.
 
-The model thread hands each drawn batch over and starts the next one at once,
-so the GPU does not wait while the previous batch is encoded, stored, reported
-and acknowledged. The hand-over is bounded: besides the batch being finished,
-at most ``backlog`` batches wait, and the model thread blocks when the
-finisher falls further behind, which keeps memory and result latency bounded.
+The model thread hands each step output (``imagegenx.pipeline.StepOutput``)
+over and starts the next engine phase at once, so the GPU does not wait while
+the previous one's images are encoded, stored, reported and acknowledged. The
+hand-over is bounded: besides the step output being finished, at most
+``backlog`` wait, and the model thread blocks when the finisher falls further
+behind, which keeps memory and result latency bounded.
 """
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from imagegenx.pipeline import BatchPipeline, Job, resolve_request
+from imagegenx.pipeline import BatchPipeline, resolve_request
 from imagegenx.pipeline_factory import build_pipeline
+from imagegenx.request_state import RequestState
 from imagegenx.schemas import GenerateRequest
 from imagegenx.settings import Settings
 
@@ -30,8 +31,8 @@ def run_one(app: Any, request: dict[str, Any], task_id: str | None = None) -> di
     settings: Settings = app.imagegenx_settings
     pipeline = _pipeline(settings)
     parsed = GenerateRequest.model_validate(request, context={"limits": settings.limits})
-    job = Job(id=task_id or uuid.uuid4().hex, request=resolve_request(parsed, pipeline.engine.native_size))
-    outcome = pipeline.run([job])[job.id]
+    state = RequestState(task_id or uuid.uuid4().hex, resolve_request(parsed, pipeline.engine.native_size))
+    outcome = pipeline.run([state])[state.id]
     if outcome.error is not None:
         raise outcome.error
     assert outcome.result is not None

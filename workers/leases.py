@@ -31,7 +31,7 @@ class LeaseKeeper:
     def __init__(self, client: Any, held: Callable[[], Iterable[Any]],
                  visibility_timeout_s: float, name: str = "imagegenx-lease") -> None:
         self.client = client
-        self._held = held  # () -> entries held now (buffered and running): .req, .leased_at
+        self._held = held  # () -> request states held now (buffered, running, finishing)
         self.interval_s = max(0.25, visibility_timeout_s / 4.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
@@ -57,8 +57,8 @@ class LeaseKeeper:
         now = time.time()
         by_index: dict[str, dict[str, float]] = {}
         held = list(self._held())
-        for entry in held:
-            message = getattr(entry.req, "message", None)
+        for state in held:
+            message = getattr(state.delivery, "message", None)
             tag = getattr(message, "delivery_tag", None)
             qos = getattr(getattr(message, "channel", None), "qos", None)
             index = getattr(qos, "unacked_index_key", None)
@@ -73,7 +73,7 @@ class LeaseKeeper:
                 log.warning("could not refresh the visibility of %d messages: %r", len(scores), exc)
                 continue
             count += len(scores)
-        for entry in held:
-            entry.leased_at = now
+        for state in held:
+            state.leased_at = now
         self.renewals += 1
         return count

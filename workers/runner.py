@@ -50,7 +50,7 @@ class BatchRunner(ModelThread, Generic[T]):
     def snapshot(self) -> tuple[list[T], list[T]]:
         """(buffered, running) items, for inspection."""
         with self._cond:
-            buffered = [p.item for p in self.policy]
+            buffered = list(self.policy)
             running = self.running.items if self.running else []
         return buffered, running
 

@@ -42,13 +42,14 @@ from imagegenx.engine.base import is_step_engine
 from imagegenx.errors import GenerationError
 from imagegenx.gpu import GpuStat, visible_gpus
 from imagegenx.lora_catalog import LoraCatalog
-from imagegenx.pipeline import BatchPipeline, Job, batch_key, resolve_request, step_group
+from imagegenx.pipeline import BatchPipeline, batch_key, resolve_request, step_group
 from imagegenx.pipeline_factory import build_pipeline
+from imagegenx.request_state import RequestState
 from imagegenx.schemas import TENANT_HEADER, GenerateRequest
 from imagegenx.settings import Settings
 from imagegenx.step_scheduler import StepScheduler
 from workers.deliveries import Deliveries, DeliveryLedger
-from workers.executor import BatchExecutor, BatchStats, Entry
+from workers.executor import BatchExecutor, BatchStats
 from workers.leases import LeaseKeeper
 from workers.runner import BatchRunner
 from workers.step_runner import StepRunner
@@ -84,7 +85,7 @@ class WorkerRuntime:
                                               settings.sentinel_master)
         self.executor = BatchExecutor(self._get_pipeline, settings.progress_interval_s, self.stats,
                                       ledger=self.ledger)
-        self.runner: BatchRunner[Entry] | StepRunner
+        self.runner: BatchRunner[RequestState] | StepRunner
         if settings.scheduler == "step":
             self.runner = StepRunner(
                 # The scheduler counts UNet rows: max_batch images with guidance on every step.
@@ -117,10 +118,10 @@ class WorkerRuntime:
             self.leases.start()
         _current = self
 
-    def stop(self, requeue: Callable[[list[Entry]], None] | None = None) -> list[Entry]:
-        """Take no more batches, hand the buffered entries to ``requeue`` at once,
-        then let the running batch finish, and every drawn batch be stored,
-        reported and acknowledged. Returns the buffered entries."""
+    def stop(self, requeue: Callable[[list[RequestState]], None] | None = None) -> list[RequestState]:
+        """Take no more batches, hand the buffered requests to ``requeue`` at once,
+        then let the running batch finish, and every step output be stored,
+        reported and acknowledged. Returns the buffered requests."""
         global _current
         leftovers = self.runner.close()
         if requeue is not None:
@@ -134,7 +135,7 @@ class WorkerRuntime:
         self._stop_metrics()
         return leftovers
 
-    def _held(self) -> list[Entry]:
+    def _held(self) -> list[RequestState]:
         buffered, running = self.runner.snapshot()
         return buffered + running + self.executor.finishing()
 
@@ -168,12 +169,12 @@ class WorkerRuntime:
         assert self.pipeline is not None
         return self.pipeline
 
-    def drop_buffered(self) -> list[Entry]:
-        """Forget the buffered entries (their broker channel is gone; the broker
+    def drop_buffered(self) -> list[RequestState]:
+        """Forget the buffered requests (their broker channel is gone; the broker
         delivers their messages again). The running batch goes on."""
         dropped = self.runner.drop_buffered()
-        for entry in dropped:
-            worker_state.task_ready(entry.req)
+        for state in dropped:
+            worker_state.task_ready(state.delivery)
         return dropped
 
     # -- consumer thread -----------------------------------------------------
@@ -210,9 +211,9 @@ class WorkerRuntime:
             self._give_up(req, deliveries)
             return
         request = resolve_request(request, self.engine.native_size)
-        job = Job(id=req.id, request=request)
+        state = RequestState(req.id, request, delivery=req, redelivered=deliveries.redelivered)
         req.task.backend.store_result(
-            req.id, {"hostname": req.hostname, "received_at": job.received_at},
+            req.id, {"hostname": req.hostname, "received_at": state.received_at},
             states.RECEIVED, request=req._context,
         )
         step = isinstance(self.runner, StepRunner)
@@ -223,12 +224,11 @@ class WorkerRuntime:
             log.warning("%s ran in %d earlier deliveries whose worker was lost: it runs alone",
                         req.id, deliveries.started)
             key = (key, req.id)
-        entry = Entry(req, job, request.num_images, redelivered=deliveries.redelivered)
         if isinstance(self.runner, StepRunner):
             tenant = str((req.request_dict or {}).get(TENANT_HEADER) or "")
-            self.runner.add(entry, key, priority=request.priority, tenant=tenant)
+            self.runner.add(state, key, priority=request.priority, tenant=tenant)
         else:
-            self.runner.add(entry, key, request.num_images)
+            self.runner.add(state, key, request.num_images)
 
     def _give_up(self, req: Request, deliveries: Deliveries) -> None:
         error = GenerationError(
@@ -258,7 +258,7 @@ class WorkerRuntime:
         req.send_event("task-failed", exception=repr(error), traceback="")
 
     # -- inspection ----------------------------------------------------------
-    def runner_snapshot(self) -> tuple[list[Entry], list[Entry]]:
+    def runner_snapshot(self) -> tuple[list[RequestState], list[RequestState]]:
         return self.runner.snapshot()
 
     @property

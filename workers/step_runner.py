@@ -29,10 +29,11 @@ from celery.worker import state as worker_state
 from imagegenx import guidance
 from imagegenx.engine.base import StepEngine
 from imagegenx.errors import GenerationError
-from imagegenx.pipeline import BatchPipeline, Drawing, Drawn, Outcome, as_generation_error, is_out_of_memory, plan
+from imagegenx.pipeline import BatchPipeline, Outcome, StepOutput, as_generation_error, is_out_of_memory, plan
+from imagegenx.request_state import RequestState
 from imagegenx.schemas import BatchInfo
 from imagegenx.step_scheduler import StepPlan, StepScheduler
-from workers.executor import BatchExecutor, Entry
+from workers.executor import BatchExecutor
 from workers.model_thread import ModelThread
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,11 @@ RUN_SEGMENT_S = 10.0
 
 
 class StepRunner(ModelThread):
-    """The step loop over a :class:`StepScheduler` of :class:`Entry` records."""
+    """The step loop over a :class:`StepScheduler` of :class:`RequestState` records."""
 
     def __init__(
         self,
-        scheduler: StepScheduler[Entry],
+        scheduler: StepScheduler[RequestState],
         executor: BatchExecutor,
         pipeline: Callable[[], BatchPipeline],
         setup: Callable[[], None] = lambda: None,
@@ -83,29 +84,28 @@ class StepRunner(ModelThread):
 
     # -- consumer side -------------------------------------------------------
     @staticmethod
-    def reserved_rows(entry: Entry) -> int:
-        """UNet rows the scheduler counts for ``entry`` now: the most any of its
+    def reserved_rows(state: RequestState) -> int:
+        """UNet rows the scheduler counts for ``state`` now: the most any of its
         remaining steps runs (two per guided image, one per other image)."""
-        state = entry.denoising
-        reserved = getattr(state, "reserved_rows", None)
+        reserved = getattr(state.denoising, "reserved_rows", None)
         if reserved is not None:
             return int(reserved)
-        r = entry.job.request
+        r = state.request
         return r.num_images * guidance.reserved_rows(r.guidance_scale, r.resolved_interval(), 0, r.steps)
 
-    def add(self, entry: Entry, group: Hashable, *, priority: int = 0, tenant: str = "") -> None:
+    def add(self, state: RequestState, group: Hashable, *, priority: int = 0, tenant: str = "") -> None:
         with self._cond:
-            self.scheduler.add(entry, entry.req.id, group, self.reserved_rows(entry), self._clock(),
-                               priority=priority, tenant=tenant, steps=entry.job.request.steps,
-                               need=lambda: self.reserved_rows(entry))
+            self.scheduler.add(state, state.id, group, self.reserved_rows(state), self._clock(),
+                               priority=priority, tenant=tenant, steps=state.request.steps,
+                               need=lambda: self.reserved_rows(state))
             self._cond.notify()
 
-    def discard(self, predicate: Callable[[Entry], bool]) -> list[Entry]:
+    def discard(self, predicate: Callable[[RequestState], bool]) -> list[RequestState]:
         with self._cond:
             return self.scheduler.discard(predicate)
 
-    def snapshot(self) -> tuple[list[Entry], list[Entry]]:
-        """(waiting, running) entries, for inspection."""
+    def snapshot(self) -> tuple[list[RequestState], list[RequestState]]:
+        """(waiting, running) requests, for inspection."""
         with self._cond:
             return self.scheduler.waiting, self.scheduler.running
 
@@ -126,8 +126,8 @@ class StepRunner(ModelThread):
                 self.scheduler.max_wait = max_wait
             self._cond.notify()
 
-    def close(self) -> list[Entry]:
-        """Admit nothing more; return the waiting entries at once (oldest first).
+    def close(self) -> list[RequestState]:
+        """Admit nothing more; return the waiting requests at once (oldest first).
 
         The running requests finish their own steps: ``join`` waits for them.
         """
@@ -135,8 +135,8 @@ class StepRunner(ModelThread):
             self._begin_draining()
             return self.scheduler.drain()
 
-    def drop_buffered(self) -> list[Entry]:
-        """Remove and return the waiting entries, and keep running."""
+    def drop_buffered(self) -> list[RequestState]:
+        """Remove and return the waiting requests, and keep running."""
         with self._cond:
             return self.scheduler.drain()
 
@@ -151,7 +151,7 @@ class StepRunner(ModelThread):
             except Exception:  # noqa: BLE001 - never leave the loop; requests fail on their own
                 log.exception("step failed outside the engine")
 
-    def _next_plan(self) -> StepPlan[Entry] | None:
+    def _next_plan(self) -> StepPlan[RequestState] | None:
         with self._cond:
             while True:
                 if self.draining:
@@ -164,10 +164,10 @@ class StepRunner(ModelThread):
                 timeout = None if step.wake_at is None else max(0.0, step.wake_at - now)
                 self._cond.wait(timeout)
 
-    def _leave(self, entries: list[Entry]) -> None:
-        if entries:
+    def _leave(self, states: list[RequestState]) -> None:
+        if states:
             with self._cond:
-                self.scheduler.finish(e.req.id for e in entries)
+                self.scheduler.finish(e.id for e in states)
                 ended = not self.scheduler.running
             if ended:
                 self._close_run()
@@ -181,7 +181,7 @@ class StepRunner(ModelThread):
         stats.record_engine(self._run_engine_s)
         self._run_id = None
 
-    def _run(self, step: StepPlan[Entry]) -> None:
+    def _run(self, step: StepPlan[RequestState]) -> None:
         engine: Any = self._pipeline().engine
         gone = [e for e in step.admitted if e.denoising is None and not self._begin(engine, e)]
         running = [e for e in step.running if e not in gone]
@@ -190,7 +190,7 @@ class StepRunner(ModelThread):
             self._fail(stuck, GenerationError("the request could not be started"))
             running = [e for e in running if e.denoising is not None]
         revoked = [e for e in running
-                   if e.req.id in worker_state.revoked and self.executor.revoked(e)]
+                   if e.id in worker_state.revoked and self.executor.revoked(e)]
         running = [e for e in running if e not in revoked]
         self._leave(gone + revoked)
         if not running:
@@ -201,24 +201,24 @@ class StepRunner(ModelThread):
         if done:
             self._finish(engine, done)
 
-    def _begin(self, engine: StepEngine, entry: Entry) -> bool:
+    def _begin(self, engine: StepEngine, state: RequestState) -> bool:
         """Start a newly admitted request; False when it leaves at once."""
-        if self.executor.revoked(entry) or self.executor.finished_before(entry):
+        if self.executor.revoked(state) or self.executor.finished_before(state):
             return False
         try:
-            self.executor.accept([entry])
-            entry.admitted_at = time.perf_counter()
-            entry.started_at = time.time()
-            spec, _ = plan([entry.job])
-            entry.denoising = engine.begin(spec)
+            self.executor.accept([state])
+            state.admitted_at = time.perf_counter()
+            state.started_at = time.time()
+            spec, _ = plan([state])
+            state.denoising = engine.begin(spec)
         except Exception as exc:  # noqa: BLE001 - e.g. a prompt that cannot be encoded
-            log.error("request %s could not start: %r", entry.req.id, exc)
-            self._fail([entry], as_generation_error(exc))
+            log.error("request %s could not start: %r", state.id, exc)
+            self._fail([state], as_generation_error(exc))
             return False
         return True
 
-    def _execute(self, engine: StepEngine, running: list[Entry]) -> list[Entry]:
-        """One UNet call for ``running``; the entries that advanced."""
+    def _execute(self, engine: StepEngine, running: list[RequestState]) -> list[RequestState]:
+        """One UNet call for ``running``; the requests that advanced."""
         rows = sum(e.images for e in running)
         model_rows = sum(getattr(e.denoising, "unet_rows", 2 * e.images) for e in running)
         t0 = time.perf_counter()
@@ -247,8 +247,8 @@ class StepRunner(ModelThread):
             e.peak_requests = max(e.peak_requests, len(running))
         return running
 
-    def _recover(self, engine: StepEngine, running: list[Entry], rows: int,
-                 exc: Exception) -> list[Entry]:
+    def _recover(self, engine: StepEngine, running: list[RequestState], rows: int,
+                 exc: Exception) -> list[RequestState]:
         if is_out_of_memory(exc):
             if len(running) == 1:
                 images = sum(e.images for e in running)
@@ -259,7 +259,7 @@ class StepRunner(ModelThread):
             self._lower_limit(rows, running)
             return []  # nothing moved: the rows that fit run at the next call
         if len(running) == 1:
-            log.error("request %s failed: %r", running[0].req.id, exc)
+            log.error("request %s failed: %r", running[0].id, exc)
             self._fail(running, as_generation_error(exc))
             return []
         log.warning("step of %d requests failed (%r); running each request alone", len(running), exc)
@@ -268,7 +268,7 @@ class StepRunner(ModelThread):
             advanced += self._execute(engine, [e])
         return advanced
 
-    def _lower_limit(self, rows: int, running: list[Entry]) -> None:
+    def _lower_limit(self, rows: int, running: list[RequestState]) -> None:
         """After an out-of-memory call of ``rows`` UNet rows: fewer rows from now on,
         and the requests admitted last go back to waiting until they fit."""
         ok = self.largest_ok_rows if self.largest_ok_rows < rows else 0
@@ -284,44 +284,41 @@ class StepRunner(ModelThread):
                 used += need
         with self._cond:
             self.scheduler.max_rows = min(self.scheduler.max_rows, limit)
-            self.scheduler.requeue(e.req.id for e in running if e not in keep)
+            self.scheduler.requeue(e.id for e in running if e not in keep)
 
-    def _finish(self, engine: StepEngine, done: list[Entry]) -> None:
+    def _finish(self, engine: StepEngine, done: list[RequestState]) -> None:
         """Decode the finished requests together and hand them to the finishing thread."""
         t0 = time.perf_counter()
-        jobs = [e.job for e in done]
-        drawn = Drawn(jobs)
+        output = StepOutput(done)
         try:
             images = engine.decode([e.denoising for e in done])
         except Exception as exc:  # noqa: BLE001 - decode once per request to find the culprit
             exc.__traceback__ = None
             self._pipeline().release_memory()
-            images = [self._decode_alone(engine, e, drawn) for e in done]
+            images = [self._decode_alone(engine, e, output) for e in done]
         for e, imgs in zip(done, images):
             if imgs is None:
                 continue
             info = BatchInfo(id=e.run_id, size=e.peak_rows, requests=e.peak_requests)
-            drawn.drawings[e.job.id] = Drawing(e.job, imgs, info, e.started_at,
-                                               time.perf_counter() - e.admitted_at)
+            output.outcomes[e.id] = Outcome(imgs, info, e.started_at, time.perf_counter() - e.admitted_at)
             e.denoising = None  # the latents are no longer needed
         pipeline = self._pipeline()
         if pipeline.upscaler.runs_on_device:
-            pipeline.upscale_on_device(drawn)
+            pipeline.upscale_on_device(output)
         self._leave(done)  # records the run when it ends, before the results go out
-        self.executor.hand_over(done, drawn, t0, record=False)  # the run is the batch
+        self.executor.hand_over(output, t0, record=False)  # the run is the batch
 
-    def _decode_alone(self, engine: StepEngine, entry: Entry, drawn: Drawn) -> list[Any] | None:
+    def _decode_alone(self, engine: StepEngine, state: RequestState, output: StepOutput) -> list[Any] | None:
         try:
-            return engine.decode([entry.denoising])[0]
+            return engine.decode([state.denoising])[0]
         except Exception as exc:  # noqa: BLE001 - this request fails alone
-            log.error("request %s could not be decoded: %r", entry.req.id, exc)
-            drawn.outcomes[entry.job.id] = Outcome(error=as_generation_error(exc))
+            log.error("request %s could not be decoded: %r", state.id, exc)
+            output.outcomes[state.id] = Outcome(error=as_generation_error(exc))
             return None
 
-    def _fail(self, entries: list[Entry], error: Exception) -> None:
+    def _fail(self, states: list[RequestState], error: Exception) -> None:
         """End requests with ``error`` on the finishing thread (stored, then acked)."""
-        self._leave(entries)
-        for e in entries:
+        self._leave(states)
+        for e in states:
             e.denoising = None
-        self.executor.hand_over(entries, Drawn.failed([e.job for e in entries], error),
-                                time.perf_counter(), record=False)
+        self.executor.hand_over(StepOutput.failed(states, error), time.perf_counter(), record=False)

@@ -16,7 +16,8 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class Sample:
-    """One image to draw: everything that may differ inside a batch."""
+    """One image to draw (a row of a UNet call; ``imagegenx.request_state`` has
+    the worker's vocabulary): everything that may differ inside a batch."""
 
     prompt: str
     seed: int

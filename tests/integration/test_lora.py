@@ -28,7 +28,8 @@ from imagegenx.engine.lora import LoraLibrary, LoraMerger  # noqa: E402
 from imagegenx.engine.samplers import make_scheduler  # noqa: E402
 from imagegenx.errors import GenerationError  # noqa: E402
 from imagegenx.lora_catalog import LoraCatalog, LoraNotFound  # noqa: E402
-from imagegenx.pipeline import BatchPipeline, Job  # noqa: E402
+from imagegenx.pipeline import BatchPipeline  # noqa: E402
+from imagegenx.request_state import RequestState  # noqa: E402
 from imagegenx.schemas import GenerateRequest  # noqa: E402
 from imagegenx.storage import LocalStorage  # noqa: E402
 from tests.integration.lora_files import write_kohya, write_lora  # noqa: E402
@@ -152,7 +153,7 @@ def test_unknown_name_fails_the_request_with_a_clear_error(engine: DiffusionEngi
         engine.generate(BatchSpec(64, 64, 2, "euler", (CAT,), loras=(("nope", 1.0),)))
     pipeline = BatchPipeline(engine, LocalStorage(tmp_path), "http://x", "tiny")
     request = GenerateRequest(prompt="x", seed=1, width=64, height=64, steps=2, lora="nope")
-    outcome = pipeline.run([Job("j1", request)])["j1"]
+    outcome = pipeline.run([RequestState("j1", request)])["j1"]
     assert isinstance(outcome.error, GenerationError) and "unknown LoRA 'nope'" in str(outcome.error)
 
 

@@ -16,7 +16,8 @@ from imagegenx.engine.synthetic import (
     SyntheticEngine,
     parse_faults,
 )
-from imagegenx.pipeline import BatchPipeline, Job, is_out_of_memory
+from imagegenx.pipeline import BatchPipeline, is_out_of_memory
+from imagegenx.request_state import RequestState
 from imagegenx.schemas import GenerateRequest
 from imagegenx.settings import Settings
 from imagegenx.storage import LocalStorage
@@ -56,9 +57,9 @@ def test_out_of_memory_is_recognised_by_name() -> None:
     assert not is_out_of_memory(RuntimeError("something else"))
 
 
-def jobs(*prompts: str, images: int = 1) -> list[Job]:
-    return [Job(id=f"j{i}", request=GenerateRequest(prompt=p, seed=i, width=64, height=64,
-                                                   steps=2, num_images=images))
+def states(*prompts: str, images: int = 1) -> list[RequestState]:
+    return [RequestState(f"j{i}", GenerateRequest(prompt=p, seed=i, width=64, height=64,
+                                                  steps=2, num_images=images))
             for i, p in enumerate(prompts)]
 
 
@@ -67,20 +68,20 @@ def pipeline(tmp_path: Path, faults: str) -> BatchPipeline:
 
 
 def test_the_request_that_breaks_its_batch_fails_alone(tmp_path: Path) -> None:
-    out = pipeline(tmp_path, "raise:POISON").run(jobs("a", "b", "POISON c", "d", "e"))
+    out = pipeline(tmp_path, "raise:POISON").run(states("a", "b", "POISON c", "d", "e"))
     assert "injected fault" in str(out["j2"].error)
     assert all(out[f"j{i}"].result is not None for i in (0, 1, 3, 4))
 
 
 def test_out_of_memory_halves_and_remembers_the_limit(tmp_path: Path) -> None:
     p = pipeline(tmp_path, "oom:3")
-    out = p.run(jobs(*"abcdefgh"))
+    out = p.run(states(*"abcdefgh"))
     assert all(o.result is not None for o in out.values())
     assert {o.result.batch.size for o in out.values() if o.result} == {2}
     assert p.image_limit == 2  # 8 failed -> 4, 4 failed -> 2
-    out = p.run(jobs(*"abcde"))  # cut to fit before running: no new failure
+    out = p.run(states(*"abcde"))  # cut to fit before running: no new failure
     assert [o.result.batch.size for o in out.values() if o.result] == [2, 2, 2, 2, 1]
-    out = p.run(jobs("big", images=4))  # alone and too large: fails, limit kept
+    out = p.run(states("big", images=4))  # alone and too large: fails, limit kept
     assert "out of memory with 4 images in one batch" in str(out["j0"].error)
     assert p.image_limit == 2
 
@@ -114,7 +115,8 @@ def test_batch_setup_error_fails_the_batch_at_once_without_bisection(tmp_path: P
     one request and not a matter of size: one engine call, every request fails,
     and no image limit is learnt, even when it was out of memory."""
     from imagegenx.errors import BatchSetupError
-    from imagegenx.pipeline import BatchPipeline, Job
+    from imagegenx.pipeline import BatchPipeline
+    from imagegenx.request_state import RequestState
     from imagegenx.schemas import GenerateRequest
     from imagegenx.storage import LocalStorage
 
@@ -127,8 +129,8 @@ def test_batch_setup_error_fails_the_batch_at_once_without_bisection(tmp_path: P
             raise BatchSetupError("out of memory merging LoRAs ['style']")
 
     pipe = BatchPipeline(SetupFails(), LocalStorage(tmp_path), "http://x", "m")  # type: ignore[arg-type]
-    jobs = [Job(id=f"j{i}", request=GenerateRequest(prompt="p", seed=i, width=64, height=64)) for i in range(4)]
-    out = pipe.run(jobs)
+    out = pipe.run([RequestState(f"j{i}", GenerateRequest(prompt="p", seed=i, width=64, height=64))
+                    for i in range(4)])
     assert SetupFails.calls == 1
     assert all("merging LoRAs" in str(o.error) for o in out.values())
     assert pipe.image_limit is None

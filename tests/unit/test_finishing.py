@@ -11,19 +11,20 @@ from typing import Any
 
 from PIL import Image
 
-from imagegenx.batching import Batch, Pending
+from imagegenx.batching import Batch
 from imagegenx.engine.base import BatchSpec, StepCallback
 from imagegenx.engine.synthetic import SyntheticEngine
-from imagegenx.pipeline import BatchPipeline, Job
+from imagegenx.pipeline import BatchPipeline
+from imagegenx.request_state import RequestState
 from imagegenx.schemas import GenerateRequest
 from imagegenx.storage import LocalStorage
-from workers.executor import BatchExecutor, Entry
+from workers.executor import BatchExecutor
 from workers.finisher import Finisher
 
 
-def jobs(*prompts: str, images: int = 1, prefix: str = "j") -> list[Job]:
-    return [Job(id=f"{prefix}{i}", request=GenerateRequest(prompt=p, seed=i, width=64, height=64,
-                                                           steps=2, num_images=images))
+def states(*prompts: str, images: int = 1, prefix: str = "j") -> list[RequestState]:
+    return [RequestState(f"{prefix}{i}", GenerateRequest(prompt=p, seed=i, width=64, height=64,
+                                                         steps=2, num_images=images))
             for i, p in enumerate(prompts)]
 
 
@@ -85,14 +86,14 @@ class Storage:
 def comparable(outcomes: dict[str, Any]) -> dict[str, Any]:
     """Outcomes without what differs between runs (batch ids, timings)."""
     out = {}
-    for job_id, o in outcomes.items():
+    for state_id, o in outcomes.items():
         if o.result is None:
-            out[job_id] = (o.dropped, str(o.error))
+            out[state_id] = (o.dropped, str(o.error))
             continue
         r = o.result.model_dump()
         r["batch"].pop("id")
         assert set(r.pop("timings")) == {"queued_s", "engine_s", "postprocess_s"}
-        out[job_id] = r
+        out[state_id] = r
     return out
 
 
@@ -100,11 +101,12 @@ def comparable(outcomes: dict[str, Any]) -> dict[str, Any]:
 def test_draw_then_finish_equals_run(tmp_path: Path) -> None:
     a = BatchPipeline(SyntheticEngine(faults="raise:POISON"), LocalStorage(tmp_path / "a"), "http://x", "m")
     b = BatchPipeline(SyntheticEngine(faults="raise:POISON"), LocalStorage(tmp_path / "b"), "http://x", "m")
-    batch = jobs("a", "POISON b", "c", images=2)
-    drawn = b.draw(batch)
-    assert set(drawn.drawings) == {"j0", "j2"} and set(drawn.outcomes) == {"j1"}
+    batch = states("a", "POISON b", "c", images=2)
+    output = b.draw(batch)
+    assert [state.id for state, _ in output.drawn_requests()] == ["j0", "j2"]
+    assert set(output.outcomes) == {"j0", "j1", "j2"} and not output.outcomes["j1"].drawn
     assert not list((tmp_path / "b").rglob("*.png"))  # nothing stored before finish
-    split = b.finish(drawn)
+    split = b.finish(output)
     whole = a.run(batch)
     assert list(split) == list(whole) == ["j0", "j1", "j2"]
     assert comparable(split) == comparable(whole)
@@ -116,7 +118,7 @@ def test_draw_then_finish_equals_run(tmp_path: Path) -> None:
 def test_a_storage_failure_fails_only_its_job_and_the_engine_runs_once() -> None:
     engine = RecordingEngine()
     storage = Storage(fail="j1/")
-    out = BatchPipeline(engine, storage, "http://x", "m").run(jobs("a", "b", "c"))  # type: ignore[arg-type]
+    out = BatchPipeline(engine, storage, "http://x", "m").run(states("a", "b", "c"))  # type: ignore[arg-type]
     assert engine.calls == 1
     assert "disk full" in str(out["j1"].error) and out["j1"].result is None
     assert out["j0"].result is not None and out["j2"].result is not None
@@ -126,13 +128,13 @@ def test_a_storage_failure_fails_only_its_job_and_the_engine_runs_once() -> None
 
 def test_prepared_images_are_the_ones_stored() -> None:
     class Doubling(BatchPipeline):
-        def _prepare_images(self, job: Job, images: list[Image.Image]) -> list[Image.Image]:
-            if job.id == "j1":
+        def _prepare_images(self, state: RequestState, images: list[Image.Image]) -> list[Image.Image]:
+            if state.id == "j1":
                 raise RuntimeError("upscaler broke")
             return [im.resize((im.width * 2, im.height * 2)) for im in images]
 
     engine = RecordingEngine()
-    out = Doubling(engine, Storage(), "http://x", "m").run(jobs("a", "b"))  # type: ignore[arg-type]
+    out = Doubling(engine, Storage(), "http://x", "m").run(states("a", "b"))  # type: ignore[arg-type]
     assert engine.calls == 1
     assert out["j0"].result is not None and out["j0"].result.images[0].width == 128
     assert "upscaler broke" in str(out["j1"].error)
@@ -219,9 +221,11 @@ class RevocableRequest(FakeRequest):
         return True
 
 
-def batch_of(batch_jobs: list[Job], backend: Backend, request: type[FakeRequest] = FakeRequest) -> Batch[Entry]:
-    entries = [Entry(request(j.id, backend), j, 1) for j in batch_jobs]  # type: ignore[arg-type]
-    return Batch("k", [Pending(e, "k", 1, 0.0) for e in entries])
+def batch_of(states: list[RequestState], backend: Backend,
+             request: type[FakeRequest] = FakeRequest) -> Batch[RequestState]:
+    for s in states:
+        s.delivery = request(s.id, backend)
+    return Batch("k", states, sum(s.images for s in states))
 
 
 def test_the_next_engine_run_overlaps_the_previous_batch_s_finishing() -> None:
@@ -231,7 +235,7 @@ def test_the_next_engine_run_overlaps_the_previous_batch_s_finishing() -> None:
     pipeline = BatchPipeline(engine, storage, "http://x", "m")  # type: ignore[arg-type]
     backend = Backend(events)
     executor = BatchExecutor(lambda: pipeline, progress_interval_s=60.0)
-    batches = [batch_of(jobs("x", "y", prefix=f"b{n}-"), backend) for n in range(3)]
+    batches = [batch_of(states("x", "y", prefix=f"b{n}-"), backend) for n in range(3)]
     for b in batches:  # as the model thread does
         executor(b)
     assert executor.close(30)
@@ -239,9 +243,9 @@ def test_the_next_engine_run_overlaps_the_previous_batch_s_finishing() -> None:
     assert len(starts) == 3
     for n in (0, 1):  # batch n+1's engine run started before batch n's last file was stored
         assert starts[n + 1] < events.index("put", f"b{n}-1/0.thumb.png")
-    ids = [e.req.id for b in batches for e in b.items]
+    ids = [e.delivery.id for b in batches for e in b.items]
     assert all(backend.states[i] == "SUCCESS" for i in ids)
-    assert all(e.req.acked for b in batches for e in b.items)  # type: ignore[attr-defined]
+    assert all(e.delivery.acked for b in batches for e in b.items)  # type: ignore[attr-defined]
     for i in ids:  # acknowledged only after the result is stored
         assert events.index("done", i) < events.index("ack", i)
     assert executor.stats.batches == 3 and executor.stats.succeeded == 6
@@ -252,17 +256,17 @@ def test_a_broken_finish_still_reports_every_request() -> None:
     events = Events()
     pipeline = BatchPipeline(RecordingEngine(events), Storage(events), "http://x", "m")  # type: ignore[arg-type]
 
-    def broken(drawn: Any) -> Any:
+    def broken(output: Any) -> Any:
         raise RuntimeError("render pool gone")
 
     pipeline.finish = broken  # type: ignore[method-assign]
     backend = Backend(events)
     executor = BatchExecutor(lambda: pipeline, progress_interval_s=60.0)
-    batch = batch_of(jobs("a", "b"), backend)
+    batch = batch_of(states("a", "b"), backend)
     executor(batch)
     assert executor.drain(10)
     assert backend.states == {"j0": "FAILURE", "j1": "FAILURE"}
-    assert all(e.req.acked for e in batch.items)  # type: ignore[attr-defined]
+    assert all(e.delivery.acked for e in batch.items)  # type: ignore[attr-defined]
     executor.close(5)
 
 
@@ -274,12 +278,12 @@ def test_a_request_revoked_while_its_batch_waits_to_be_finished_ends_revoked() -
     backend = Backend(events)
 
     executor = BatchExecutor(lambda: pipeline, progress_interval_s=60.0)
-    batch = batch_of(jobs("a", "b", prefix="rv-"), backend, RevocableRequest)
+    batch = batch_of(states("a", "b", prefix="rv-"), backend, RevocableRequest)
     finish = pipeline.finish
 
-    def revoke_first_then_finish(drawn: Any) -> Any:  # the revoke arrives after the engine ran
+    def revoke_first_then_finish(output: Any) -> Any:  # the revoke arrives after the engine ran
         worker_state.revoked.add("rv-0")
-        return finish(drawn)
+        return finish(output)
 
     pipeline.finish = revoke_first_then_finish  # type: ignore[method-assign]
     try:
@@ -288,7 +292,7 @@ def test_a_request_revoked_while_its_batch_waits_to_be_finished_ends_revoked() -
     finally:
         worker_state.revoked.discard("rv-0")
     assert backend.states == {"rv-0": "REVOKED", "rv-1": "SUCCESS"}
-    assert all(e.req.acked for e in batch.items)  # type: ignore[attr-defined]
+    assert all(e.delivery.acked for e in batch.items)  # type: ignore[attr-defined]
     assert executor.stats.revoked == 1 and executor.stats.succeeded == 1
 
 
@@ -316,7 +320,7 @@ def test_a_request_revoked_mid_run_stays_revoked_when_its_batch_is_retried_in_ha
     pipeline = BatchPipeline(engine, storage, "http://x", "m")  # type: ignore[arg-type]
     executor = BatchExecutor(lambda: pipeline, progress_interval_s=60.0)
     try:
-        executor(batch_of(jobs("a", "b", prefix="rb-"), backend, RevocableRequest))
+        executor(batch_of(states("a", "b", prefix="rb-"), backend, RevocableRequest))
         assert executor.close(10)
     finally:
         worker_state.revoked.discard("rb-0")

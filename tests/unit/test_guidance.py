@@ -49,7 +49,8 @@ def test_bad_intervals_are_refused(text: str) -> None:
 
 def test_an_unset_interval_takes_the_server_default() -> None:
     from imagegenx.engine.base import Sample
-    from imagegenx.pipeline import Job, plan
+    from imagegenx.pipeline import plan
+    from imagegenx.request_state import RequestState
     from imagegenx.schemas import GenerateRequest, Limits
 
     limits = Limits(guidance_interval=(0.0, 0.4))
@@ -65,7 +66,7 @@ def test_an_unset_interval_takes_the_server_default() -> None:
     assert own.guidance_interval == (0.1, 0.6)
     assert Sample("x", 1).guidance_interval == (0.0, 1.0)
     resolved = own.model_copy(update={"seed": 5, "width": 64, "height": 64, "num_images": 2})
-    spec, _ = plan([Job("j", resolved)])
+    spec, _ = plan([RequestState("j", resolved)])
     assert [s.guidance_interval for s in spec.samples] == [(0.1, 0.6), (0.1, 0.6)]
 
 

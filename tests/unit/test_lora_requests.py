@@ -11,7 +11,8 @@ from flask.testing import FlaskClient
 
 from imagegenx.api import create_app
 from imagegenx.lora_catalog import LoraCatalog, LoraNotFound
-from imagegenx.pipeline import Job, batch_key, plan
+from imagegenx.pipeline import batch_key, plan
+from imagegenx.request_state import RequestState
 from imagegenx.schemas import GenerateRequest
 from imagegenx.settings import Settings
 from tests.service import drop_queues
@@ -122,9 +123,9 @@ def test_lora_sets_are_part_of_the_batch_key() -> None:
 
 
 def test_plan_carries_the_set_into_the_engine_batch() -> None:
-    spec, _ = plan([Job("a", resolved(lora=["ink", "anime"], lora_weight=[-0.5, 1]))])
+    spec, _ = plan([RequestState("a", resolved(lora=["ink", "anime"], lora_weight=[-0.5, 1]))])
     assert spec.loras == (("anime", 1.0), ("ink", -0.5))
-    assert plan([Job("b", resolved())])[0].loras == ()
+    assert plan([RequestState("b", resolved())])[0].loras == ()
 
 
 def test_catalog_reads_the_folder_only_for_named_loras_and_reports_unreadable_ones(tmp_path: Path) -> None:

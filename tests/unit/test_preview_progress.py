@@ -7,9 +7,9 @@ from typing import Any
 
 from imagegenx.engine.base import BatchSpec, Sample
 from imagegenx.engine.synthetic import SyntheticEngine
-from imagegenx.pipeline import Job
+from imagegenx.request_state import RequestState
 from imagegenx.schemas import GenerateRequest
-from workers.executor import BatchExecutor, Entry
+from workers.executor import BatchExecutor
 
 
 class Backend:
@@ -39,25 +39,24 @@ class CountingEngine(SyntheticEngine):
         return super().preview(states)
 
 
-def entry(engine: SyntheticEngine, backend: Backend, name: str, steps: int, preview: int | None,
-          images: int = 1) -> Entry:
+def request_state(engine: SyntheticEngine, backend: Backend, name: str, steps: int, preview: int | None,
+          images: int = 1) -> RequestState:
     body: dict[str, Any] = {"prompt": name, "seed": 1, "width": 64, "height": 64, "steps": steps,
                             "num_images": images}
     if preview:
         body["preview"] = {"every": preview}
-    job = Job(id=name, request=GenerateRequest.model_validate(body))
-    e = Entry(Req(name, backend), job, images)  # type: ignore[arg-type]
+    e = RequestState(name, GenerateRequest.model_validate(body), delivery=Req(name, backend))
     e.denoising = engine.begin(BatchSpec(64, 64, steps, "euler",
                                          tuple(Sample(name, 1 + i) for i in range(images))))
     return e
 
 
-def run(executor: BatchExecutor, engine: SyntheticEngine, entries: list[Entry], steps: int,
+def run(executor: BatchExecutor, engine: SyntheticEngine, states: list[RequestState], steps: int,
         clock: list[float]) -> None:
     for _ in range(steps):
-        engine.step([e.denoising for e in entries if not e.denoising.done])
+        engine.step([e.denoising for e in states if not e.denoising.done])
         clock[0] += 0.1
-        executor.progress(entries, clock[0], engine)
+        executor.progress(states, clock[0], engine)
         assert executor._preview_pool.submit(lambda: None).result(5) is None  # let the thread catch up
 
 
@@ -65,8 +64,8 @@ def test_previews_only_for_the_rows_that_asked_at_their_steps() -> None:
     backend, engine = Backend(), CountingEngine()
     executor = BatchExecutor(lambda: None, progress_interval_s=0.0)  # type: ignore[arg-type,return-value]
     try:
-        a = entry(engine, backend, "a", 10, preview=3, images=2)
-        b = entry(engine, backend, "b", 10, preview=None)
+        a = request_state(engine, backend, "a", 10, preview=3, images=2)
+        b = request_state(engine, backend, "b", 10, preview=None)
         run(executor, engine, [a, b], 10, [0.0])
     finally:
         executor.close(5)
@@ -87,7 +86,7 @@ def test_a_due_preview_waits_for_the_progress_interval_instead_of_being_dropped(
     backend, engine = Backend(), CountingEngine()
     executor = BatchExecutor(lambda: None, progress_interval_s=0.25)  # type: ignore[arg-type,return-value]
     try:
-        a = entry(engine, backend, "a", 12, preview=2)
+        a = request_state(engine, backend, "a", 12, preview=2)
         run(executor, engine, [a], 12, [0.0])  # 0.1 s a step: progress at steps 1, 4, 7, 10
     finally:
         executor.close(5)

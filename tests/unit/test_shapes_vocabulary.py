@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from imagegenx.engine.synthetic import SyntheticEngine
-from imagegenx.pipeline import BatchPipeline, Job
+from imagegenx.pipeline import BatchPipeline
+from imagegenx.request_state import RequestState
 from imagegenx.schemas import GenerateRequest
 from imagegenx.settings import Settings
 from imagegenx.shapes.captions import evaluation_prompts
@@ -26,7 +27,7 @@ def test_words_outside_the_captions_are_named_once_in_order() -> None:
 def test_the_pipeline_puts_the_warning_in_the_result(tmp_path: Path) -> None:
     def run(pipe: BatchPipeline) -> list[str]:
         req = GenerateRequest(prompt="a cat in Paris", seed=1, width=64, height=64, steps=2)
-        return pipe.run([Job(id="a", request=req)])["a"].result.warnings  # type: ignore[union-attr]
+        return pipe.run([RequestState(id="a", request=req)])["a"].result.warnings  # type: ignore[union-attr]
 
     storage = LocalStorage(tmp_path)
     assert run(BatchPipeline(SyntheticEngine(), storage, "http://x", "shapes",

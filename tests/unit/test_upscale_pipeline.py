@@ -11,15 +11,16 @@ import pytest
 from PIL import Image
 
 from imagegenx.engine.synthetic import SyntheticEngine
-from imagegenx.pipeline import BatchPipeline, Job
+from imagegenx.pipeline import BatchPipeline
+from imagegenx.request_state import RequestState
 from imagegenx.schemas import GenerateRequest
 from imagegenx.storage import LocalStorage
 from imagegenx.upscale import LanczosUpscaler
 
 
-def job(job_id: str, upscale: int, images: int = 1) -> Job:
-    return Job(id=job_id, request=GenerateRequest(
-        prompt=f"prompt {job_id}", seed=1, width=64, height=64, steps=2, num_images=images,
+def request_state(state_id: str, upscale: int, images: int = 1) -> RequestState:
+    return RequestState(id=state_id, request=GenerateRequest(
+        prompt=f"prompt {state_id}", seed=1, width=64, height=64, steps=2, num_images=images,
         postprocess={"upscale": upscale}))
 
 
@@ -47,7 +48,7 @@ class DeviceUpscaler:
 def test_lanczos_upscale_enlarges_stored_images_and_results(tmp_path: Path) -> None:
     pipe = BatchPipeline(SyntheticEngine(), LocalStorage(tmp_path), "http://x", "m")
     assert isinstance(pipe.upscaler, LanczosUpscaler)
-    out = pipe.run([job("a", 2, images=2), job("b", 1), job("c", 4)])
+    out = pipe.run([request_state("a", 2, images=2), request_state("b", 1), request_state("c", 4)])
     sizes = {jid: [(im.width, im.height) for im in o.result.images] for jid, o in out.items()}
     assert sizes == {"a": [(128, 128), (128, 128)], "b": [(64, 64)], "c": [(256, 256)]}
     assert stored_size(tmp_path, "a/1.png") == (128, 128)
@@ -58,10 +59,10 @@ def test_lanczos_upscale_enlarges_stored_images_and_results(tmp_path: Path) -> N
 def test_device_upscaler_runs_once_per_batch_after_the_engine(tmp_path: Path) -> None:
     up = DeviceUpscaler()
     pipe = BatchPipeline(SyntheticEngine(), LocalStorage(tmp_path), "http://x", "m", upscaler=up)
-    drawn = pipe.draw([job("a", 2, images=2), job("b", 1), job("c", 4)])
+    output = pipe.draw([request_state("a", 2, images=2), request_state("b", 1), request_state("c", 4)])
     assert up.calls == [[2, 2, 4]]  # one call, only the images that ask for it
-    assert drawn.drawings["a"].images[0].size == (128, 128)  # enlarged before the finisher
-    out = pipe.finish(drawn)
+    assert output.outcomes["a"].images[0].size == (128, 128)  # enlarged before the finisher
+    out = pipe.finish(output)
     assert [im.width for im in out["c"].result.images] == [256]
     assert [im.width for im in out["b"].result.images] == [64]
     assert up.calls == [[2, 2, 4]]  # the finisher does not enlarge again
@@ -73,7 +74,7 @@ def test_device_upscaler_failure_fails_only_the_jobs_that_asked(tmp_path: Path) 
     generate = engine.generate
     engine.generate = lambda spec, on_step=None: calls.append(spec) or generate(spec, on_step)  # type: ignore[method-assign]
     pipe = BatchPipeline(engine, LocalStorage(tmp_path), "http://x", "m", upscaler=DeviceUpscaler(fail=True))
-    out = pipe.run([job("a", 2), job("b", 1)])
+    out = pipe.run([request_state("a", 2), request_state("b", 1)])
     assert out["b"].result is not None
     assert out["a"].result is None and "upscaling failed" in str(out["a"].error)
     assert len(calls) == 1  # the engine did not run again for the failed upscale
@@ -105,7 +106,7 @@ def test_device_upscaler_out_of_memory_retries_once_per_request(tmp_path: Path) 
 
     up = Tight()
     pipe = BatchPipeline(SyntheticEngine(), LocalStorage(tmp_path), "http://x", "m", upscaler=up)
-    out = pipe.run([job("a", 2, images=2), job("b", 4), job("c", 2, images=3)])
+    out = pipe.run([request_state("a", 2, images=2), request_state("b", 4), request_state("c", 2, images=3)])
     assert up.calls == [[2, 2, 4, 2, 2, 2], [2, 2], [4], [2, 2, 2]]
     assert [im.width for im in out["a"].result.images] == [128, 128]
     assert [im.width for im in out["b"].result.images] == [256]
