@@ -69,6 +69,11 @@ def celery_config(settings: Settings) -> dict[str, object]:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": restore_interval_s(settings),
             "unacked_restore_throttle": 1,
+            # The sweep holds a lock in Redis; a worker killed inside a sweep
+            # leaves it behind until it expires (kombu's default: 300 s, five
+            # minutes without any redelivery). A sweep takes milliseconds, and
+            # restoring a message is one transaction, so a short expiry is safe.
+            "unacked_mutex_expire": SWEEP_LOCK_EXPIRE_S,
             "socket_connect_timeout": 2.0,
             "socket_timeout": 10.0,
         },
@@ -93,6 +98,10 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
     }
+
+
+# Seconds a dead worker's sweep lock can delay redelivery (see broker_transport_options).
+SWEEP_LOCK_EXPIRE_S = 5
 
 
 def restore_interval_s(settings: Settings) -> int:

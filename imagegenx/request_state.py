@@ -42,6 +42,9 @@ class RequestState:
     # Delivered before (another worker, or this one before a reconnect, may
     # have finished it): the result backend is checked again before it runs.
     redelivered: bool = False
+    # It ran before on a worker that was lost (it may be what kills workers): it
+    # runs alone, and only once every request before it is stored and acknowledged.
+    suspect: bool = False
     # Last time this worker recorded the message as delivered now (workers.leases).
     leased_at: float = 0.0
     # Step scheduler: the engine's state of its trajectory (None until admitted),

@@ -268,7 +268,13 @@ class BatchExecutor:
         return True
 
     def accept(self, states: list[RequestState]) -> None:
-        """The requests start running: worker state, task-started, STARTED, delivery count."""
+        """The requests start running: worker state, task-started, STARTED, delivery count.
+
+        A suspect (it ran before on a lost worker) starts only once the requests
+        drawn before it are stored and acknowledged: if it kills this process too,
+        it takes no finished neighbour's result down with it."""
+        if any(e.suspect for e in states) and not self.drain(self.store_retry_s):
+            log.warning("a suspect request starts before the requests drawn before it are stored")
         pid = os.getpid()
         for e in states:
             req = e.delivery

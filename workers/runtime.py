@@ -211,7 +211,8 @@ class WorkerRuntime:
             self._give_up(req, deliveries)
             return
         request = resolve_request(request, self.engine.native_size)
-        state = RequestState(req.id, request, delivery=req, redelivered=deliveries.redelivered)
+        state = RequestState(req.id, request, delivery=req, redelivered=deliveries.redelivered,
+                             suspect=bool(deliveries.started))
         req.task.backend.store_result(
             req.id, {"hostname": req.hostname, "received_at": state.received_at},
             states.RECEIVED, request=req._context,

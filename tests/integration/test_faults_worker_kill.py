@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from imagegenx.celery_client import SWEEP_LOCK_EXPIRE_S
 from tests.integration.fault_stack import fault_service, wait_until
 
 pytestmark = pytest.mark.integration
@@ -36,6 +37,12 @@ def test_sigkill_mid_batch_every_request_completes_once(redis_base: str, tmp_pat
         wait_until(mid_batch, 20, "a running batch and a buffer")
         first.stop(signal.SIGKILL)
         killed_at = time.monotonic()
+        # Killed inside its sweep for expired messages, a worker leaves the sweep's
+        # lock in Redis with the expiry it set; no worker sweeps until it expires.
+        with svc.celery.connection_for_write() as conn:  # the expiry kombu sets, as configured
+            lock_s = conn.default_channel.unacked_mutex_expire
+        assert lock_s == SWEEP_LOCK_EXPIRE_S
+        svc.redis().set("unacked_mutex", "the-killed-worker", ex=lock_s)
         states = svc.states(ids)
         running = [t for t, s in states.items() if s in ("STARTED", "PROGRESS")]
         buffered = [t for t, s in states.items() if s == "RECEIVED"]
@@ -74,8 +81,9 @@ def test_sigkill_mid_batch_every_request_completes_once(redis_base: str, tmp_pat
         assert not set(ids) & svc.unacked_ids()
         replacement_log = svc.workers[-1].output()
         assert replacement_log.count("earlier deliveries whose worker was lost") == len(running)
-        # Redelivery waits for the visibility timeout, then at most one sweep (1 s).
-        assert recovered_s < VISIBILITY_TIMEOUT_S + 10
+        # Redelivery waits for the visibility timeout (and the dead worker's sweep
+        # lock), then at most one sweep (1 s).
+        assert recovered_s < VISIBILITY_TIMEOUT_S + SWEEP_LOCK_EXPIRE_S + 10
         print(f"\nkill -> all {len(ids)} done: {recovered_s:.1f} s "
               f"(visibility timeout {VISIBILITY_TIMEOUT_S} s; {len(running)} running, "
               f"{len(buffered)} buffered at the kill)")

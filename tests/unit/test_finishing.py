@@ -252,6 +252,29 @@ def test_the_next_engine_run_overlaps_the_previous_batch_s_finishing() -> None:
     assert executor.finishing() == []
 
 
+def test_a_suspect_starts_only_after_the_batches_before_it_are_acknowledged() -> None:
+    """A request that ran on a lost worker may be what kills workers: the requests
+    drawn before it are stored and acknowledged before it starts, so that if it
+    kills this process too they are not delivered (and run) once more."""
+    events = Events()
+    engine = RecordingEngine(events, seconds=0.05)
+    storage = Storage(events, delay_s=0.1)
+    pipeline = BatchPipeline(engine, storage, "http://x", "m")  # type: ignore[arg-type]
+    backend = Backend(events)
+    executor = BatchExecutor(lambda: pipeline, progress_interval_s=60.0)
+    first = batch_of(states("x", "y", prefix="b0-"), backend)
+    suspect = batch_of(states("z", prefix="s-"), backend)
+    suspect.items[0].suspect = True
+    executor(first)
+    executor(suspect)
+    assert executor.close(30)
+    starts = [i for i, (kind, _) in enumerate(events.log) if kind == "engine-start"]
+    assert len(starts) == 2
+    for e in first.items:  # the earlier batch was acknowledged before the suspect's run began
+        assert events.index("ack", e.id) < starts[1]
+    assert backend.states["s-0"] == "SUCCESS"
+
+
 def test_a_broken_finish_still_reports_every_request() -> None:
     events = Events()
     pipeline = BatchPipeline(RecordingEngine(events), Storage(events), "http://x", "m")  # type: ignore[arg-type]
