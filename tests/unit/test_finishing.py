@@ -228,13 +228,17 @@ def batch_of(states: list[RequestState], backend: Backend,
     return Batch("k", states, sum(s.images for s in states))
 
 
-def test_the_next_engine_run_overlaps_the_previous_batch_s_finishing() -> None:
+def slow_storage_executor() -> tuple[Events, Backend, BatchExecutor]:
+    """An executor whose engine runs take 0.05 s and each stored file 0.1 s."""
     events = Events()
     engine = RecordingEngine(events, seconds=0.05)
     storage = Storage(events, delay_s=0.1)
     pipeline = BatchPipeline(engine, storage, "http://x", "m")  # type: ignore[arg-type]
-    backend = Backend(events)
-    executor = BatchExecutor(lambda: pipeline, progress_interval_s=60.0)
+    return events, Backend(events), BatchExecutor(lambda: pipeline, progress_interval_s=60.0)
+
+
+def test_the_next_engine_run_overlaps_the_previous_batch_s_finishing() -> None:
+    events, backend, executor = slow_storage_executor()
     batches = [batch_of(states("x", "y", prefix=f"b{n}-"), backend) for n in range(3)]
     for b in batches:  # as the model thread does
         executor(b)
@@ -256,12 +260,7 @@ def test_a_suspect_starts_only_after_the_batches_before_it_are_acknowledged() ->
     """A request that ran on a lost worker may be what kills workers: the requests
     drawn before it are stored and acknowledged before it starts, so that if it
     kills this process too they are not delivered (and run) once more."""
-    events = Events()
-    engine = RecordingEngine(events, seconds=0.05)
-    storage = Storage(events, delay_s=0.1)
-    pipeline = BatchPipeline(engine, storage, "http://x", "m")  # type: ignore[arg-type]
-    backend = Backend(events)
-    executor = BatchExecutor(lambda: pipeline, progress_interval_s=60.0)
+    events, backend, executor = slow_storage_executor()
     first = batch_of(states("x", "y", prefix="b0-"), backend)
     suspect = batch_of(states("z", prefix="s-"), backend)
     suspect.items[0].suspect = True
