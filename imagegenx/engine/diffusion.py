@@ -517,11 +517,15 @@ class DiffusionEngine:
         A state whose latents are not finite (the model diverged) raises, so the
         caller decodes one state at a time and only that request fails.
         """
-        latents = torch.cat([s.latents for s in states])
-        finite = torch.isfinite(latents).flatten(1).all(1).tolist()  # one sync for all rows
-        if not all(finite):
-            raise ValueError("the latents are not finite (NaN or infinity): the model diverged")
+        # Inside inference mode from the concatenation on: outside it, ``cat`` of
+        # inference tensors makes an ordinary tensor, whose other dispatch keys fail
+        # the compiled decode's guards and compile it again (the first finished
+        # request of a worker then waited for a VAE compile).
         with torch.inference_mode():
+            latents = torch.cat([s.latents for s in states])
+            finite = torch.isfinite(latents).flatten(1).all(1).tolist()  # one sync for all rows
+            if not all(finite):
+                raise ValueError("the latents are not finite (NaN or infinity): the model diverged")
             images = self.decode_latents(latents, self._fast_ready())
         out, start = [], 0
         for s in states:

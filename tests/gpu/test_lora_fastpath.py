@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from imagegenx.engine.base import BatchSpec, Sample  # noqa: E402
 from imagegenx.engine.diffusion import DiffusionEngine  # noqa: E402
-from imagegenx.engine.fastpath import FastPathOptions  # noqa: E402
+from imagegenx.engine.fastpath import FastPathOptions, unet_row_buckets  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -91,7 +91,9 @@ def test_lora_sets_reach_the_captured_graphs(fast: DiffusionEngine, eager: Diffu
     assert np.array_equal(draw(fast, ()), base)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled again
     after = prepared(fast)
-    assert len(after) == len(before) == 1 + 3 * 3  # text encoder, buckets 1, 2 and 4
+    # The text encoder, then slot, graph and output of each UNet-row bucket: image
+    # buckets 1, 2 and 4 run in row buckets 1, 2, 4 and 8 (two rows per guided image).
+    assert len(after) == len(before) == 1 + 3 * len(unet_row_buckets((1, 2, 4))) == 13
     assert all(x is y for x, y in zip(after, before))  # nor captured again
 
 
