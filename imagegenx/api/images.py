@@ -27,6 +27,9 @@ from imagegenx.cost import request_cost
 from imagegenx.lora_catalog import LoraCatalog
 from imagegenx.scaling import SENT_AT_HEADER
 from imagegenx.storage import S3Storage
+from imagegenx import webhook_events
+from imagegenx.webhook_queue import enqueue_delivery
+from imagegenx.webhooks import payload as webhook_payload
 from imagegenx.schemas import MAX_SEED, TENANT_HEADER, GenerateRequest, SubmitResponse
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1")
@@ -87,6 +90,7 @@ def submit():  # type: ignore[no-untyped-def]
         if cached is not None:  # nothing to queue or charge: the images exist
             svc.owners.record(task_id, digest)
             svc.celery.backend.store_result(task_id, cached, states.SUCCESS)
+            _cached_webhook(svc, req, task_id, cached)
             return _accepted(claim, 202, cached=True)
         limit = svc.settings.max_queue_depth
         if limit or svc.settings.max_queue_without_worker:
@@ -125,6 +129,15 @@ def submit():  # type: ignore[no-untyped-def]
                  task_id, use_cache)
     COST_UNITS.labels("accepted").inc(cost)
     return _accepted(claim, 202)
+
+
+def _cached_webhook(svc: Services, req: GenerateRequest, task_id: str, result: dict[str, Any]) -> None:
+    """A hit that asked for a webhook gets its ``completed`` delivery, queued as the
+    worker queues it (no ``started`` or ``progress``: nothing runs)."""
+    if req.callback_url is None or not webhook_events.wanted(req.callback_events, "completed"):
+        return
+    enqueue_delivery(svc.celery, svc.settings, task_id, str(req.callback_url),
+                     webhook_payload(task_id, states.SUCCESS, result))
 
 
 def _cached_result(svc: Services, digest: str, pixels_fp: str, model: str) -> dict[str, Any] | None:

@@ -166,7 +166,8 @@ def build_spec(limits: Limits, loras: list[str] | None = None,
                     "202": {"description": "queued; or, with cached true, answered from the result "
                                            "cache: the task is already SUCCESS with the images of an "
                                            "identical earlier request of this API key (a seed given, "
-                                           "cache on, no callback_url; not charged to the cost budget)",
+                                           "cache on; not charged to the cost budget; a callback_url gets "
+                                           "its completed webhook)",
                             "content": {"application/json": {
                         "schema": {"$ref": REF.format(model="SubmitResponse")}}}},
                     "200": {"description": "an earlier submission with this Idempotency-Key and "

@@ -4,7 +4,8 @@ fixed seed, is answered from the earlier task's stored images without a GPU.
 - ``fingerprint`` (pure) hashes every field that changes the pixels, with defaults
   filled in and LoRAs in their canonical form, and the served model's name;
   fields that only change how or when a request runs (priority, callback_url,
-  timeout_s, preview, cache) are left out.
+  callback_events, timeout_s, preview, cache) are left out. A hit that asked for a
+  webhook gets its ``completed`` delivery from the API (``api.images``).
 - Redis holds ``(key digest, fingerprint) -> task id`` for the results' lifetime,
   written when a seeded request is queued (by one that skipped the cache only
   where nothing is remembered yet). A later identical request reads it
@@ -30,7 +31,7 @@ from imagegenx.schemas import SCHEMA_VERSION, GenerateRequest
 
 PREFIX = "imagegenx:result-cache:"
 # Fields that do not change the pixels: how, when and for whom a request runs.
-NOT_PIXELS = frozenset({"priority", "callback_url", "timeout_s", "preview", "cache"})
+NOT_PIXELS = frozenset({"priority", "callback_url", "callback_events", "timeout_s", "preview", "cache"})
 # Hashed in their canonical form instead (lora_set: sorted, zero weights left out).
 _LORA_FIELDS = frozenset({"lora", "lora_weight"})
 
@@ -51,10 +52,10 @@ def fingerprint(req: GenerateRequest, model: str) -> str:
 
 
 def wants_cache(req: GenerateRequest, default: bool) -> bool:
-    """A request may be answered from the cache: its own seed, cache on, no webhook
-    (a webhook is delivered by the worker that draws)."""
+    """A request may be answered from the cache: its own seed, cache on. (A hit with
+    a ``callback_url`` gets its ``completed`` webhook from the API.)"""
     use = default if req.cache is None else req.cache
-    return use and req.seed is not None and req.callback_url is None
+    return use and req.seed is not None
 
 
 def image_keys(task_id: str, result: Mapping[str, Any]) -> list[str]:

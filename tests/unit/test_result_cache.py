@@ -51,14 +51,22 @@ def test_the_model_changes_it() -> None:
     assert fp(BASE, "shapes") != fp(BASE, "sd15")
 
 
-def test_only_a_seeded_request_with_cache_on_and_no_webhook_is_looked_up() -> None:
+def test_only_a_seeded_request_with_cache_on_is_looked_up() -> None:
     req = GenerateRequest.model_validate
     assert wants_cache(req(BASE), True)
     assert not wants_cache(req(BASE), False)
     assert wants_cache(req({**BASE, "cache": True}), False)
     assert not wants_cache(req({**BASE, "cache": False}), True)
     assert not wants_cache(req({"prompt": "a red circle"}), True)
-    assert not wants_cache(req({**BASE, "callback_url": "https://example.com/h"}), True)
+    # A webhook does not stop a hit: the API queues the completed delivery itself.
+    assert wants_cache(req({**BASE, "callback_url": "https://example.com/h"}), True)
+
+
+def test_webhook_fields_do_not_change_the_fingerprint() -> None:
+    req = GenerateRequest.model_validate
+    plain = fingerprint(req(BASE), "m")
+    assert fingerprint(req({**BASE, "callback_url": "https://example.com/h",
+                            "callback_events": ["started", "completed"]}), "m") == plain
 
 
 def test_cache_must_be_a_boolean() -> None:

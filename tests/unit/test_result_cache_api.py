@@ -2,6 +2,8 @@
 earlier task's SUCCESS and files are written as a worker would)."""
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,3 +100,34 @@ def test_a_hit_is_success_at_once_and_not_charged(app_parts) -> None:  # type: i
     # The file gone: drawn again (and charged, so over the budget now).
     (Path(settings.storage_root) / second_id / "0.png").unlink()
     assert post(client, BODY).status_code == 429
+
+
+def test_a_hit_with_a_webhook_queues_its_completed_delivery(redis_base: str, tmp_path: Path) -> None:
+    settings = Settings(broker_url=f"{redis_base}/3", result_backend=f"{redis_base}/3",
+                        queue=f"unit-cache-hook-{uuid.uuid4().hex[:8]}", api_keys=[KEY], rate_limit="",
+                        storage_root=tmp_path, max_request_cost=0, cost_budget_per_minute=0,
+                        webhook_secret="s")
+    client = create_app(settings).test_client()
+    svc = client.application.extensions["imagegenx"]
+    hook = "https://hooks.example.com/done"
+    body = {**BODY, "prompt": f"a blue square {uuid.uuid4().hex[:6]}"}  # seed 11, as the stored result
+    try:
+        earlier = post(client, body)
+        finish_like_a_worker(client, settings, earlier.json["task_id"])
+        assert svc.redis.llen(settings.webhook_queue_name) == 0
+        # Only started and progress asked for: a hit runs nothing, so nothing is sent.
+        quiet = post(client, {**body, "callback_url": hook, "callback_events": ["started"]})
+        assert quiet.json["cached"] is True and svc.redis.llen(settings.webhook_queue_name) == 0
+        hit = post(client, {**body, "callback_url": hook})
+        assert hit.status_code == 202 and hit.json["cached"] is True
+        (raw,) = svc.redis.lrange(settings.webhook_queue_name, 0, -1)
+        message = json.loads(raw)
+        assert message["headers"]["task"] == "imagegenx.deliver_webhook"
+        _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        assert kwargs["task_id"] == hit.json["task_id"] and kwargs["url"] == hook
+        assert kwargs["payload"]["event"] == "completed" and kwargs["payload"]["state"] == "SUCCESS"
+        assert kwargs["payload"]["result"]["cached"] is True
+        status = client.get(f"/api/v1/tasks/{hit.json['task_id']}", headers={"X-API-Key": KEY}).json
+        assert status["webhook"]["state"] == "queued"
+    finally:
+        drop_queues(redis_client(settings.broker_url, settings.sentinel_master), settings)
