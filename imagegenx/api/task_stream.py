@@ -118,11 +118,14 @@ def place(order: list[tuple[str, int | None]], task_id: str) -> tuple[int | None
 
 
 class _QueueView:
-    """The waiting messages and the workers' throughput, read at most every
-    QUEUE_CHECK_S per API process and shared by all its streams (one reader at a
-    time; the others use the last reading): 200 queued streams cost one scan."""
+    """One queue's waiting messages and the throughput of the workers consuming it,
+    read at most every QUEUE_CHECK_S per API process and shared by all its streams
+    (one reader at a time; the others use the last reading): 200 queued streams
+    cost one scan. Each served model has its own queue (``<queue>.<model>``), so
+    each gets its own view."""
 
-    def __init__(self) -> None:
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
         self.order: list[tuple[str, int | None]] = []
         self.steps: dict[str, int | None] = {}  # image steps of each message read
         self.depth = 0
@@ -136,7 +139,7 @@ class _QueueView:
         if now - self.at < QUEUE_CHECK_S or not self.lock.acquire(blocking=False):
             return self
         try:
-            keys = queue_keys(svc.settings.queue)
+            keys = queue_keys(self.queue)
             pipe = svc.redis.pipeline(transaction=False)
             for key in keys:
                 pipe.llen(key)
@@ -147,40 +150,52 @@ class _QueueView:
             live = {tid for tid, _ in self.order}
             self.steps = {tid: n for tid, n in self.steps.items() if tid in live}
             if now - self.rate_at >= RATE_CACHE_S:
-                self.rate, self.rate_at = _worker_rate(svc), now
+                self.rate, self.rate_at = _worker_rate(svc, self.queue), now
         finally:
             self.at = time.monotonic()
             self.lock.release()
         return self
 
 
-def _worker_rate(svc: Services) -> float | None:
-    """The live workers' image-steps per second (None when none has measured it)."""
+def queue_rate(replies: list[dict[str, Any]], queue: str) -> float | None:
+    """Image-steps per second of the workers (``batching`` control replies) that
+    consume ``queue``; a reply that does not say what it consumes counts."""
+    rates = [scaling.throughput(body) for reply in replies for body in reply.values()
+             if isinstance(body, dict) and queue in body.get("consuming", [queue])]
+    total = sum(r for r in rates if r)
+    return total if total > 0 else None
+
+
+def _worker_rate(svc: Services, queue: str) -> float | None:
+    """The image-steps per second of the live workers of ``queue`` (None when none
+    has measured it)."""
     try:
         replies = svc.celery.control.broadcast(
             "batching", reply=True, timeout=svc.settings.workers_inspect_timeout_s) or []
     except Exception as exc:  # noqa: BLE001 - no estimate, the stream goes on
         log.warning("could not ask the workers for their throughput: %r", exc)
         return None
-    rates = [scaling.throughput(body) for reply in replies for body in reply.values()
-             if isinstance(body, dict)]
-    total = sum(r for r in rates if r)
-    return total if total > 0 else None
+    return queue_rate(replies, queue)
 
 
-_views: dict[int, _QueueView] = {}
+_views: dict[tuple[int, str], _QueueView] = {}
 
 
 def queued_data(svc: Services, task_id: str, state: str) -> dict[str, Any]:
-    """The ``queued`` event: place in the queue, depth and estimated wait."""
+    """The ``queued`` event: place in its model's queue, that queue's depth and the
+    estimated wait at the pace of the workers serving it."""
     if state != states.PENDING:  # RECEIVED: a worker holds it until a row is free
         return {"state": state, "position": None, "queue_depth": None, "estimate_s": None,
                 "where": "worker"}
-    view = _views.setdefault(id(svc), _QueueView()).read(svc)
-    position, mean = place(view.order, task_id)
-    estimate = None if position is None else scaling.drain_s(position, mean, view.rate or 0.0)
-    return {"state": state, "position": position, "queue_depth": view.depth,
-            "estimate_s": estimate, "where": "queue" if position is not None else "unknown"}
+    for queue in dict.fromkeys(svc.settings.generation_queues.values()):
+        view = _views.setdefault((id(svc), queue), _QueueView(queue)).read(svc)
+        position, mean = place(view.order, task_id)
+        if position is not None:
+            estimate = scaling.drain_s(position, mean, view.rate or 0.0)
+            return {"state": state, "position": position, "queue_depth": view.depth,
+                    "estimate_s": estimate, "where": "queue"}
+    return {"state": state, "position": None, "queue_depth": None, "estimate_s": None,
+            "where": "unknown"}
 
 
 # -- the stream ------------------------------------------------------------------
