@@ -12,6 +12,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from imagegenx import webhook_events
 from imagegenx.celery_client import WEBHOOK_TASK
 from imagegenx.redis_client import redis_client
 from imagegenx.settings import Settings
@@ -43,3 +44,14 @@ def enqueue_delivery(celery_app: Celery, settings: Settings, task_id: str, url: 
     if delivery != task_id:
         kwargs["delivery_id"] = delivery
     celery_app.send_task(WEBHOOK_TASK, kwargs=kwargs, queue=settings.webhook_queue_name)
+
+
+def enqueue_event(celery_app: Celery, settings: Settings, task_id: str, url: str | None,
+                  callback_events: Any, event: str, payload: dict[str, Any], sequence: int = 0) -> bool:
+    """Queue ``event``'s delivery when the request has a ``callback_url`` and asked
+    for the event (``callback_events``; None: completion only). True when queued."""
+    if not url or not webhook_events.wanted(callback_events, event):
+        return False
+    enqueue_delivery(celery_app, settings, task_id, url, payload,
+                     webhook_events.delivery_id(task_id, event, sequence))
+    return True

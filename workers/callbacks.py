@@ -34,15 +34,12 @@ def _publish_batch(batch: list[tuple[Request, list[tuple[str, dict[str, Any]]]]]
 
 def _webhook(req: Request, event: str, payload: dict[str, Any], sequence: int = 0) -> None:
     """Queue the delivery of ``event`` to the request's ``callback_url`` when it asked for it."""
-    kwargs = req.kwargs or {}
-    url = kwargs.get("callback_url")
-    if not url or not webhook_events.wanted(kwargs.get("callback_events"), event):
-        return
-    from imagegenx.webhook_queue import enqueue_delivery
+    from imagegenx.webhook_queue import enqueue_event
 
+    kwargs = req.kwargs or {}
     celery_app = req.task.app
-    enqueue_delivery(celery_app, celery_app.imagegenx_settings, req.id, url, payload,
-                     webhook_events.delivery_id(req.id, event, sequence))
+    enqueue_event(celery_app, celery_app.imagegenx_settings, req.id, kwargs.get("callback_url"),
+                  kwargs.get("callback_events"), event, payload, sequence)
 
 
 def started(req: Request, info: dict[str, Any]) -> None:

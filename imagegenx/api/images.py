@@ -27,8 +27,7 @@ from imagegenx.cost import request_cost
 from imagegenx.lora_catalog import LoraCatalog
 from imagegenx.scaling import SENT_AT_HEADER
 from imagegenx.storage import S3Storage
-from imagegenx import webhook_events
-from imagegenx.webhook_queue import enqueue_delivery
+from imagegenx.webhook_queue import enqueue_event
 from imagegenx.webhooks import payload as webhook_payload
 from imagegenx.schemas import MAX_SEED, TENANT_HEADER, GenerateRequest, SubmitResponse
 
@@ -134,10 +133,9 @@ def submit():  # type: ignore[no-untyped-def]
 def _cached_webhook(svc: Services, req: GenerateRequest, task_id: str, result: dict[str, Any]) -> None:
     """A hit that asked for a webhook gets its ``completed`` delivery, queued as the
     worker queues it (no ``started`` or ``progress``: nothing runs)."""
-    if req.callback_url is None or not webhook_events.wanted(req.callback_events, "completed"):
-        return
-    enqueue_delivery(svc.celery, svc.settings, task_id, str(req.callback_url),
-                     webhook_payload(task_id, states.SUCCESS, result))
+    url = None if req.callback_url is None else str(req.callback_url)
+    enqueue_event(svc.celery, svc.settings, task_id, url, req.callback_events, "completed",
+                  webhook_payload(task_id, states.SUCCESS, result))
 
 
 def _cached_result(svc: Services, digest: str, pixels_fp: str, model: str) -> dict[str, Any] | None:
