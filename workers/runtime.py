@@ -219,7 +219,7 @@ class WorkerRuntime:
         )
         step = isinstance(self.runner, StepRunner)
         key: Any = (step_group if step else batch_key)(request, self.settings.served_model_name)
-        if deliveries.started:
+        if state.suspect:
             # It ran before and its worker was lost: it runs alone, so that if it
             # is what kills workers it takes no other request down with it.
             log.warning("%s ran in %d earlier deliveries whose worker was lost: it runs alone",
