@@ -33,15 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.cold_start import fresh_caches
 from bench.harness import REPO, machine, now_utc
 
 SEQ_LEN = 77
-
-
-def fresh_caches(root: Path, name: str) -> dict[str, str]:
-    """Environment of a process with new, empty Inductor and Triton caches."""
-    folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
-    return {"TORCHINDUCTOR_CACHE_DIR": str(folder), "TRITON_CACHE_DIR": str(folder / "triton")}
 
 
 def load_engine(model: Path, compile_unet: bool) -> Any:
@@ -73,14 +68,14 @@ def unet_module(engine: Any) -> Any:
     return RowsUNet().eval()
 
 
-def example(engine: Any, rows: int) -> tuple[Any, Any, Any]:
+def example(config: Any, rows: int) -> tuple[Any, Any, Any]:
+    """Inputs of ``rows`` UNet rows for a UNet of ``config`` (its config mapping)."""
     import torch
 
     gen = torch.Generator(device="cpu").manual_seed(rows)
-    c = engine.unet.config
-    size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
-    x = torch.randn((rows, c.in_channels, size, size), generator=gen).to("cuda", torch.float16)
-    ctx = torch.randn((rows, SEQ_LEN, c.cross_attention_dim), generator=gen).to("cuda", torch.float16)
+    size = config["sample_size"] if isinstance(config["sample_size"], int) else config["sample_size"][0]
+    x = torch.randn((rows, config["in_channels"], size, size), generator=gen).to("cuda", torch.float16)
+    ctx = torch.randn((rows, SEQ_LEN, config["cross_attention_dim"]), generator=gen).to("cuda", torch.float16)
     t = torch.linspace(50.0, 950.0, rows, device="cuda")
     return x, t, ctx
 
@@ -97,7 +92,7 @@ def phase_export(args: argparse.Namespace) -> dict[str, Any]:
     rows = Dim("rows", min=1, max=max(args.buckets))
     t1 = time.perf_counter()
     with torch.no_grad():
-        program = export(module, example(engine, 2), dynamic_shapes=({0: rows}, {0: rows}, {0: rows}))
+        program = export(module, example(engine.unet.config, 2), dynamic_shapes=({0: rows}, {0: rows}, {0: rows}))
     export_s = time.perf_counter() - t1
     t2 = time.perf_counter()
     path = torch._inductor.aoti_compile_and_package(
@@ -106,7 +101,7 @@ def phase_export(args: argparse.Namespace) -> dict[str, Any]:
             "package_mb": Path(path).stat().st_size / 1e6}
 
 
-def capture_all(fn: Any, engine_like: Any, buckets: list[int]) -> dict[int, float]:
+def capture_all(fn: Any, config: Any, buckets: list[int]) -> dict[int, float]:
     """Warm and capture a CUDA graph of ``fn`` per row bucket, largest first (one pool)."""
     import torch
 
@@ -115,7 +110,7 @@ def capture_all(fn: Any, engine_like: Any, buckets: list[int]) -> dict[int, floa
     keep = []
     for b in sorted(buckets, reverse=True):
         t0 = time.perf_counter()
-        x, t, ctx = example(engine_like, b)
+        x, t, ctx = example(config, b)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -141,30 +136,26 @@ def phase_aoti_ready(args: argparse.Namespace) -> dict[str, Any]:
     runner = torch._inductor.aoti_load_package(str(args.out / "unet.pt2"))
     load_s = time.perf_counter() - t0
     progress.write_text(json.dumps({"load_s": load_s}))
-    # Shapes only: the model's config gives the example tensors' sizes.
     from diffusers import UNet2DConditionModel
 
-    config = UNet2DConditionModel.load_config(str(args.model), subfolder="unet")
-    shapes = type("Shapes", (), {"unet": type("U", (), {"config": type("C", (), {
-        "sample_size": config["sample_size"], "in_channels": config["in_channels"],
-        "cross_attention_dim": config["cross_attention_dim"]})})})
+    config = UNet2DConditionModel.load_config(str(args.model), subfolder="unet")  # shapes only
 
     def call(x: Any, t: Any, ctx: Any) -> Any:
         return runner(x, t, ctx)
 
     with torch.no_grad():
-        x, t, ctx = example(shapes, 2)
+        x, t, ctx = example(config, 2)
         t1 = time.perf_counter()
         runner(x, t, ctx)
         torch.cuda.synchronize()
         first_call_s = time.perf_counter() - t1
         progress.write_text(json.dumps({"load_s": load_s, "first_call_s": first_call_s}))
-        per_bucket = capture_all(call, shapes, args.buckets)
+        per_bucket = capture_all(call, config, args.buckets)
     ready_s = time.perf_counter() - t0
     engine = load_engine(args.model, compile_unet=False)
     module = unet_module(engine)
     with torch.no_grad():
-        x, t, ctx = example(engine, 3)
+        x, t, ctx = example(engine.unet.config, 3)
         diff = (runner(x, t, ctx).float() - module(x, t, ctx).float()).abs().max().item()
     return {"load_s": load_s, "first_call_s": first_call_s, "capture_s": per_bucket, "ready_s": ready_s,
             "max_abs_diff_vs_eager": diff}
@@ -188,7 +179,8 @@ def phase_cache_ready(args: argparse.Namespace) -> dict[str, Any]:
     artifact_s = time.perf_counter() - t1
     c = engine.unet.config
     size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
-    image_buckets = sorted({b for b in args.buckets if b * 2 in args.buckets or b == 1})
+    # The image buckets whose UNet-row buckets (each and its double) are ``args.buckets``.
+    image_buckets = [b for b in args.buckets if 2 * b <= max(args.buckets)]
     t2 = time.perf_counter()
     unet = BucketedCFGUNet(engine.unet, dtype=torch.float16, device=torch.device("cuda"),
                            sample_shape=(c.in_channels, size, size),
