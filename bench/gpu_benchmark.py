@@ -384,9 +384,13 @@ def service(args: argparse.Namespace, model: Path, tmp: Path) -> Iterator[dict[s
         # The load generator is one API key at hundreds of submissions a minute.
         "IMAGEGENX_RATE_LIMIT": "", "IMAGEGENX_STATUS_RATE_LIMIT": "", "IMAGEGENX_MAX_QUEUE_DEPTH": "0",
         "IMAGEGENX_COST_BUDGET_PER_MINUTE": "0", "IMAGEGENX_MAX_REQUEST_COST": "0",
-        # Guidance on every step, as in the figures recorded so far (CFG 7.5 throughout);
-        # bench.guidance_speed names each request's interval itself.
-        "IMAGEGENX_GUIDANCE_INTERVAL": "0,1",
+        # Guidance on every step unless the benchmark names an interval (``--guidance-interval``),
+        # as in the figures recorded so far (CFG 7.5 throughout); bench.guidance_speed names each
+        # request's interval itself.
+        "IMAGEGENX_GUIDANCE_INTERVAL": getattr(args, "guidance_interval", "0,1"),
+        # Benchmarks measure the engine: the load generators reuse prompts and seeds (each
+        # policy or phase counts from 1), which the result cache would answer without drawing.
+        "IMAGEGENX_RESULT_CACHE": "false",
     }
     if not args.tiny:
         env["IMAGEGENX_CONFIG"] = str(REPO / "configs" / "sd15-gpu.yaml")

@@ -314,11 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--saturation-s", type=float, default=30.0, help="seconds of the closed loop")
     ap.add_argument("--settle-s", type=float, default=6.0, help="closed-loop ramp-up left out")
     ap.add_argument("--singles", type=int, default=5)
+    ap.add_argument("--guidance-interval", default="0,1",
+                    help="the server's default guidance interval for the requests (0,1: every step; "
+                         "the service's own default is 0,0.4)")
     args = ap.parse_args(argv)
     model = resolve_service_args(args)
     report: dict[str, Any] = {"date": now_utc(), "machine": machine(), "engine": args.engine,
                               "command": " ".join(["python -m bench.scheduler_compare", *(argv or sys.argv[1:])]),
-                              "max_batch": args.max_batch, "duration_s": args.duration, "size": args.size}
+                              "max_batch": args.max_batch, "duration_s": args.duration, "size": args.size,
+                              "guidance_interval": args.guidance_interval}
     path = args.out / f"scheduler_compare_{args.engine}.json"
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
