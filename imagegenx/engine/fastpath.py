@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,12 +81,50 @@ def optimise_modules(*modules: torch.nn.Module, fuse_qkv: bool, channels_last: b
             module.to(memory_format=torch.channels_last)
 
 
+# The compiler backend; tests count compiled graphs with a counting backend instead.
+COMPILE_BACKEND: Any = "inductor"
+
+
 def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile`` with one graph for every batch size, 1 included.
+
+    Dynamo specialises a dimension of size 0 or 1, so the 1-row bucket (one
+    image outside its guidance interval) would compile the UNet a second time,
+    and trace it a second time even from a compiled artifact. Size-oblivious
+    reasoning for sizes known at trace time (``backed_size_oblivious``) keeps
+    the batch symbolic down to 1. Dynamo traces inside a call, so every call
+    runs under that setting; with CUDA graphs only the warm-up calls reach here.
+    The setting is experimental in PyTorch: if tracing fails under it, the
+    function is traced without it from then on (the old cost: one more compile).
+    """
     import torch._inductor.config as inductor_config
+    from torch._dynamo.exc import TorchDynamoException
 
     # 1x1 convolutions as matrix products: cheaper on tensor cores, no extra compile time.
     inductor_config.conv_1x1_as_mm = True
-    return torch.compile(fn, dynamic=None)
+    compiled = torch.compile(fn, backend=COMPILE_BACKEND, dynamic=None)
+    oblivious = True
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal oblivious
+        if oblivious:
+            try:
+                with _size_oblivious():
+                    return compiled(*args, **kwargs)
+            except TorchDynamoException as exc:
+                oblivious = False
+                log.warning("size-oblivious tracing failed (%s); compiling per batch-size class instead",
+                            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        return compiled(*args, **kwargs)
+
+    return call
+
+
+def _size_oblivious() -> AbstractContextManager[Any]:
+    """Trace batch sizes of 1 with the same graph as larger ones (see ``_compile``)."""
+    import torch.fx.experimental._config as fx_config
+
+    return fx_config.patch(backed_size_oblivious=True)
 
 
 def _mark_batch_dynamic(*tensors: torch.Tensor) -> None:

@@ -7,6 +7,9 @@ row buckets 16, 32 and 64, both sides of diffusers' ``shape[0] >= 64`` branch.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,13 +22,17 @@ from imagegenx.engine.fastpath import BucketedCFGUNet, FastPathOptions, unet_row
 BUCKETS = (16, 32)
 
 
-def _bucketed_unet(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[BucketedCFGUNet, CompileCounter]:
+def _eager_unet(tiny_model: Path) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
+    return UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval().requires_grad_(False)
+
+
+def _bucketed_unet(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[BucketedCFGUNet, CompileCounter]:
     torch._dynamo.reset()
     counter = CompileCounter()
-    monkeypatch.setattr(fastpath, "_compile", lambda fn: torch.compile(fn, backend=counter, dynamic=None))
-    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval().requires_grad_(False)
+    monkeypatch.setattr(fastpath, "COMPILE_BACKEND", counter)
+    unet = _eager_unet(tiny_model)
     size = unet.config.sample_size
     bucketed = BucketedCFGUNet(unet, dtype=torch.float32, device=torch.device("cpu"),
                                sample_shape=(unet.config.in_channels, size, size),
@@ -41,6 +48,37 @@ def test_unet_compiles_once_for_all_buckets(tiny_model: Path, monkeypatch: pytes
         bucketed.prepare()
     assert sorted(bucketed.slots) == [16, 32, 64] == list(unet_row_buckets(BUCKETS))  # UNet rows
     assert counter.frame_count == 1
+
+
+def test_the_one_row_bucket_compiles_nothing_more(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Image bucket 1 brings a 1-row bucket (one image outside its guidance interval).
+    Dynamo specialises a batch of 1, which compiled the UNet a second time on the GPU
+    (and traced it again from a compiled artifact); the fast path traces the batch
+    size-obliviously. This counts Dynamo's graphs; guards a compiler backend adds
+    (the CPU's oneDNN convolution picks by batch size) are not seen here."""
+    monkeypatch.setattr(sys.modules[__name__], "BUCKETS", (1, 2))
+    bucketed, counter = _bucketed_unet(tiny_model, monkeypatch)
+    with torch.inference_mode():
+        bucketed.prepare()
+        x = torch.randn(1, *bucketed.sample_shape)
+        ctx = torch.randn(1, *bucketed.context_shape)
+        t = torch.full((1,), 500.0)
+        got = bucketed.slots[1].run(x, t, ctx)
+        want = _eager_unet(tiny_model)(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+    assert sorted(bucketed.slots) == [1, 2, 4]
+    assert counter.frame_count == 1
+    torch.testing.assert_close(got, want.float())  # the shared graph at one row is the UNet
+
+
+def test_a_batch_of_one_compiles_twice_without_size_oblivious_tracing(
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control: plain ``torch.compile`` specialises the 1-row bucket."""
+    monkeypatch.setattr(sys.modules[__name__], "BUCKETS", (1, 2))
+    monkeypatch.setattr(fastpath, "_size_oblivious", contextlib.nullcontext)
+    bucketed, counter = _bucketed_unet(tiny_model, monkeypatch)
+    with torch.inference_mode():
+        bucketed.prepare()
+    assert counter.frame_count == 2
 
 
 def test_without_the_fix_it_compiles_twice(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,3 +112,24 @@ def test_upsamplers_with_a_norm_keep_diffusers_forward() -> None:
     assert upsample.single_branch_upsamplers(Upsample2D(8, use_conv=True, norm_type="ln_norm", eps=1e-5,
                                                         elementwise_affine=True)) == 0
     assert upsample.single_branch_upsamplers(Upsample2D(8, use_conv_transpose=True)) == 0
+
+
+def test_a_failed_size_oblivious_trace_falls_back_to_plain_compile(
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The setting is experimental in PyTorch: a trace that fails under it costs the
+    old second compile, not the worker's start."""
+    from torch._dynamo.exc import Unsupported
+
+    @contextlib.contextmanager
+    def failing() -> Iterator[None]:
+        raise Unsupported("size-oblivious trace failed")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(sys.modules[__name__], "BUCKETS", (1, 2))
+    monkeypatch.setattr(fastpath, "_size_oblivious", failing)
+    bucketed, counter = _bucketed_unet(tiny_model, monkeypatch)
+    with torch.inference_mode():
+        bucketed.prepare()
+    assert sorted(bucketed.slots) == [1, 2, 4]
+    assert counter.frame_count == 2
+    assert "size-oblivious tracing failed" in caplog.text
