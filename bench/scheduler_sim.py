@@ -27,11 +27,14 @@ import numpy as np
 
 from imagegenx.batching import BatchPolicy
 from imagegenx.engine.synthetic import COST_MODELS, CostModel
+from imagegenx.guidance import reserved_rows, rows_at
 from imagegenx.step_scheduler import StepScheduler
 
 COST = COST_MODELS["sd15-h200-graphs"]
 MIXED_STEPS = (10, 20, 25, 30, 50)
 LOADS = (0.5, 0.8, 0.95)
+GUIDANCE_SCALE = 7.5
+Interval = tuple[float, float]
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Req:
     id: str
     steps: int
     arrived: float
+    interval: Interval = (0.0, 1.0)
     done_steps: int = 0
     finished: float = 0.0
 
@@ -46,14 +50,29 @@ class Req:
     def remaining(self) -> int:
         return self.steps - self.done_steps
 
+    def rows(self) -> int:
+        """UNet rows of this step: 2 inside the guidance interval, else 1."""
+        return rows_at(GUIDANCE_SCALE, self.interval, self.done_steps, self.steps)
 
-def poisson(rate: float, n: int, steps: tuple[int, ...], seed: int) -> list[Req]:
+    def reserved(self) -> int:
+        """Rows the step scheduler counts for it (the most any remaining step runs)."""
+        return reserved_rows(GUIDANCE_SCALE, self.interval, self.done_steps, self.steps)
+
+
+def poisson(rate: float, n: int, steps: tuple[int, ...], seed: int,
+            interval: Interval = (0.0, 1.0)) -> list[Req]:
     rng = random.Random(seed)
     t, out = 0.0, []
     for i in range(n):
         t += rng.expovariate(rate)
-        out.append(Req(f"r{i}", rng.choice(steps), t))
+        out.append(Req(f"r{i}", rng.choice(steps), t, interval))
     return out
+
+
+def batch_s(cost: CostModel, n: int, steps: int, interval: Interval) -> float:
+    """One request-policy batch of ``n`` images: every step priced by its UNet rows, then the decode."""
+    return (sum(cost.rows_s(n * rows_at(GUIDANCE_SCALE, interval, k, steps)) for k in range(steps))
+            + cost.decode_s(n))
 
 
 def run_request_policy(reqs: list[Req], cost: CostModel, max_batch: int, max_wait: float) -> None:
@@ -70,7 +89,7 @@ def run_request_policy(reqs: list[Req], cost: CostModel, max_batch: int, max_wai
             now = max(now + 1e-9, min(nxt))
             continue
         items = batch.items
-        now += items[0].steps * cost.step_s(len(items)) + cost.decode_s(len(items))
+        now += batch_s(cost, len(items), items[0].steps, items[0].interval)
         for r in items:
             r.finished = now
 
@@ -82,7 +101,7 @@ def run_step_policy(reqs: list[Req], cost: CostModel, make: Callable[[], StepSch
     while i < len(reqs) or len(sched):
         while i < len(reqs) and reqs[i].arrived <= now:
             r = reqs[i]
-            sched.add(r, r.id, "g", 1, r.arrived, steps=r.steps)
+            sched.add(r, r.id, "g", r.reserved(), r.arrived, steps=r.steps, need=r.reserved)
             i += 1
         plan = sched.schedule(now)
         if plan.idle:
@@ -90,7 +109,7 @@ def run_step_policy(reqs: list[Req], cost: CostModel, make: Callable[[], StepSch
             now = max(now + 1e-9, min(nxt))
             continue
         running = plan.running
-        now += cost.step_s(len(running))
+        now += cost.rows_s(sum(r.rows() for r in running))
         rows_per_call.append(len(running))
         done = []
         for r in running:
@@ -120,17 +139,19 @@ def summary(reqs: list[Req], warm: int) -> dict[str, Any]:
     return out
 
 
-def saturation(cost: CostModel, max_batch: int, steps: int = 20) -> float:
-    return max_batch / (steps * cost.step_s(max_batch) + cost.decode_s(max_batch))
+def saturation(cost: CostModel, max_batch: int, steps: int = 20, interval: Interval = (0.0, 1.0)) -> float:
+    return max_batch / batch_s(cost, max_batch, steps, interval)
 
 
 def policies(max_batch: int, max_wait: float) -> dict[str, Callable[[], StepScheduler[Req]]]:
+    """The step policies compared; rows are UNet rows (two per guided image), as in the worker."""
+    rows = 2 * max_batch
     return {
-        "step (admit all, FIFO)": lambda: StepScheduler(max_batch, max_wait, order="fifo", min_gain=0.0),
+        "step (admit all, FIFO)": lambda: StepScheduler(rows, max_wait, order="fifo", min_gain=0.0),
         "step (shortest first, cost-aware rows)": lambda: StepScheduler(
-            max_batch, max_wait, order="shortest", min_gain=0.05, step_cost=COST.step_s),
+            rows, max_wait, order="shortest", min_gain=0.05, step_cost=COST.rows_s),
         "step (arrival order, cost-aware rows)": lambda: StepScheduler(
-            max_batch, max_wait, order="fifo", min_gain=0.05, step_cost=COST.step_s),
+            rows, max_wait, order="fifo", min_gain=0.05, step_cost=COST.rows_s),
     }
 
 
@@ -140,12 +161,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=50.0)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--guidance-interval", default="0,1",
+                    help="every request's guidance interval (0,1: every step; the service's default is 0,0.4)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    try:
+        start, end = (float(x) for x in args.guidance_interval.split(","))
+    except ValueError:
+        ap.error(f"--guidance-interval: two comma-separated fractions, got {args.guidance_interval!r}")
+    if not 0.0 <= start < end <= 1.0:
+        ap.error(f"--guidance-interval: need 0 <= start < end <= 1, got {args.guidance_interval!r}")
+    interval = (start, end)
     cost = COST
-    sat = saturation(cost, args.max_batch)
+    sat = saturation(cost, args.max_batch, interval=interval)
     mean_mixed = statistics.fmean(MIXED_STEPS)
     report: dict[str, Any] = {"cost_model": "sd15-h200-graphs", "saturation_images_per_s": sat,
+                              "guidance_interval": list(interval),
                               "requests": args.requests, "runs": {}}
     names = ["request"] + list(policies(args.max_batch, args.max_wait_ms / 1000))
     print(f"saturation (request policy, full batches of {args.max_batch}, 20 steps): {sat:.2f} images/s")
@@ -155,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         for load in LOADS:
             rate = load * sat * (20.0 / mean_mixed if mix == "mixed" else 1.0)
             for name in names:
-                reqs = poisson(rate, args.requests, steps, args.seed)
+                reqs = poisson(rate, args.requests, steps, args.seed, interval)
                 rows: list[int] = []
                 if name == "request":
                     run_request_policy(reqs, cost, args.max_batch, args.max_wait_ms / 1000)
@@ -169,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{'-' if not rows else f'{statistics.fmean(rows):.1f}'} |")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "scheduler_sim.json").write_text(json.dumps(report, indent=2))
+        suffix = "" if interval == (0.0, 1.0) else f"_interval_{start:g}_{end:g}"
+        (args.out / f"scheduler_sim{suffix}.json").write_text(json.dumps(report, indent=2))
     return 0
 
 
