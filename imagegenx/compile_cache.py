@@ -83,8 +83,11 @@ def engine_manifest(settings: Settings, engine: Any) -> CompileManifest:
     arch, name = device_facts(getattr(engine, "device", "cpu"))
     compile_options: dict[str, Any] = {}
     if options is not None:
+        from imagegenx.engine.fastpath import BATCH_TRACING
+
         compile_options = {"compile": options.compile, "fuse_qkv": options.fuse_qkv,
-                           "channels_last": options.channels_last, "conv_1x1_as_mm": True}
+                           "channels_last": options.channels_last, "conv_1x1_as_mm": True,
+                           "batch_tracing": BATCH_TRACING}
     return CompileManifest(
         gpu_arch=arch, device_name=name, torch_version=torch.__version__, triton_version=triton_version(),
         model_id=model_identity(settings.model, settings.model_config_dir),

@@ -83,6 +83,9 @@ def optimise_modules(*modules: torch.nn.Module, fuse_qkv: bool, channels_last: b
 
 # The compiler backend; tests count compiled graphs with a counting backend instead.
 COMPILE_BACKEND: Any = "inductor"
+# How the batch dimension is traced (``_compile``); compiled artifacts record it, so one
+# built before the batch was traced size-obliviously is refused instead of missing the cache.
+BATCH_TRACING = "size-oblivious"
 
 
 def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -88,6 +88,18 @@ def test_a_fitting_artifact_is_loaded_a_mismatched_one_is_not(tmp_path: Path, mo
     assert reason is not None and reason.startswith(f"unreadable {MANIFEST_FILE}") and "\n" not in reason
 
 
+def test_an_artifact_from_before_size_oblivious_tracing_is_refused(tmp_path: Path, model: Path) -> None:
+    """Its kernels were keyed under the old tracing: loading it would only miss the cache."""
+    settings = Settings(model=model)
+    expected = compile_cache.engine_manifest(settings, _engine())
+    assert expected.compile_options["batch_tracing"] == "size-oblivious"
+    older = {k: v for k, v in expected.compile_options.items() if k != "batch_tracing"}
+    _write_artifact(tmp_path / "old", expected.model_copy(update={"compile_options": older}))
+    reason = compile_cache.load_compile_cache(str(tmp_path / "old"), expected, settings)
+    assert reason is not None and reason.startswith("compile options differs")
+    assert "batch_tracing=size-oblivious" in reason
+
+
 def test_the_worker_logs_one_line_when_it_refuses(tmp_path: Path, model: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     settings = Settings(model=model, compile_cache=str(tmp_path / "art"))
