@@ -387,7 +387,7 @@ def service(args: argparse.Namespace, model: Path, tmp: Path) -> Iterator[dict[s
         # Guidance on every step unless the benchmark names an interval (``--guidance-interval``),
         # as in the figures recorded so far (CFG 7.5 throughout); bench.guidance_speed names each
         # request's interval itself.
-        "IMAGEGENX_GUIDANCE_INTERVAL": getattr(args, "guidance_interval", "0,1"),
+        "IMAGEGENX_GUIDANCE_INTERVAL": ",".join(f"{x:g}" for x in getattr(args, "guidance_interval", (0, 1))),
         # Benchmarks measure the engine: the load generators reuse prompts and seeds (each
         # policy or phase counts from 1), which the result cache would answer without drawing.
         "IMAGEGENX_RESULT_CACHE": "false",

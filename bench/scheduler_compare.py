@@ -38,6 +38,7 @@ from celery import Celery
 
 from bench.gpu_benchmark import GpuSampler, Load, proc, service, wait_text, warmups_from_log
 from bench.harness import celery_worker_cmd, machine, now_utc, percentiles
+from bench.scheduler_sim import interval_arg
 
 MIXED_STEPS = (10, 20, 25, 30, 50)
 LOADS = (0.5, 0.8, 0.95)
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--saturation-s", type=float, default=30.0, help="seconds of the closed loop")
     ap.add_argument("--settle-s", type=float, default=6.0, help="closed-loop ramp-up left out")
     ap.add_argument("--singles", type=int, default=5)
-    ap.add_argument("--guidance-interval", default="0,1",
+    ap.add_argument("--guidance-interval", type=interval_arg, default=(0.0, 1.0),
                     help="the server's default guidance interval for the requests (0,1: every step; "
                          "the service's own default is 0,0.4)")
     args = ap.parse_args(argv)
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"date": now_utc(), "machine": machine(), "engine": args.engine,
                               "command": " ".join(["python -m bench.scheduler_compare", *(argv or sys.argv[1:])]),
                               "max_batch": args.max_batch, "duration_s": args.duration, "size": args.size,
-                              "guidance_interval": args.guidance_interval}
+                              "guidance_interval": list(args.guidance_interval)}
     path = args.out / f"scheduler_compare_{args.engine}.json"
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

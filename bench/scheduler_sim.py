@@ -27,7 +27,7 @@ import numpy as np
 
 from imagegenx.batching import BatchPolicy
 from imagegenx.engine.synthetic import COST_MODELS, CostModel
-from imagegenx.guidance import reserved_rows, rows_at
+from imagegenx.guidance import parse_interval, reserved_rows, rows_at
 from imagegenx.step_scheduler import StepScheduler
 
 COST = COST_MODELS["sd15-h200-graphs"]
@@ -67,6 +67,14 @@ def poisson(rate: float, n: int, steps: tuple[int, ...], seed: int,
         t += rng.expovariate(rate)
         out.append(Req(f"r{i}", rng.choice(steps), t, interval))
     return out
+
+
+def interval_arg(text: str) -> Interval:
+    """argparse type of ``--guidance-interval``: "start,end", with the reason when it is not one."""
+    try:
+        return parse_interval(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def batch_s(cost: CostModel, n: int, steps: int, interval: Interval) -> float:
@@ -161,17 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=50.0)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--guidance-interval", default="0,1",
+    ap.add_argument("--guidance-interval", type=interval_arg, default=(0.0, 1.0),
                     help="every request's guidance interval (0,1: every step; the service's default is 0,0.4)")
+    ap.add_argument("--loads", default=",".join(map(str, LOADS)),
+                    help="comma-separated fractions of the request policy's saturation")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     try:
-        start, end = (float(x) for x in args.guidance_interval.split(","))
+        loads = tuple(float(x) for x in args.loads.split(","))
     except ValueError:
-        ap.error(f"--guidance-interval: two comma-separated fractions, got {args.guidance_interval!r}")
-    if not 0.0 <= start < end <= 1.0:
-        ap.error(f"--guidance-interval: need 0 <= start < end <= 1, got {args.guidance_interval!r}")
-    interval = (start, end)
+        ap.error(f"--loads: comma-separated numbers, got {args.loads!r}")
+    if not loads or not all(0.0 < x < 1.5 for x in loads):
+        ap.error(f"--loads: each between 0 and 1.5, got {args.loads!r}")
+    interval = start, end = args.guidance_interval
     cost = COST
     sat = saturation(cost, args.max_batch, interval=interval)
     mean_mixed = statistics.fmean(MIXED_STEPS)
@@ -183,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| arrivals | load | policy | images/s | p50 s | p95 s | p99 s | mean rows per call |")
     print("|---|---|---|---|---|---|---|---|")
     for mix, steps in (("fixed 20", (20,)), ("mixed", MIXED_STEPS)):
-        for load in LOADS:
+        for load in loads:
             rate = load * sat * (20.0 / mean_mixed if mix == "mixed" else 1.0)
             for name in names:
                 reqs = poisson(rate, args.requests, steps, args.seed, interval)
@@ -201,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         suffix = "" if interval == (0.0, 1.0) else f"_interval_{start:g}_{end:g}"
+        suffix += "" if loads == LOADS else "_loads_" + "_".join(f"{x:g}" for x in loads)
         (args.out / f"scheduler_sim{suffix}.json").write_text(json.dumps(report, indent=2))
     return 0
 

@@ -89,16 +89,19 @@ BATCH_TRACING = "size-oblivious"
 
 
 def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.compile`` with one graph for every batch size, 1 included.
+    """``torch.compile`` that traces the batch dimension size-obliviously.
 
     Dynamo specialises a dimension of size 0 or 1, so the 1-row bucket (one
-    image outside its guidance interval) would compile the UNet a second time,
-    and trace it a second time even from a compiled artifact. Size-oblivious
-    reasoning for sizes known at trace time (``backed_size_oblivious``) keeps
-    the batch symbolic down to 1. Dynamo traces inside a call, so every call
-    runs under that setting; with CUDA graphs only the warm-up calls reach here.
-    The setting is experimental in PyTorch: if tracing fails under it, the
-    function is traced without it from then on (the old cost: one more compile).
+    image outside its guidance interval) compiled the UNet a second time on the
+    GPU, and traced it a second time even from a compiled artifact (BENCHMARKS
+    11d). Size-oblivious reasoning for sizes known at trace time
+    (``backed_size_oblivious``) keeps the batch symbolic down to 1; guards that
+    a compiler backend adds on its own can still split it (the CPU's oneDNN
+    convolutions choose by batch size). Dynamo traces inside a call, so every
+    call runs under the setting; with CUDA graphs only the warm-up calls reach
+    here. The setting is experimental in PyTorch: if compiling fails under it
+    for any reason but memory, the function is compiled without it from then on
+    (the old cost: one more graph), and the failure is logged with its traceback.
     """
     import torch._inductor.config as inductor_config
     from torch._dynamo.exc import TorchDynamoException
@@ -115,12 +118,26 @@ def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
                 with _size_oblivious():
                     return compiled(*args, **kwargs)
             except TorchDynamoException as exc:
+                if _out_of_memory(exc):
+                    raise
                 oblivious = False
-                log.warning("size-oblivious tracing failed (%s); compiling per batch-size class instead",
-                            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                log.warning("compiling with size-oblivious batch tracing failed; compiling without it",
+                            exc_info=True)
         return compiled(*args, **kwargs)
 
     return call
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether an out-of-memory error is among the causes of ``exc`` (the OOM split handles it)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, torch.OutOfMemoryError):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def _size_oblivious() -> AbstractContextManager[Any]:

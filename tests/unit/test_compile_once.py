@@ -8,8 +8,10 @@ row buckets 16, 32 and 64, both sides of diffusers' ``shape[0] >= 64`` branch.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -28,10 +30,12 @@ def _eager_unet(tiny_model: Path) -> torch.nn.Module:
     return UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval().requires_grad_(False)
 
 
-def _bucketed_unet(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[BucketedCFGUNet, CompileCounter]:
+def _bucketed_unet(tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+                   backend: Callable[[CompileCounter], Any] | None = None) -> tuple[BucketedCFGUNet, CompileCounter]:
+    """The bucketed UNet compiled with a counting backend (or ``backend(counter)``)."""
     torch._dynamo.reset()
     counter = CompileCounter()
-    monkeypatch.setattr(fastpath, "COMPILE_BACKEND", counter)
+    monkeypatch.setattr(fastpath, "COMPILE_BACKEND", counter if backend is None else backend(counter))
     unet = _eager_unet(tiny_model)
     size = unet.config.sample_size
     bucketed = BucketedCFGUNet(unet, dtype=torch.float32, device=torch.device("cpu"),
@@ -114,22 +118,48 @@ def test_upsamplers_with_a_norm_keep_diffusers_forward() -> None:
     assert upsample.single_branch_upsamplers(Upsample2D(8, use_conv_transpose=True)) == 0
 
 
-def test_a_failed_size_oblivious_trace_falls_back_to_plain_compile(
+def test_a_failed_size_oblivious_compile_falls_back_to_plain_compile(
         tiny_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """The setting is experimental in PyTorch: a trace that fails under it costs the
-    old second compile, not the worker's start."""
-    from torch._dynamo.exc import Unsupported
+    """The setting is experimental in PyTorch: a compile that fails under it costs the
+    old second graph, not the worker's start. The failure is raised by the backend,
+    inside ``torch.compile``, while the setting is on."""
+    monkeypatch.setattr(sys.modules[__name__], "BUCKETS", (1, 2))
+    setting_on = [False]
 
     @contextlib.contextmanager
-    def failing() -> Iterator[None]:
-        raise Unsupported("size-oblivious trace failed")
-        yield  # pragma: no cover
+    def marked() -> Iterator[None]:
+        setting_on[0] = True
+        try:
+            yield
+        finally:
+            setting_on[0] = False
 
-    monkeypatch.setattr(sys.modules[__name__], "BUCKETS", (1, 2))
-    monkeypatch.setattr(fastpath, "_size_oblivious", failing)
-    bucketed, counter = _bucketed_unet(tiny_model, monkeypatch)
-    with torch.inference_mode():
+    def failing_under_the_setting(counter: CompileCounter) -> Callable[..., Any]:
+        def backend(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable[..., Any]:
+            if setting_on[0]:
+                raise RuntimeError("a size-oblivious trace this backend cannot compile")
+            return counter(gm, inputs)
+        return backend
+
+    monkeypatch.setattr(fastpath, "_size_oblivious", marked)
+    bucketed, counter = _bucketed_unet(tiny_model, monkeypatch, failing_under_the_setting)
+    with caplog.at_level(logging.WARNING, logger="imagegenx.engine.fastpath"), torch.inference_mode():
         bucketed.prepare()
     assert sorted(bucketed.slots) == [1, 2, 4]
-    assert counter.frame_count == 2
-    assert "size-oblivious tracing failed" in caplog.text
+    assert counter.frame_count == 2  # compiled without the setting: the batch of 1 apart
+    assert "size-oblivious batch tracing failed" in caplog.text
+    assert "a size-oblivious trace this backend cannot compile" in caplog.text  # with its traceback
+
+
+def test_an_out_of_memory_error_is_not_taken_for_a_tracing_failure() -> None:
+    """Compiling may run out of memory (autotuning); that goes to the OOM split, not the fallback."""
+    from torch._dynamo.exc import TorchRuntimeError
+
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError as oom:
+            raise TorchRuntimeError("compiling failed") from oom
+    except TorchRuntimeError as exc:
+        assert fastpath._out_of_memory(exc)
+    assert not fastpath._out_of_memory(TorchRuntimeError("a shape it cannot trace"))
