@@ -25,35 +25,52 @@ def stack(redis_base: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFa
 
 
 class EventLog:
-    """Captures task events from the broker in a background thread."""
+    """Captures task events from the broker in a background thread.
+
+    Consumes without a timeout (kombu's ``consume`` raises ``socket.timeout``
+    after that long without an event, which ended the thread during any quiet
+    second and lost the later events) and stops through the receiver's
+    ``should_stop``. It is ready once its queue is bound: when the first event,
+    its own ``test-bound`` probe or a worker heartbeat, has arrived.
+    """
 
     def __init__(self, app: Any) -> None:
         self.app = app
         self.by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self.ready = threading.Event()
-        self._stop = False
+        self.bound = threading.Event()
+        self.error: BaseException | None = None
+        self.receiver: Any = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        with self.app.connection_for_read() as conn:
-            recv = self.app.events.Receiver(conn, handlers={"*": self._on_event})
-            self.ready.set()
-            for _ in recv.itercapture(limit=None, timeout=0.5, wakeup=False):
-                if self._stop:
-                    return
+        try:
+            with self.app.connection_for_read() as conn:
+                self.receiver = self.app.events.Receiver(conn, handlers={"*": self._on_event})
+                for _ in self.receiver.itercapture(limit=None, timeout=None, wakeup=False):
+                    pass
+        except BaseException as exc:  # noqa: BLE001 - reported by __exit__
+            self.error = exc
 
     def _on_event(self, event: dict[str, Any]) -> None:
+        self.bound.set()
         if "uuid" in event:
             self.by_task[event["uuid"]].append(event)
 
     def __enter__(self) -> "EventLog":
         self.thread.start()
-        assert self.ready.wait(5)
-        time.sleep(0.3)
+        with self.app.events.default_dispatcher() as probe:
+            deadline = time.monotonic() + 10
+            while not self.bound.wait(0.2) and time.monotonic() < deadline:
+                probe.send("test-bound")
+        assert self.bound.is_set(), f"the event receiver got nothing in 10 s ({self.error!r})"
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop = True
+        if self.receiver is not None:
+            self.receiver.should_stop = True
+        self.thread.join(5)
+        if exc[0] is None:  # never hide the test's own failure
+            assert self.error is None, f"the event receiver stopped: {self.error!r}"
 
 
 def test_each_batched_request_has_its_own_events_and_runtime(stack: Stack) -> None:
