@@ -43,6 +43,31 @@ def test_later_writes_leave_a_success_alone(backend: Any, task_id: str) -> None:
     assert 0 < backend.client.ttl(backend.get_key_for_task(task_id)) <= backend.expires
 
 
+@pytest.mark.parametrize("final", ["REVOKED", "FAILURE"])
+def test_a_running_state_never_replaces_a_final_one(backend: Any, task_id: str, final: str) -> None:
+    """A worker that has not yet received a revoke stores one more PROGRESS after the API
+    marked the task REVOKED: the task stays REVOKED (and a final state may follow)."""
+    backend.store_result(task_id, {"step": 3, "total": 100}, "PROGRESS")
+    if final == "REVOKED":
+        backend.mark_as_revoked(task_id, "revoked")
+    else:
+        backend.mark_as_failure(task_id, RuntimeError("failed"))
+    backend.store_result(task_id, {"step": 4, "total": 100}, "PROGRESS")
+    backend.store_result(task_id, {"hostname": "w"}, "STARTED")
+    assert backend.get_task_meta(task_id)["status"] == final
+    backend.mark_as_revoked(task_id, "revoked by the worker too")
+    assert backend.get_task_meta(task_id)["status"] == "REVOKED"
+
+
+def test_the_replacement_rule() -> None:
+    from imagegenx.result_backend import may_replace
+
+    assert may_replace(None, "PROGRESS") and may_replace("PROGRESS", "SUCCESS")
+    assert may_replace("STARTED", "PROGRESS") and may_replace("REVOKED", "FAILURE")
+    assert not may_replace("SUCCESS", "FAILURE") and not may_replace("SUCCESS", "PROGRESS")
+    assert not may_replace("REVOKED", "PROGRESS") and not may_replace("FAILURE", "STARTED")
+
+
 def test_success_stored_between_read_and_write_is_kept(backend: Any, task_id: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The interleaving of a worker cut off after reading the state: the other worker's
