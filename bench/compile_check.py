@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.cold_start import fresh_caches
 from bench.harness import machine, now_utc
 
 
@@ -95,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--buckets and --requests: comma-separated integers")
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
     with tempfile.TemporaryDirectory() as tmp:
-        # Empty compile caches: what a fresh machine compiles.
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
-        os.environ["TRITON_CACHE_DIR"] = str(Path(tmp) / "triton")
+        os.environ.update(fresh_caches(Path(tmp), "compile-check"))  # what a fresh machine compiles
         model = args.model
         if model is None:
             from imagegenx.engine.model_init import write_tiny_model

@@ -1,5 +1,6 @@
-"""Errors that travel in task results. Kept free of heavy imports so that a
-Celery client can rebuild them when it reads a FAILURE result."""
+"""Errors that travel in task results, and how errors are told apart. Kept free
+of heavy imports so that a Celery client can rebuild them when it reads a
+FAILURE result."""
 from __future__ import annotations
 
 
@@ -13,3 +14,24 @@ class BatchSetupError(GenerationError):
     The whole batch fails at once: running smaller parts of it cannot help, and
     an out-of-memory error here says nothing about how many images fit.
     """
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An out-of-memory error: MemoryError, or torch's ``OutOfMemoryError`` (matched by
+    name, so this module needs no torch)."""
+    return isinstance(exc, MemoryError) or any(
+        cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__
+    )
+
+
+def caused_by_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` or any exception it was raised from is an out-of-memory error
+    (compilers wrap the errors raised while they compile)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if is_out_of_memory(cur):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False

@@ -26,7 +26,7 @@ from PIL import Image
 from imagegenx.batching import BatchKey
 from imagegenx.cost import request_cost
 from imagegenx.engine.base import BatchSpec, Engine, Sample
-from imagegenx.errors import BatchSetupError, GenerationError
+from imagegenx.errors import BatchSetupError, GenerationError, is_out_of_memory  # noqa: F401 - re-exported
 from imagegenx.postprocess import render
 from imagegenx.request_state import RequestState
 from imagegenx.schemas import MAX_SEED, BatchInfo, GenerateRequest, GenerateResult, ImageResult
@@ -401,14 +401,6 @@ class BatchPipeline:
                 )
             )
         return out
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """An out-of-memory error: MemoryError, or torch's ``OutOfMemoryError`` (matched by
-    name, so this module needs no torch)."""
-    return isinstance(exc, MemoryError) or any(
-        cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__
-    )
 
 
 def _images(states: list[RequestState]) -> int:

@@ -42,6 +42,7 @@ import torch
 
 from imagegenx.engine.buckets import bucket_for, split_rows  # noqa: F401 - bucket_for: re-exported
 from imagegenx.engine.upsample import single_branch_upsamplers
+from imagegenx.errors import caused_by_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
                 with _size_oblivious():
                     return compiled(*args, **kwargs)
             except TorchDynamoException as exc:
-                if _out_of_memory(exc):
+                if caused_by_out_of_memory(exc):  # the OOM split handles it
                     raise
                 oblivious = False
                 log.warning("compiling with size-oblivious batch tracing failed; compiling without it",
@@ -126,18 +127,6 @@ def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
         return compiled(*args, **kwargs)
 
     return call
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """Whether an out-of-memory error is among the causes of ``exc`` (the OOM split handles it)."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, torch.OutOfMemoryError):
-            return True
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return False
 
 
 def _size_oblivious() -> AbstractContextManager[Any]:

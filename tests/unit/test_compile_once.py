@@ -20,6 +20,7 @@ from torch._dynamo.testing import CompileCounter
 
 from imagegenx.engine import fastpath, upsample
 from imagegenx.engine.fastpath import BucketedCFGUNet, FastPathOptions, unet_row_buckets
+from imagegenx.errors import caused_by_out_of_memory
 
 BUCKETS = (16, 32)
 
@@ -161,5 +162,5 @@ def test_an_out_of_memory_error_is_not_taken_for_a_tracing_failure() -> None:
         except torch.OutOfMemoryError as oom:
             raise TorchRuntimeError("compiling failed") from oom
     except TorchRuntimeError as exc:
-        assert fastpath._out_of_memory(exc)
-    assert not fastpath._out_of_memory(TorchRuntimeError("a shape it cannot trace"))
+        assert caused_by_out_of_memory(exc)
+    assert not caused_by_out_of_memory(TorchRuntimeError("a shape it cannot trace"))
