@@ -100,47 +100,20 @@ def simulate(cost_name: str, max_batch: int, requests: int, seed: int = 80) -> d
     """
     import numpy as np
 
+    from bench.scheduler_sim import Req, run_step_policy
     from imagegenx.engine.synthetic import COST_MODELS
-    from imagegenx.guidance import reserved_rows, rows_at
     from imagegenx.step_scheduler import StepScheduler
 
     cost = COST_MODELS[cost_name]
 
-    class R:
-        def __init__(self, id: str, arrived: float, interval: tuple[float, float]) -> None:
-            self.id, self.arrived, self.interval, self.done, self.finished = id, arrived, interval, 0, 0.0
-
-        def reserved(self) -> int:
-            return reserved_rows(7.5, self.interval, self.done, 20)
-
     def run(times: list[float], interval: tuple[float, float]) -> dict[str, Any]:
-        reqs = [R(str(k), t, interval) for k, t in enumerate(times)]
-        sched: StepScheduler[R] = StepScheduler(2 * max_batch, 0.05, step_cost=cost.rows_s)
-        now, i, calls, rows_total, images_total = 0.0, 0, 0, 0, 0
-        while i < len(reqs) or len(sched):
-            while i < len(reqs) and reqs[i].arrived <= now:
-                r = reqs[i]
-                sched.add(r, r.id, "g", r.reserved(), r.arrived, steps=20, need=r.reserved)
-                i += 1
-            plan = sched.schedule(now)
-            if plan.idle:
-                now = max(now + 1e-9, reqs[i].arrived if i < len(reqs) else now)
-                continue
-            rows = sum(rows_at(7.5, r.interval, r.done, 20) for r in plan.running)
-            now += cost.rows_s(rows)
-            calls, rows_total, images_total = calls + 1, rows_total + rows, images_total + len(plan.running)
-            for r in plan.running:
-                r.done += 1
-            done = [r for r in plan.running if r.done >= 20]
-            if done:
-                now += cost.decode_s(len(done))
-                for r in done:
-                    r.finished = now
-                sched.finish(r.id for r in done)
+        reqs = [Req(str(k), 20, t, interval) for k, t in enumerate(times)]
+        calls = run_step_policy(reqs, cost, lambda: StepScheduler(2 * max_batch, 0.05, step_cost=cost.rows_s))
+        images_total, rows_total = (sum(c) for c in zip(*calls, strict=True))
         lat = np.array([r.finished - r.arrived for r in reqs])
         return {"images_per_s": len(reqs) / max(r.finished for r in reqs),
                 "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99)),
-                "images_per_call": images_total / calls, "unet_rows_per_call": rows_total / calls}
+                "images_per_call": images_total / len(calls), "unet_rows_per_call": rows_total / len(calls)}
 
     out: dict[str, Any] = {"cost_model": cost_name, "max_batch": max_batch, "requests": requests}
     base: float | None = None

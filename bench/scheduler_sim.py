@@ -27,14 +27,13 @@ import numpy as np
 
 from imagegenx.batching import BatchPolicy
 from imagegenx.engine.synthetic import COST_MODELS, CostModel
-from imagegenx.guidance import parse_interval, reserved_rows, rows_at
+from imagegenx.guidance import FULL, Interval, parse_interval, reserved_rows, rows_at
 from imagegenx.step_scheduler import StepScheduler
 
 COST = COST_MODELS["sd15-h200-graphs"]
 MIXED_STEPS = (10, 20, 25, 30, 50)
 LOADS = (0.5, 0.8, 0.95)
 GUIDANCE_SCALE = 7.5
-Interval = tuple[float, float]
 
 
 @dataclass
@@ -42,7 +41,7 @@ class Req:
     id: str
     steps: int
     arrived: float
-    interval: Interval = (0.0, 1.0)
+    interval: Interval = FULL
     done_steps: int = 0
     finished: float = 0.0
 
@@ -60,7 +59,7 @@ class Req:
 
 
 def poisson(rate: float, n: int, steps: tuple[int, ...], seed: int,
-            interval: Interval = (0.0, 1.0)) -> list[Req]:
+            interval: Interval = FULL) -> list[Req]:
     rng = random.Random(seed)
     t, out = 0.0, []
     for i in range(n):
@@ -102,10 +101,12 @@ def run_request_policy(reqs: list[Req], cost: CostModel, max_batch: int, max_wai
             r.finished = now
 
 
-def run_step_policy(reqs: list[Req], cost: CostModel, make: Callable[[], StepScheduler[Req]]) -> list[int]:
+def run_step_policy(reqs: list[Req], cost: CostModel,
+                    make: Callable[[], StepScheduler[Req]]) -> list[tuple[int, int]]:
+    """Run ``reqs`` through the step scheduler ``make()`` builds; (images, UNet rows) of each call."""
     sched = make()
     now, i = 0.0, 0
-    rows_per_call: list[int] = []
+    calls: list[tuple[int, int]] = []
     while i < len(reqs) or len(sched):
         while i < len(reqs) and reqs[i].arrived <= now:
             r = reqs[i]
@@ -117,8 +118,9 @@ def run_step_policy(reqs: list[Req], cost: CostModel, make: Callable[[], StepSch
             now = max(now + 1e-9, min(nxt))
             continue
         running = plan.running
-        now += cost.rows_s(sum(r.rows() for r in running))
-        rows_per_call.append(len(running))
+        rows = sum(r.rows() for r in running)
+        now += cost.rows_s(rows)
+        calls.append((len(running), rows))
         done = []
         for r in running:
             r.done_steps += 1
@@ -129,7 +131,7 @@ def run_step_policy(reqs: list[Req], cost: CostModel, make: Callable[[], StepSch
             for r in done:
                 r.finished = now
             sched.finish(r.id for r in done)
-    return rows_per_call
+    return calls
 
 
 def summary(reqs: list[Req], warm: int) -> dict[str, Any]:
@@ -147,7 +149,7 @@ def summary(reqs: list[Req], warm: int) -> dict[str, Any]:
     return out
 
 
-def saturation(cost: CostModel, max_batch: int, steps: int = 20, interval: Interval = (0.0, 1.0)) -> float:
+def saturation(cost: CostModel, max_batch: int, steps: int = 20, interval: Interval = FULL) -> float:
     return max_batch / batch_s(cost, max_batch, steps, interval)
 
 
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=50.0)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--guidance-interval", type=interval_arg, default=(0.0, 1.0),
+    ap.add_argument("--guidance-interval", type=interval_arg, default=FULL,
                     help="every request's guidance interval (0,1: every step; the service's default is 0,0.4)")
     ap.add_argument("--loads", default=",".join(map(str, LOADS)),
                     help="comma-separated fractions of the request policy's saturation")
@@ -197,11 +199,12 @@ def main(argv: list[str] | None = None) -> int:
             rate = load * sat * (20.0 / mean_mixed if mix == "mixed" else 1.0)
             for name in names:
                 reqs = poisson(rate, args.requests, steps, args.seed, interval)
-                rows: list[int] = []
+                rows: list[int] = []  # images per UNet call
                 if name == "request":
                     run_request_policy(reqs, cost, args.max_batch, args.max_wait_ms / 1000)
                 else:
-                    rows = run_step_policy(reqs, cost, policies(args.max_batch, args.max_wait_ms / 1000)[name])
+                    calls = run_step_policy(reqs, cost, policies(args.max_batch, args.max_wait_ms / 1000)[name])
+                    rows = [images for images, _ in calls]
                 s = summary(reqs, warm=args.requests // 10)
                 s["mean_rows_per_call"] = statistics.fmean(rows) if rows else None
                 report["runs"][f"{mix}|{load}|{name}"] = s
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{'-' if not rows else f'{statistics.fmean(rows):.1f}'} |")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        suffix = "" if interval == (0.0, 1.0) else f"_interval_{start:g}_{end:g}"
+        suffix = "" if interval == FULL else f"_interval_{start:g}_{end:g}"
         suffix += "" if loads == LOADS else "_loads_" + "_".join(f"{x:g}" for x in loads)
         (args.out / f"scheduler_sim{suffix}.json").write_text(json.dumps(report, indent=2))
     return 0

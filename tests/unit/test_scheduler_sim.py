@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.scheduler_sim import (COST, Req, batch_s, main, policies, poisson, run_request_policy,
-                                 run_step_policy)
-from imagegenx.step_scheduler import StepPlan, StepScheduler
+from bench.scheduler_sim import COST, batch_s, main, policies, poisson, run_request_policy, run_step_policy
 
 
 def test_full_guidance_prices_every_step_at_two_rows_per_image() -> None:
@@ -26,22 +24,8 @@ def test_both_policies_finish_every_request(interval: tuple[float, float]) -> No
     run_request_policy(reqs, COST, 8, 0.05)
     assert all(r.finished > r.arrived for r in reqs)
     reqs = poisson(8.0, 200, (10, 20, 50), seed=1, interval=interval)
-    make = policies(8, 0.05)["step (arrival order, cost-aware rows)"]
-    rows: list[int] = []
-
-    def recording() -> StepScheduler[Req]:
-        sched = make()
-        plan_step = sched.schedule
-
-        def schedule(now: float) -> StepPlan[Req]:
-            plan = plan_step(now)
-            rows.append(sum(r.rows() for r in plan.running))  # the UNet rows of this call
-            return plan
-
-        sched.schedule = schedule  # type: ignore[method-assign]
-        return sched
-
-    run_step_policy(reqs, COST, recording)
+    calls = run_step_policy(reqs, COST, policies(8, 0.05)["step (arrival order, cost-aware rows)"])
+    rows = [unet_rows for _, unet_rows in calls]
     assert all(r.finished > r.arrived and r.remaining == 0 for r in reqs)
     assert 8 < max(rows) <= 2 * 8  # the set fills up, and never beyond the limit
 
