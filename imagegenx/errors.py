@@ -22,16 +22,3 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or any(
         cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__
     )
-
-
-def caused_by_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` or any exception it was raised from is an out-of-memory error
-    (compilers wrap the errors raised while they compile)."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        if is_out_of_memory(cur):
-            return True
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return False

@@ -9,7 +9,8 @@ On CUDA the engine runs its three networks through this module:
   dimension (its upsamplers get a branch-free forward, ``upsample.py``, so
   the batch size never splits the graph), and one CUDA graph is captured around the compiled call per
   bucket of UNet rows (each configured image bucket and its double: by
-  default 1, 2, 4, ... 64 rows), over static input and output buffers. A step
+  default 2, 4, ... 64 rows; one row runs padded to two, since a batch of 1
+  would compile the UNet again), over static input and output buffers. A step
   runs two rows per image inside its guidance interval and one per other
   image; the rows run in the smallest bucket that holds them, padded with
   dummy rows whose outputs are dropped; more rows than the largest bucket run
@@ -34,7 +35,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,6 @@ import torch
 
 from imagegenx.engine.buckets import bucket_for, split_rows  # noqa: F401 - bucket_for: re-exported
 from imagegenx.engine.upsample import single_branch_upsamplers
-from imagegenx.errors import caused_by_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -84,56 +83,22 @@ def optimise_modules(*modules: torch.nn.Module, fuse_qkv: bool, channels_last: b
 
 # The compiler backend; tests count compiled graphs with a counting backend instead.
 COMPILE_BACKEND: Any = "inductor"
-# How the batch dimension is traced (``_compile``); compiled artifacts record it, so one
-# built before the batch was traced size-obliviously is refused instead of missing the cache.
-BATCH_TRACING = "size-oblivious"
+# How the batch dimension is traced; compiled artifacts record it, so one built when
+# the 1-row bucket had its own UNet graph is refused instead of missing the cache.
+BATCH_TRACING = "rows-from-2"
 
 
 def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.compile`` that traces the batch dimension size-obliviously.
+    """``torch.compile`` with a dynamic batch dimension (``_mark_batch_dynamic``).
 
-    Dynamo specialises a dimension of size 0 or 1, so the 1-row bucket (one
-    image outside its guidance interval) compiled the UNet a second time on the
-    GPU, and traced it a second time even from a compiled artifact (BENCHMARKS
-    11d). Size-oblivious reasoning for sizes known at trace time
-    (``backed_size_oblivious``) keeps the batch symbolic down to 1; guards that
-    a compiler backend adds on its own can still split it (the CPU's oneDNN
-    convolutions choose by batch size). Dynamo traces inside a call, so every
-    call runs under the setting; with CUDA graphs only the warm-up calls reach
-    here. The setting is experimental in PyTorch: if compiling fails under it
-    for any reason but memory, the function is compiled without it from then on
-    (the old cost: one more graph), and the failure is logged with its traceback.
+    Every compiled call holds at least two rows (``unet_row_buckets``; the VAE
+    decode pads one image to two), so one graph serves every bucket.
     """
     import torch._inductor.config as inductor_config
-    from torch._dynamo.exc import TorchDynamoException
 
     # 1x1 convolutions as matrix products: cheaper on tensor cores, no extra compile time.
     inductor_config.conv_1x1_as_mm = True
-    compiled = torch.compile(fn, backend=COMPILE_BACKEND, dynamic=None)
-    oblivious = True
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        nonlocal oblivious
-        if oblivious:
-            try:
-                with _size_oblivious():
-                    return compiled(*args, **kwargs)
-            except TorchDynamoException as exc:
-                if caused_by_out_of_memory(exc):  # the OOM split handles it
-                    raise
-                oblivious = False
-                log.warning("compiling with size-oblivious batch tracing failed; compiling without it",
-                            exc_info=True)
-        return compiled(*args, **kwargs)
-
-    return call
-
-
-def _size_oblivious() -> AbstractContextManager[Any]:
-    """Trace batch sizes of 1 with the same graph as larger ones (see ``_compile``)."""
-    import torch.fx.experimental._config as fx_config
-
-    return fx_config.patch(backed_size_oblivious=True)
+    return torch.compile(fn, backend=COMPILE_BACKEND, dynamic=None)
 
 
 def _mark_batch_dynamic(*tensors: torch.Tensor) -> None:
@@ -197,13 +162,19 @@ def cfg_unet_eager(
 
 
 def unet_row_buckets(image_buckets: Sequence[int]) -> tuple[int, ...]:
-    """UNet-row buckets of the image buckets: each size and its double.
+    """UNet-row buckets of the image buckets: each size and its double, from 2.
 
     A call runs two rows per guided image and one per other image, so any row
-    count may occur; the configured image buckets (1, 2, 4, ... 32 images) give
-    row buckets 1, 2, 4, ... 64, the fully guided batches keep their own bucket.
+    count may occur; the image buckets (1, 2, 4, ... 32 images) give row buckets
+    2, 4, ... 64. There is no 1-row bucket: a single row runs padded to two,
+    because a batch of 1 compiles the UNet a second time. Dynamo specialises a
+    dimension of size 1, and on CUDA Inductor's indexing check bounds the batch
+    from 2 even when it is traced size-obliviously (docs/BENCHMARKS.md 11d and
+    11e: 3 graphs with the 1-row bucket, 2 without; marking the batch unbacked
+    broke the UNet into 59 graphs). The padding costs one row's compute on the
+    steps a request runs alone and unguided.
     """
-    return tuple(sorted({b for b in image_buckets} | {2 * b for b in image_buckets}))
+    return tuple(sorted({max(2, b) for b in image_buckets} | {2 * b for b in image_buckets}))
 
 
 class _UNetSlot:

@@ -44,8 +44,8 @@ class CostModel:
     rows), as they were measured: linear (``step_fixed_s + step_per_image_s *
     n``) or, with ``step_buckets``, a table of (images bucket, seconds) per
     padded call. A call is priced by its UNet rows (:meth:`rows_s`): an image
-    outside its guidance interval runs one row, half an image's share; a
-    1-row bucket, which was not measured, is priced as the 2-row one.
+    outside its guidance interval runs one row, half an image's share; one
+    row is priced as two, since the fast path runs it padded to two.
     """
 
     step_fixed_s: float

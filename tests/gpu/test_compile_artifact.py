@@ -74,6 +74,6 @@ def test_a_fresh_process_with_the_artifact_compiles_from_cache_hits(tiny_model: 
                                 IMAGEGENX_BATCH_BUCKETS="1,2,4"))
     assert "refused (batch buckets differs" in log
     assert refused["inductor"].get("fxgraph_cache_miss", 0) >= 1
-    # The UNet once and the VAE decode once, whatever the buckets; the 1-row bucket
-    # (image bucket 1) is traced with the others, not specialised and compiled again.
+    # The UNet once and the VAE decode once, whatever the buckets: no call runs a batch
+    # of 1, which would be specialised and compiled again (one row runs padded to two).
     assert loaded["compiled_graphs"] == refused["compiled_graphs"] == 2

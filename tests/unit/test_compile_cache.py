@@ -88,16 +88,21 @@ def test_a_fitting_artifact_is_loaded_a_mismatched_one_is_not(tmp_path: Path, mo
     assert reason is not None and reason.startswith(f"unreadable {MANIFEST_FILE}") and "\n" not in reason
 
 
-def test_an_artifact_from_before_size_oblivious_tracing_is_refused(tmp_path: Path, model: Path) -> None:
-    """Its kernels were keyed under the old tracing: loading it would only miss the cache."""
+@pytest.mark.parametrize("older_tracing", [None, "size-oblivious"])
+def test_an_artifact_with_a_one_row_bucket_graph_is_refused(tmp_path: Path, model: Path,
+                                                            older_tracing: str | None) -> None:
+    """Artifacts built when the 1-row bucket had a UNet graph of its own (before any
+    ``batch_tracing``, or traced size-obliviously) hold a graph this worker never runs."""
     settings = Settings(model=model)
     expected = compile_cache.engine_manifest(settings, _engine())
-    assert expected.compile_options["batch_tracing"] == "size-oblivious"
+    assert expected.compile_options["batch_tracing"] == "rows-from-2"
     older = {k: v for k, v in expected.compile_options.items() if k != "batch_tracing"}
+    if older_tracing is not None:
+        older["batch_tracing"] = older_tracing
     _write_artifact(tmp_path / "old", expected.model_copy(update={"compile_options": older}))
     reason = compile_cache.load_compile_cache(str(tmp_path / "old"), expected, settings)
     assert reason is not None and reason.startswith("compile options differs")
-    assert "batch_tracing=size-oblivious" in reason
+    assert "batch_tracing=rows-from-2" in reason and "\n" not in reason
 
 
 def test_the_worker_logs_one_line_when_it_refuses(tmp_path: Path, model: Path,
