@@ -41,6 +41,7 @@ from bench.harness import celery_worker_cmd, machine, now_utc, percentiles
 from bench.scheduler_sim import interval_arg
 
 MIXED_STEPS = (10, 20, 25, 30, 50)
+MIXES = {"fixed20": (20,), "mixed": MIXED_STEPS}
 LOADS = (0.5, 0.8, 0.95)
 POLICIES = ("request", "step")
 
@@ -58,6 +59,27 @@ def arrivals(rate: float, duration: float, steps: tuple[int, ...], seed: int) ->
         if t >= duration:
             return out
         out.append((t, rng.choice(steps)))
+
+
+def loads_arg(text: str) -> tuple[float, ...]:
+    """``--loads``: fractions of saturation in (0, 1.5]."""
+    try:
+        loads = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not loads or any(not 0 < x <= 1.5 for x in loads):
+        raise argparse.ArgumentTypeError(f"each load must be in (0, 1.5], got {text!r}")
+    return loads
+
+
+def mixes_arg(text: str) -> tuple[str, ...]:
+    """``--mixes``: names among :data:`MIXES`."""
+    mixes = tuple(x.strip() for x in text.split(","))
+    unknown = [m for m in mixes if m not in MIXES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown mix {', '.join(map(repr, unknown))}; "
+                                         f"choose from {', '.join(MIXES)}")
+    return mixes
 
 
 class Client(Load):
@@ -209,8 +231,9 @@ def run_policy(policy: str, svc: dict[str, Any], args: argparse.Namespace, tmp: 
         log(f"{policy}: closed loop {closed['images_per_s']:.2f} img/s, rows/call {closed['rows_per_call']}")
         rate = sat_rate if sat_rate is not None else closed["images_per_s"]
         mean_mixed = statistics.fmean(MIXED_STEPS)
-        for mix, steps in (("fixed20", (20,)), ("mixed", MIXED_STEPS)):
-            for load in LOADS:
+        for mix in args.mixes:
+            steps = MIXES[mix]
+            for load in args.loads:
                 scale = 1.0 if mix == "fixed20" else 20.0 / mean_mixed
                 schedule = arrivals(load * rate * scale, args.duration, steps,
                                     seed=int(load * 100) + len(steps))
@@ -228,35 +251,40 @@ def run_policy(policy: str, svc: dict[str, Any], args: argparse.Namespace, tmp: 
 
 
 def ratios(report: dict[str, Any]) -> dict[str, Any]:
+    """The issue's target ratios; a ratio whose runs were left out is None."""
     req, step = report["request"], report["step"]
 
-    def p(run: dict[str, Any], key: str, q: str = "p50") -> float:
-        return float(run[key]["latency_s"].get(q) or 0.0)
+    def p(run: dict[str, Any], key: str, q: str = "p50") -> float | None:
+        return run[key]["latency_s"].get(q) if key in run else None
 
-    def by_steps(run: dict[str, Any], steps: int, q: str = "p50") -> float:
-        return float(run["open_mixed_0.8"]["latency_by_steps_s"].get(str(steps), {}).get(q) or 0.0)
+    def by_steps(run: dict[str, Any], steps: int) -> float | None:
+        per = run.get("open_mixed_0.8", {}).get("latency_by_steps_s", {})
+        return per.get(str(steps), {}).get("p50")
 
-    out = {
-        "fixed20_0.8_p50_step_over_request": p(step, "open_fixed20_0.8") / max(1e-9, p(req, "open_fixed20_0.8")),
-        "fixed20_0.8_p99_step_over_request": (p(step, "open_fixed20_0.8", "p99")
-                                              / max(1e-9, p(req, "open_fixed20_0.8", "p99"))),
-        "mixed_0.8_p99_step_over_request": (p(step, "open_mixed_0.8", "p99")
-                                            / max(1e-9, p(req, "open_mixed_0.8", "p99"))),
-        "mixed_0.8_step_p50_10_over_50": by_steps(step, 10) / max(1e-9, by_steps(step, 50)),
-        "saturation_step_over_request": (step["closed_loop"]["images_per_s"]
-                                         / max(1e-9, req["closed_loop"]["images_per_s"])),
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else a / b
+
+    return {
+        "fixed20_0.8_p50_step_over_request": ratio(p(step, "open_fixed20_0.8"), p(req, "open_fixed20_0.8")),
+        "fixed20_0.8_p99_step_over_request": ratio(p(step, "open_fixed20_0.8", "p99"),
+                                                   p(req, "open_fixed20_0.8", "p99")),
+        "mixed_0.8_p99_step_over_request": ratio(p(step, "open_mixed_0.8", "p99"), p(req, "open_mixed_0.8", "p99")),
+        "mixed_0.8_step_p50_10_over_50": ratio(by_steps(step, 10), by_steps(step, 50)),
+        "saturation_step_over_request": ratio(step["closed_loop"]["images_per_s"],
+                                              req["closed_loop"]["images_per_s"]),
         "idle_single_step_s": step["idle_single"]["latency_s"].get("p50"),
     }
-    return out
 
 
 def table(report: dict[str, Any]) -> str:
     lines = ["| run | policy | images/s | p50 s | p95 s | p99 s | rows per call |",
              "|---|---|---|---|---|---|---|"]
-    keys = ["closed_loop"] + [f"open_{m}_{load}" for m in ("fixed20", "mixed") for load in LOADS]
+    keys = ["closed_loop"] + [f"open_{m}_{load}" for m in MIXES for load in report.get("loads", LOADS)]
     for key in keys:
         for policy in POLICIES:
-            r = report[policy][key]
+            r = report[policy].get(key)
+            if r is None:
+                continue
             lat = r["latency_s"]
             rows = r["rows_per_call"]
             lines.append(f"| {key} | {policy} | {r['images_per_s']:.2f} | {lat.get('p50', 0):.3f} | "
@@ -266,8 +294,11 @@ def table(report: dict[str, Any]) -> str:
         s = report[policy]["idle_single"]
         lines.append(f"| idle single | {policy} | | {s['latency_s'].get('p50', 0):.3f} | | | 1 |")
     lines.append("")
-    lines.append("mixed steps at 0.8 load, p50 / p99 by step count (s):")
+    if "open_mixed_0.8" in report["step"]:
+        lines.append("mixed steps at 0.8 load, p50 / p99 by step count (s):")
     for policy in POLICIES:
+        if "open_mixed_0.8" not in report[policy]:
+            continue
         per = report[policy]["open_mixed_0.8"]["latency_by_steps_s"]
         lines.append(f"  {policy}: " + ", ".join(f"{k}: {v['p50']:.2f}/{v['p99']:.2f}" for k, v in per.items()))
     lines.append("")
@@ -318,9 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guidance-interval", type=interval_arg, default=(0.0, 1.0),
                     help="the server's default guidance interval for the requests (0,1: every step; "
                          "the service's own default is 0,0.4)")
+    ap.add_argument("--loads", type=loads_arg, default=LOADS,
+                    help="open-loop loads, fractions of the request policy's saturation (comma-separated)")
+    ap.add_argument("--mixes", type=mixes_arg, default=tuple(MIXES),
+                    help=f"open-loop step mixes (comma-separated, of {', '.join(MIXES)})")
     args = ap.parse_args(argv)
     model = resolve_service_args(args)
     report: dict[str, Any] = {"date": now_utc(), "machine": machine(), "engine": args.engine,
+                              "loads": list(args.loads), "mixes": list(args.mixes),
                               "command": " ".join(["python -m bench.scheduler_compare", *(argv or sys.argv[1:])]),
                               "max_batch": args.max_batch, "duration_s": args.duration, "size": args.size,
                               "guidance_interval": list(args.guidance_interval)}

@@ -1,0 +1,66 @@
+"""The scheduler comparison's run selection: loads and step mixes, and the target
+ratios when some runs were left out."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bench.scheduler_compare import LOADS, MIXES, loads_arg, mixes_arg, ratios, table
+
+
+def test_loads_and_mixes_parse() -> None:
+    assert loads_arg("0.8") == (0.8,)
+    assert loads_arg("0.5,0.8,0.95") == LOADS
+    assert mixes_arg("fixed20") == ("fixed20",)
+    assert mixes_arg("fixed20,mixed") == tuple(MIXES)
+
+
+@pytest.mark.parametrize("text", ["", "0", "0.8,x", "2"])
+def test_bad_loads_name_the_problem(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="load|numbers"):
+        loads_arg(text)
+
+
+def test_an_unknown_mix_lists_the_known_ones() -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown mix 'steady'; choose from fixed20, mixed"):
+        mixes_arg("fixed20,steady")
+
+
+def _run(p50: float, p99: float, by_steps: dict[str, dict[str, float]] | None = None) -> dict:
+    return {"images_per_s": 10.0, "latency_s": {"p50": p50, "p95": p99, "p99": p99},
+            "latency_by_steps_s": by_steps or {}, "rows_per_call": 2.0}
+
+
+def _policy(runs: dict) -> dict:
+    return {"closed_loop": {"images_per_s": 14.0, "latency_s": {}, "rows_per_call": 30.0},
+            "idle_single": {"latency_s": {"p50": 0.19}}, **runs}
+
+
+def test_an_empty_mix_is_unknown() -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown mix ''"):
+        mixes_arg("")
+
+
+def test_ratios_of_runs_left_out_are_none() -> None:
+    report = {"loads": [0.8], "mixes": ["fixed20"],
+              "request": _policy({"open_fixed20_0.8": _run(1.0, 4.0)}),
+              "step": _policy({"open_fixed20_0.8": _run(0.3, 1.0)})}
+    r = ratios(report)
+    assert r["fixed20_0.8_p50_step_over_request"] == pytest.approx(0.3)
+    assert r["fixed20_0.8_p99_step_over_request"] == pytest.approx(0.25)
+    assert r["mixed_0.8_p99_step_over_request"] is None
+    assert r["mixed_0.8_step_p50_10_over_50"] is None
+    assert r["saturation_step_over_request"] == pytest.approx(1.0)
+    report["ratios"] = r
+    text = table(report)
+    assert "open_fixed20_0.8 | step" in text and "open_mixed" not in text and "open_fixed20_0.5" not in text
+
+
+def test_mixed_ratios_use_the_step_counts() -> None:
+    mixed = {"10": {"p50": 0.5}, "50": {"p50": 2.0}}
+    report = {"request": _policy({"open_mixed_0.8": _run(2.0, 8.0)}),
+              "step": _policy({"open_mixed_0.8": _run(1.0, 2.0, mixed)})}
+    r = ratios(report)
+    assert r["mixed_0.8_p99_step_over_request"] == pytest.approx(0.25)
+    assert r["mixed_0.8_step_p50_10_over_50"] == pytest.approx(0.25)
