@@ -38,7 +38,7 @@ from celery import Celery
 
 from bench.gpu_benchmark import GpuSampler, Load, proc, service, wait_text, warmups_from_log
 from bench.harness import celery_worker_cmd, machine, now_utc, percentiles
-from bench.scheduler_sim import interval_arg
+from bench.scheduler_sim import interval_arg, loads_arg
 
 MIXED_STEPS = (10, 20, 25, 30, 50)
 MIXES = {"fixed20": (20,), "mixed": MIXED_STEPS}
@@ -59,17 +59,6 @@ def arrivals(rate: float, duration: float, steps: tuple[int, ...], seed: int) ->
         if t >= duration:
             return out
         out.append((t, rng.choice(steps)))
-
-
-def loads_arg(text: str) -> tuple[float, ...]:
-    """``--loads``: fractions of saturation in (0, 1.5]."""
-    try:
-        loads = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not loads or any(not 0 < x <= 1.5 for x in loads):
-        raise argparse.ArgumentTypeError(f"each load must be in (0, 1.5], got {text!r}")
-    return loads
 
 
 def mixes_arg(text: str) -> tuple[str, ...]:

@@ -76,6 +76,17 @@ def interval_arg(text: str) -> Interval:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def loads_arg(text: str) -> tuple[float, ...]:
+    """argparse type of ``--loads``: comma-separated fractions of saturation, each in (0, 1.5)."""
+    try:
+        loads = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not loads or any(not 0 < x < 1.5 for x in loads):
+        raise argparse.ArgumentTypeError(f"each load must be between 0 and 1.5, got {text!r}")
+    return loads
+
+
 def batch_s(cost: CostModel, n: int, steps: int, interval: Interval) -> float:
     """One request-policy batch of ``n`` images: every step priced by its UNet rows, then the decode."""
     return (sum(cost.rows_s(n * rows_at(GUIDANCE_SCALE, interval, k, steps)) for k in range(steps))
@@ -173,16 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--guidance-interval", type=interval_arg, default=FULL,
                     help="every request's guidance interval (0,1: every step; the service's default is 0,0.4)")
-    ap.add_argument("--loads", default=",".join(map(str, LOADS)),
+    ap.add_argument("--loads", type=loads_arg, default=LOADS,
                     help="comma-separated fractions of the request policy's saturation")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    try:
-        loads = tuple(float(x) for x in args.loads.split(","))
-    except ValueError:
-        ap.error(f"--loads: comma-separated numbers, got {args.loads!r}")
-    if not loads or not all(0.0 < x < 1.5 for x in loads):
-        ap.error(f"--loads: each between 0 and 1.5, got {args.loads!r}")
+    loads = args.loads
     interval = start, end = args.guidance_interval
     cost = COST
     sat = saturation(cost, args.max_batch, interval=interval)

@@ -26,7 +26,7 @@ from PIL import Image
 from imagegenx.batching import BatchKey
 from imagegenx.cost import request_cost
 from imagegenx.engine.base import BatchSpec, Engine, Sample
-from imagegenx.errors import BatchSetupError, GenerationError, is_out_of_memory  # noqa: F401 - re-exported
+from imagegenx.errors import BatchSetupError, GenerationError, is_out_of_memory
 from imagegenx.postprocess import render
 from imagegenx.request_state import RequestState
 from imagegenx.schemas import MAX_SEED, BatchInfo, GenerateRequest, GenerateResult, ImageResult

@@ -28,8 +28,8 @@ from celery.worker import state as worker_state
 
 from imagegenx import guidance
 from imagegenx.engine.base import StepEngine
-from imagegenx.errors import GenerationError
-from imagegenx.pipeline import BatchPipeline, Outcome, StepOutput, as_generation_error, is_out_of_memory, plan
+from imagegenx.errors import GenerationError, is_out_of_memory
+from imagegenx.pipeline import BatchPipeline, Outcome, StepOutput, as_generation_error, plan
 from imagegenx.request_state import RequestState
 from imagegenx.schemas import BatchInfo
 from imagegenx.step_scheduler import StepPlan, StepScheduler

@@ -16,7 +16,8 @@ from imagegenx.engine.synthetic import (
     SyntheticEngine,
     parse_faults,
 )
-from imagegenx.pipeline import BatchPipeline, is_out_of_memory
+from imagegenx.errors import is_out_of_memory
+from imagegenx.pipeline import BatchPipeline
 from imagegenx.request_state import RequestState
 from imagegenx.schemas import GenerateRequest
 from imagegenx.settings import Settings

@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from bench.scheduler_compare import LOADS, MIXES, loads_arg, mixes_arg, ratios, table
+from bench.scheduler_compare import LOADS, MIXES, mixes_arg, ratios, table
+from bench.scheduler_sim import loads_arg
 
 
 def test_loads_and_mixes_parse() -> None:
