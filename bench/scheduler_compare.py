@@ -194,8 +194,14 @@ def idle_singles(client: Client, n: int) -> dict[str, Any]:
             done += client.wait([sent], timeout=120)
         time.sleep(0.2)
     ok = [d for d in done if d[3].get("status") == "SUCCESS"]
-    return {"requests": len(ok), "latency_s": percentiles([d[2] - d[1] for d in ok]),
-            "engine_s": percentiles([d[3]["result"]["timings"]["engine_s"] for d in ok])}
+    timings = [d[3]["result"]["timings"] for d in ok]
+    latency = [d[2] - d[1] for d in ok]
+    # Where the end-to-end time goes: the worker's own timings, and the rest (HTTP
+    # submission, broker, result store and the client seeing the result).
+    rest = [lat - t["queued_s"] - t["engine_s"] - t["postprocess_s"] for lat, t in zip(latency, timings)]
+    return {"requests": len(ok), "latency_s": percentiles(latency),
+            **{key: percentiles([t[key] for t in timings]) for key in ("queued_s", "engine_s", "postprocess_s")},
+            "rest_s": percentiles(rest)}
 
 
 def run_policy(policy: str, svc: dict[str, Any], args: argparse.Namespace, tmp: Path,
@@ -214,9 +220,11 @@ def run_policy(policy: str, svc: dict[str, Any], args: argparse.Namespace, tmp: 
         out["worker_warmup"] = warmups_from_log(wlog)
         client = Client(svc, args)
         out["idle_single"] = idle_singles(client, args.singles)
+        save()
         log(f"{policy}: idle single p50 {out['idle_single']['latency_s'].get('p50', 0):.3f} s")
         closed = closed_loop(client, 2 * args.max_batch, args.saturation_s, args.settle_s, app, sampler)
         out["closed_loop"] = closed
+        save()
         log(f"{policy}: closed loop {closed['images_per_s']:.2f} img/s, rows/call {closed['rows_per_call']}")
         rate = sat_rate if sat_rate is not None else closed["images_per_s"]
         mean_mixed = statistics.fmean(MIXED_STEPS)
