@@ -27,7 +27,7 @@ from imagegenx.batching import BatchKey
 from imagegenx.cost import request_cost
 from imagegenx.engine.base import BatchSpec, Engine, Sample
 from imagegenx.errors import BatchSetupError, GenerationError, is_out_of_memory
-from imagegenx.postprocess import render
+from imagegenx.postprocess import PngCompression, render
 from imagegenx.request_state import RequestState
 from imagegenx.schemas import MAX_SEED, BatchInfo, GenerateRequest, GenerateResult, ImageResult
 from imagegenx.storage import Storage
@@ -160,8 +160,10 @@ class BatchPipeline:
 
     def __init__(self, engine: Engine, storage: Storage, public_url: str, model_name: str,
                  model_version: str | None = None, upscaler: Upscaler | None = None,
-                 prompt_warnings: Callable[[str], list[str]] | None = None) -> None:
+                 prompt_warnings: Callable[[str], list[str]] | None = None,
+                 png_compression: PngCompression = "fast") -> None:
         self.engine = engine
+        self.png_compression = png_compression
         # What the model cannot draw of a prompt (the result's warnings); None: no check.
         self.prompt_warnings = prompt_warnings
         # postprocess.upscale: a model on the engine's device runs right after the
@@ -329,7 +331,8 @@ class BatchPipeline:
             pictures = o.images or []
             try:
                 images = pictures if o.upscaled else self._prepare_images(state, pictures)
-                futures = [pool.submit(render, im, state.request.postprocess) for im in images]
+                futures = [pool.submit(render, im, state.request.postprocess, self.png_compression)
+                           for im in images]
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 failed[state.id] = _finish_failed(state, exc)
                 continue

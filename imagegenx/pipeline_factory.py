@@ -30,4 +30,5 @@ def build_pipeline(settings: Settings) -> BatchPipeline:
     shapes = s.engine == "diffusion" and is_shipped_shapes_model(s.model)
     version = s.model_version or derived_version(s.engine, s.model)
     return BatchPipeline(engine, create_storage(s), s.public_base, s.served_model_name,
-                         model_version=version, upscaler=upscaler, prompt_warnings=prompt_warnings if shapes else None)
+                         model_version=version, upscaler=upscaler, prompt_warnings=prompt_warnings if shapes else None,
+                         png_compression=s.png_compression)
