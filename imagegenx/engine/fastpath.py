@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from imagegenx.engine.buckets import bucket_for, split_rows  # noqa: F401 - bucket_for: re-exported
+from imagegenx.engine.transfer import index_on
 from imagegenx.engine.upsample import single_branch_upsamplers
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def guided_batch(
         return x, (torch.cat([t, t]) if per_row else t), ctx, n
     if not guided:
         return latents, t, cond, 0
-    idx = torch.tensor(list(guided), dtype=torch.long, device=latents.device)
+    idx = index_on(guided, latents.device)
     x = torch.cat([latents.index_select(0, idx), latents])
     ctx = torch.cat([uncond.index_select(0, idx.to(uncond.device)), cond])
     if per_row:

@@ -31,6 +31,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from imagegenx import guidance
 from imagegenx.engine.samplers import SchedulerConfig, make_scheduler
+from imagegenx.engine.transfer import index_on, to_device_async
 
 Coeffs = tuple[float, float, float, float, float, float]  # p, q, a, b, c, d
 
@@ -224,15 +225,7 @@ _BUILDERS = {"euler": _euler, "euler_a": _euler_ancestral, "ddim": _ddim, "dpmpp
 def _per_row(values: Sequence[Sequence[float]], like: torch.Tensor) -> torch.Tensor:
     """Per-row scalars as a [K, B, 1, 1, 1] fp32 tensor on ``like``'s device, one copy."""
     table = torch.tensor(values, dtype=torch.float32).T.contiguous()
-    return _to_device(table, like.device).view(len(table), -1, *([1] * (like.dim() - 1)))
-
-
-def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy without a stream sync: from pinned memory on CUDA, so the host queues
-    the next step while the GPU still runs this one (a pageable copy waits for it)."""
-    if device.type == "cuda":
-        table = table.pin_memory()
-    return table.to(device, non_blocking=True)
+    return to_device_async(table, like.device).view(len(table), -1, *([1] * (like.dim() - 1)))
 
 
 def _check_rows(latents: torch.Tensor, rows: Sequence[RowState]) -> None:
@@ -286,7 +279,7 @@ def combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: torch.Tenso
         return eps_uncond + scale * (eps_cond - eps_uncond)
     if not guided:
         return eps_cond.clone()
-    idx = torch.tensor(list(guided), dtype=torch.long, device=eps_cond.device)
+    idx = index_on(guided, eps_cond.device)
     cond_g = eps_cond.index_select(0, idx)
     eps_uncond = eps_uncond.float()
     mixed = eps_uncond + scale.index_select(0, idx) * (cond_g - eps_uncond)
@@ -326,7 +319,7 @@ def _ancestral_noise(rows: Sequence[RowState], like: torch.Tensor) -> torch.Tens
     for k, row in enumerate(rows):
         if row.schedule.ancestral:
             noise[k:k + 1] = torch.randn((1, *like.shape[1:]), generator=row.generator, dtype=torch.float32)
-    return _to_device(noise, like.device)
+    return to_device_async(noise, like.device)
 
 
 def _previous_x0(rows: Sequence[RowState], like: torch.Tensor) -> torch.Tensor:
