@@ -389,7 +389,7 @@ class BatchPipeline:
         r = state.request
         out = []
         for i, (image, seed) in enumerate(zip(images, r.sample_seeds())):
-            full, thumb = rendered[i].result() if rendered else render(image, r.postprocess)
+            full, thumb = rendered[i].result() if rendered else render(image, r.postprocess, self.png_compression)
             key = f"{state.id}/{i}.png"
             thumb_key = f"{state.id}/{i}.thumb.png"
             self.storage.put(key, full, "image/png")

@@ -58,7 +58,8 @@ class WorkerMetrics:
             buckets=BATCH_IMAGES_BUCKETS, registry=r)
         self.step_seconds = Histogram(
             "imagegenx_worker_step_seconds", "Time of one UNet call with its sampler update "
-            "(step scheduler)", buckets=WAIT_BUCKETS, registry=r)
+            "(step scheduler; device time on CUDA, counted once the call has ended)",
+            buckets=WAIT_BUCKETS, registry=r)
         self.batch_seconds = Histogram(
             "imagegenx_worker_batch_seconds",
             "Wall time of one batch: engine, post-processing, storage and results",

@@ -28,6 +28,7 @@ from celery.worker import state as worker_state
 
 from imagegenx import guidance
 from imagegenx.engine.base import StepEngine
+from imagegenx.engine.step_clock import CallLedger
 from imagegenx.errors import GenerationError, is_out_of_memory
 from imagegenx.pipeline import BatchPipeline, Outcome, StepOutput, as_generation_error, plan
 from imagegenx.request_state import RequestState
@@ -72,6 +73,9 @@ class StepRunner(ModelThread):
         self._run_images = 0
         self._run_requests = 0
         self._run_engine_s = 0.0
+        # Calls queued on the device whose device time the engine has not reported yet
+        # (engines whose step returns before the device has run it).
+        self._unreported = CallLedger(lambda rows, s, unet_rows: self.executor.stats.record_step(rows, s, unet_rows))
 
     def use_cost_model(self, step_seconds: Callable[[int], float | None] | None) -> None:
         """Price UNet calls with the engine's own measure (after its warm-up), so rows
@@ -229,7 +233,7 @@ class StepRunner(ModelThread):
             self._pipeline().release_memory()
             return self._recover(engine, running, model_rows, exc)
         seconds = time.perf_counter() - t0
-        self.executor.stats.record_step(rows, seconds, model_rows)
+        self._record_step(engine, rows, seconds, model_rows)
         self.largest_ok_rows = max(self.largest_ok_rows, model_rows)
         if self._run_id is not None and t0 - self._run_t0 >= RUN_SEGMENT_S:
             self._close_run()
@@ -246,6 +250,16 @@ class StepRunner(ModelThread):
             e.peak_rows = max(e.peak_rows, rows)
             e.peak_requests = max(e.peak_requests, len(running))
         return running
+
+    def _record_step(self, engine: StepEngine, rows: int, seconds: float, model_rows: int) -> None:
+        """Count one UNet call: by its device time once the device has run it, where the
+        engine returns before that (CUDA), else by the host's ``seconds``."""
+        ended = _ended_step_seconds(engine)
+        if ended is None:
+            self.executor.stats.record_step(rows, seconds, model_rows)
+            return
+        self._unreported.queued(rows, model_rows)
+        self._unreported.ended(ended)
 
     def _recover(self, engine: StepEngine, running: list[RequestState], rows: int,
                  exc: Exception) -> list[RequestState]:
@@ -292,6 +306,7 @@ class StepRunner(ModelThread):
         output = StepOutput(done)
         try:
             images = engine.decode([e.denoising for e in done])
+            self._unreported.ended(_ended_step_seconds(engine) or [])  # decoding waited for every call
         except Exception as exc:  # noqa: BLE001 - decode once per request to find the culprit
             exc.__traceback__ = None
             self._pipeline().release_memory()
@@ -322,3 +337,10 @@ class StepRunner(ModelThread):
         for e in states:
             e.denoising = None
         self.executor.hand_over(StepOutput.failed(states, error), time.perf_counter(), record=False)
+
+
+def _ended_step_seconds(engine: StepEngine) -> list[float] | None:
+    """The engine's report of calls the device has finished (None: its calls end
+    when ``step`` returns, so the host's clock times them)."""
+    report = getattr(engine, "ended_step_seconds", None)
+    return report() if report is not None else None

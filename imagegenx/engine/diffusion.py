@@ -38,7 +38,9 @@ from imagegenx.engine.samplers import (
     load_scheduler_config,
     make_scheduler,
 )
+from imagegenx.engine.step_clock import DeviceStepClock
 from imagegenx.engine.tokenizer import MAX_LENGTH
+from imagegenx.engine.transfer import to_device_async
 from imagegenx.preview import PreviewMap, map_file
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -220,9 +222,9 @@ class DiffusionEngine:
         self._projection: Projection | None = None
         # UNet rows run so far (two per guided image and step, one otherwise).
         self.unet_rows_run = 0
-        # The end of the last step's work on the GPU (CUDA): ``step`` returns with at
-        # most this one step queued ahead of the device (``_keep_one_step_queued``).
-        self._queued_step: torch.cuda.Event | None = None
+        # CUDA: each step's device time, and the loop held to one step ahead of the GPU.
+        self._step_clock = (DeviceStepClock(lambda: torch.cuda.Event(enable_timing=True))
+                            if device.type == "cuda" else None)
         if fast_path is not None and device.type == "cuda":
             optimise_modules(unet, vae, fuse_qkv=fast_path.fuse_qkv, channels_last=fast_path.channels_last)
 
@@ -329,13 +331,14 @@ class DiffusionEngine:
         return self.fast
 
     def _token_ids(self, prompt: str) -> torch.Tensor:
-        return self.tokenizer(
+        ids = self.tokenizer(
             prompt,
             padding="max_length",
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.device)
+        ).input_ids
+        return to_device_async(ids, self.device)
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
         """CLIP's last hidden state for ``prompt``, padded to 77 tokens: (1, 77, D)."""
@@ -370,7 +373,7 @@ class DiffusionEngine:
         shape = (1, self.unet.config.in_channels, height // f, width // f)
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
         noise = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
-        return torch.cat(noise).to(self.device), generators
+        return to_device_async(torch.cat(noise), self.device), generators
 
     def generate(self, spec: BatchSpec, on_step: StepCallback | None = None) -> list[Image.Image | None]:
         """Draw every sample of ``spec``; see :class:`imagegenx.engine.base.Engine`.
@@ -468,6 +471,18 @@ class DiffusionEngine:
         fast = self._fast_ready()
         self.loras.use(states[0].spec.loras)
         rows = [r for s in states for r in s.rows_state]
+        clock = self._step_clock
+        if clock is not None:
+            clock.begin()
+        try:
+            self._step(states, rows, fast, clock)
+        except BaseException:
+            if clock is not None:
+                clock.abandon()
+            raise
+
+    def _step(self, states: Sequence[DiffusionDenoising], rows: list[row_samplers.RowState],
+              fast: FastPath | None, clock: DeviceStepClock | None) -> None:
         with torch.inference_mode():
             latents = torch.cat([s.latents for s in states])
             cond = torch.cat([s.cond for s in states])
@@ -481,31 +496,25 @@ class DiffusionEngine:
                                                       guided)
             eps = row_samplers.guide(eps_uncond, eps_cond, rows, guided)
             unet_rows = eps_uncond.shape[0] + eps_cond.shape[0]
+            if clock is not None:
+                # Nothing in a step waits for the device (inputs are copied without a
+                # sync), so the host prepares the next call while the GPU runs this one.
+                # One step ahead, no further, and before any state is written back: an
+                # error of the previous call surfaces here, with these rows unmoved.
+                clock.wait_for_previous()
             latents = row_samplers.advance(latents, eps, rows)
+            if clock is not None:
+                clock.end()
         self.unet_rows_run += unet_rows
         start = 0
         for s in states:
             s.latents = latents[start:start + s.rows]
             start += s.rows
-        self._keep_one_step_queued()
 
-    def _keep_one_step_queued(self) -> None:
-        """Return once the previous step has ended on the GPU, leaving this one queued.
-
-        Nothing in a step waits for the device (its inputs are copied without a
-        sync), so the host prepares the next call while the GPU runs this one and
-        the GPU does not idle through the step loop's host work between calls. One
-        step ahead and no further: the loop's timings (``unet_seconds``, the step
-        histogram) still add up to the device's time rather than to launches, and
-        admissions and revocations act within one call of what the GPU runs.
-        """
-        if self.device.type != "cuda":
-            return
-        end = torch.cuda.Event()
-        end.record(torch.cuda.current_stream(self.device))
-        if self._queued_step is not None:
-            self._queued_step.synchronize()
-        self._queued_step = end
+    def ended_step_seconds(self) -> list[float] | None:
+        """Device seconds of each step that has ended on the GPU since the last call,
+        oldest first; None off CUDA, where a step has ended when ``step`` returns."""
+        return None if self._step_clock is None else self._step_clock.take_ended()
 
     def preview(self, states: Sequence[DiffusionDenoising]) -> PreviewFrames:
         """Cheap previews of the running latents of ``states`` (only those): the
