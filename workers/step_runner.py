@@ -198,6 +198,8 @@ class StepRunner(ModelThread):
         running = [e for e in running if e not in revoked]
         self._leave(gone + revoked)
         if not running:
+            if self._unreported:  # the set emptied without a decode: count its last calls now
+                self._count_ended(engine, wait=True)
             return
         advanced = self._execute(engine, running)
         self.executor.progress(advanced, time.monotonic(), engine)
@@ -254,12 +256,20 @@ class StepRunner(ModelThread):
     def _record_step(self, engine: StepEngine, rows: int, seconds: float, model_rows: int) -> None:
         """Count one UNet call: by its device time once the device has run it, where the
         engine returns before that (CUDA), else by the host's ``seconds``."""
-        ended = _ended_step_seconds(engine)
-        if ended is None:
+        if not getattr(engine, "times_steps_on_device", False):
             self.executor.stats.record_step(rows, seconds, model_rows)
             return
         self._unreported.queued(rows, model_rows)
-        self._unreported.ended(ended)
+        self._count_ended(engine)
+
+    def _count_ended(self, engine: StepEngine, wait: bool = False) -> None:
+        """Pair the calls the device has finished with their device time."""
+        try:
+            ended = _ended_step_seconds(engine, wait)
+        except Exception as exc:  # noqa: BLE001 - timings only: the next call reports the error
+            log.warning("could not read the device time of the last UNet calls: %r", exc)
+            return
+        self._unreported.ended(ended or [])
 
     def _recover(self, engine: StepEngine, running: list[RequestState], rows: int,
                  exc: Exception) -> list[RequestState]:
@@ -306,11 +316,11 @@ class StepRunner(ModelThread):
         output = StepOutput(done)
         try:
             images = engine.decode([e.denoising for e in done])
-            self._unreported.ended(_ended_step_seconds(engine) or [])  # decoding waited for every call
         except Exception as exc:  # noqa: BLE001 - decode once per request to find the culprit
             exc.__traceback__ = None
             self._pipeline().release_memory()
             images = [self._decode_alone(engine, e, output) for e in done]
+        self._count_ended(engine)  # decoding waited for every call
         for e, imgs in zip(done, images):
             if imgs is None:
                 continue
@@ -339,8 +349,8 @@ class StepRunner(ModelThread):
         self.executor.hand_over(StepOutput.failed(states, error), time.perf_counter(), record=False)
 
 
-def _ended_step_seconds(engine: StepEngine) -> list[float] | None:
+def _ended_step_seconds(engine: StepEngine, wait: bool = False) -> list[float] | None:
     """The engine's report of calls the device has finished (None: its calls end
-    when ``step`` returns, so the host's clock times them)."""
+    when ``step`` returns, so the host's clock times them); ``wait``: all of them."""
     report = getattr(engine, "ended_step_seconds", None)
-    return report() if report is not None else None
+    return report(wait) if report is not None else None

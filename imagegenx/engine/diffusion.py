@@ -223,7 +223,8 @@ class DiffusionEngine:
         # UNet rows run so far (two per guided image and step, one otherwise).
         self.unet_rows_run = 0
         # CUDA: each step's device time, and the loop held to one step ahead of the GPU.
-        self._step_clock = (DeviceStepClock(lambda: torch.cuda.Event(enable_timing=True))
+        self._step_clock = (DeviceStepClock(lambda: torch.cuda.Event(enable_timing=True),
+                                            stream=lambda: torch.cuda.current_stream(device))
                             if device.type == "cuda" else None)
         if fast_path is not None and device.type == "cuda":
             optimise_modules(unet, vae, fuse_qkv=fast_path.fuse_qkv, channels_last=fast_path.channels_last)
@@ -511,10 +512,17 @@ class DiffusionEngine:
             s.latents = latents[start:start + s.rows]
             start += s.rows
 
-    def ended_step_seconds(self) -> list[float] | None:
+    @property
+    def times_steps_on_device(self) -> bool:
+        """Whether ``step`` returns before the device has run it, its time reported
+        later by ``ended_step_seconds`` (CUDA)."""
+        return self._step_clock is not None
+
+    def ended_step_seconds(self, wait: bool = False) -> list[float] | None:
         """Device seconds of each step that has ended on the GPU since the last call,
-        oldest first; None off CUDA, where a step has ended when ``step`` returns."""
-        return None if self._step_clock is None else self._step_clock.take_ended()
+        oldest first (with ``wait``: of every step, once the last has ended); None
+        off CUDA, where a step has ended when ``step`` returns."""
+        return None if self._step_clock is None else self._step_clock.take_ended(wait)
 
     def preview(self, states: Sequence[DiffusionDenoising]) -> PreviewFrames:
         """Cheap previews of the running latents of ``states`` (only those): the

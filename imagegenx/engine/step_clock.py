@@ -10,15 +10,22 @@ so ``unet_seconds`` and the step histogram stay device time. It also holds the l
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+# Steps whose device time nobody has taken yet are kept up to this many (a
+# benchmark or a test may step without taking them; the worker takes them each step).
+MAX_UNTAKEN_STEPS = 1024
 
 
 class TimingEvent(Protocol):
     """What the clock needs of ``torch.cuda.Event(enable_timing=True)``."""
 
-    def record(self) -> None: ...
+    def record(self, stream: Any = None) -> None: ...
 
     def query(self) -> bool: ...
 
@@ -30,15 +37,19 @@ class TimingEvent(Protocol):
 class DeviceStepClock:
     """Start and end events of every step; see the module docstring."""
 
-    def __init__(self, new_event: Callable[[], TimingEvent]) -> None:
+    def __init__(self, new_event: Callable[[], TimingEvent],
+                 stream: Callable[[], Any] = lambda: None) -> None:
+        """``stream()``: where the engine's work runs (events are recorded there)."""
         self._new_event = new_event
+        self._stream = stream
         self._start: TimingEvent | None = None
-        self._steps: deque[tuple[TimingEvent, TimingEvent]] = deque()  # ended on the host, maybe not on the device
+        # Steps ended on the host, maybe not yet on the device.
+        self._steps: deque[tuple[TimingEvent, TimingEvent]] = deque(maxlen=MAX_UNTAKEN_STEPS)
 
     def begin(self) -> None:
         """Before a step's first queued work."""
         self._start = self._new_event()
-        self._start.record()
+        self._start.record(self._stream())
 
     def wait_for_previous(self) -> None:
         """Once this step's main work is queued: wait until the step before it has
@@ -51,7 +62,7 @@ class DeviceStepClock:
         if self._start is None:
             raise RuntimeError("end() without begin()")
         end = self._new_event()
-        end.record()
+        end.record(self._stream())
         self._steps.append((self._start, end))
         self._start = None
 
@@ -59,8 +70,11 @@ class DeviceStepClock:
         """A step that raised before ``end``: nothing of it is counted."""
         self._start = None
 
-    def take_ended(self) -> list[float]:
-        """Device seconds of each step that has ended since the last call, oldest first."""
+    def take_ended(self, wait: bool = False) -> list[float]:
+        """Device seconds of each step that has ended since the last call, oldest
+        first; with ``wait``, of every step (waiting for the last one to end)."""
+        if wait and self._steps:
+            self._steps[-1][1].synchronize()
         ended = []
         while self._steps and self._steps[0][1].query():
             start, end = self._steps.popleft()
@@ -81,8 +95,9 @@ class CallLedger:
         self._calls.append((image_rows, unet_rows))
 
     def ended(self, seconds: list[float]) -> None:
-        for device_s in seconds:
+        for k, device_s in enumerate(seconds):
             if not self._calls:
+                log.debug("%d ended steps of no queued call (stepped outside the loop)", len(seconds) - k)
                 return
             image_rows, unet_rows = self._calls.popleft()
             self._record(image_rows, device_s, unet_rows)
