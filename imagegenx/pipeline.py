@@ -27,9 +27,10 @@ from imagegenx.batching import BatchKey
 from imagegenx.cost import request_cost
 from imagegenx.engine.base import BatchSpec, Engine, Sample
 from imagegenx.errors import BatchSetupError, GenerationError, is_out_of_memory
-from imagegenx.postprocess import PngCompression, render
+from imagegenx.postprocess import render
 from imagegenx.request_state import RequestState
 from imagegenx.schemas import MAX_SEED, BatchInfo, GenerateRequest, GenerateResult, ImageResult
+from imagegenx.settings import PngCompression
 from imagegenx.storage import Storage
 from imagegenx.upscale import LanczosUpscaler, Upscaler
 

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import io
 import zlib
-from typing import Any, Literal
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
 from imagegenx.schemas import Postprocess, Watermark, WatermarkPosition
+from imagegenx.settings import PngCompression
 
 _MARGIN = 4
 
-PngCompression = Literal["fast", "small"]
 # How a result's PNG is deflated; both are lossless. The encoding runs between the
 # decoded image and the stored result of every request (docs/BENCHMARKS.md, section 15).
 # fast: PNG's per-row filters, then deflate with run-length matches only (zlib's Z_RLE,

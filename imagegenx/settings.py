@@ -55,6 +55,10 @@ def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# How results' PNGs are deflated (imagegenx.postprocess.PNG_OPTIONS holds each one's encoder options).
+PngCompression = Literal["fast", "small"]
+
+
 class Settings(BaseSettings):
     """Every knob of the service. See the README's configuration table."""
 
@@ -170,7 +174,7 @@ class Settings(BaseSettings):
         default="", description="super-resolution weights (.pth, .safetensors) for postprocess.upscale, "
                                 "run on the engine's device (extra 'upscale'); empty: Lanczos",
     )
-    png_compression: Literal["fast", "small"] = Field(
+    png_compression: PngCompression = Field(
         default="fast",
         description="results' PNG deflate: fast (filtered rows, run-length matches only) or small "
                     "(zlib level 6: up to 6% smaller files, up to 4x the encoding time)",

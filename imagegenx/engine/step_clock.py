@@ -73,8 +73,8 @@ class DeviceStepClock:
     def take_ended(self, wait: bool = False) -> list[float]:
         """Device seconds of each step that has ended since the last call, oldest
         first; with ``wait``, of every step (waiting for the last one to end)."""
-        if wait and self._steps:
-            self._steps[-1][1].synchronize()
+        if wait:
+            self.wait_for_previous()  # the last step that ended on the host
         ended = []
         while self._steps and self._steps[0][1].query():
             start, end = self._steps.popleft()
