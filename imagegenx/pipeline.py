@@ -26,7 +26,7 @@ from PIL import Image
 from imagegenx.batching import BatchKey
 from imagegenx.cost import request_cost
 from imagegenx.engine.base import BatchSpec, Engine, Sample
-from imagegenx.errors import BatchSetupError, GenerationError, is_out_of_memory
+from imagegenx.errors import BatchSetupError, GenerationError, device_lost, is_device_lost, is_out_of_memory
 from imagegenx.postprocess import render
 from imagegenx.request_state import RequestState
 from imagegenx.schemas import MAX_SEED, BatchInfo, GenerateRequest, GenerateResult, ImageResult
@@ -190,7 +190,7 @@ class BatchPipeline:
 
     def draw(self, states: list[RequestState], on_step: RequestStepCallback | None = None) -> StepOutput:
         """Run ``states`` through the engine as one batch; on failure bisect so
-        only the culprit fails.
+        only the culprit fails. A lost device raises ``DeviceLost`` instead.
 
         After an out-of-memory error the pipeline remembers a lower image limit
         and cuts later batches to fit it, so one OOM does not repeat on every batch.
@@ -208,6 +208,9 @@ class BatchPipeline:
             exc.__traceback__ = None
             return StepOutput.failed(states, exc)
         except Exception as exc:  # noqa: BLE001 - isolate, then report per request
+            if is_device_lost(exc):  # no request is to blame, and no retry here can work
+                exc.__traceback__ = None
+                raise device_lost(exc) from None
             oom = is_out_of_memory(exc)
             if oom:
                 self._lower_limit(images)

@@ -151,7 +151,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     synthetic_cost: Literal["zero", "sd15-h200", "sd15-h200-graphs"] = "zero"
     # Testing aid: faults the synthetic engine injects (see imagegenx.engine.synthetic).
-    synthetic_faults: str = Field(default="", description="e.g. raise:MARKER,oom:4,exit:MARKER")
+    synthetic_faults: str = Field(default="", description="e.g. raise:MARKER,oom:4,exit:MARKER,device:MARKER")
     progress_interval_s: float = Field(default=0.5, ge=0.0)
     # GPU fast path (CUDA only; ignored on the CPU). Prepared at worker start.
     compile: bool = Field(default=True, description="torch.compile the UNet and the VAE decode")

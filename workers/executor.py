@@ -29,7 +29,7 @@ from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from imagegenx.batching import Batch
-from imagegenx.errors import GenerationError
+from imagegenx.errors import DeviceLost, GenerationError
 from imagegenx.pipeline import BatchPipeline, Outcome, StepOutput
 from imagegenx.preview import encode as encode_preview
 from imagegenx.preview import preview_due
@@ -180,6 +180,8 @@ class BatchExecutor:
         self.accept(states)
         try:
             output = self._pipeline().draw(states, self._step_callback(states))
+        except DeviceLost:
+            raise  # the runner gives the batch back to the queue: no request is to blame
         except Exception as exc:  # noqa: BLE001 - never leave a request PENDING
             log.exception("batch failed outside the pipeline")
             output = StepOutput.failed(states, GenerationError(f"{type(exc).__name__}: {exc}"))

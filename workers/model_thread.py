@@ -23,6 +23,7 @@ class WorkerState(enum.Enum):
     DRAINING = "draining"  # warm shutdown: nothing new starts, what runs finishes
     STOPPED = "stopped"    # the thread has returned
     DEFUNCT = "defunct"    # the engine could not be set up
+    FAULTED = "faulted"    # the device was lost mid-run: requests back to waiting, the worker exits
 
 
 class ModelThread:
@@ -38,6 +39,9 @@ class ModelThread:
         self._cond = threading.Condition()
         self._state = WorkerState.NEW
         self._setup_error: BaseException | None = None
+        # Why the device was lost (FAULTED), and who is told: the runtime stops the worker.
+        self.fault: str | None = None
+        self.on_fault: Callable[[str], None] = lambda reason: None
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
 
     @property
@@ -58,6 +62,20 @@ class ModelThread:
                 raise TimeoutError("engine setup did not finish in time")
         if self._setup_error is not None:
             raise RuntimeError("engine setup failed") from self._setup_error
+
+    def _fault(self, reason: str) -> None:
+        """Called with ``self._cond`` held, once the requests held are back in
+        waiting: nothing more runs in this process (``close`` hands the waiting
+        requests back to the queue), and ``on_fault`` asks the worker to exit."""
+        log.critical("the device failed (%s): this worker stops and gives its requests back; "
+                     "a fresh process can use the device again", reason)
+        self.fault = reason
+        self._state = WorkerState.FAULTED
+        self._cond.notify_all()
+        try:
+            self.on_fault(reason)
+        except Exception:  # noqa: BLE001 - the state says it anyway
+            log.exception("could not ask the worker to stop")
 
     def _begin_draining(self) -> None:
         """Called with ``self._cond`` held: nothing new starts from now on."""
@@ -95,4 +113,7 @@ class ModelThread:
         try:
             self.serve()
         finally:
-            self._set_state(WorkerState.STOPPED)
+            with self._cond:
+                if self._state is not WorkerState.FAULTED:  # the fault stays visible
+                    self._state = WorkerState.STOPPED
+                self._cond.notify_all()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 from imagegenx.batching import Batch, BatchPolicy
+from imagegenx.errors import DeviceLost
 from workers.model_thread import ModelThread
 
 T = TypeVar("T")
@@ -36,6 +37,8 @@ class BatchRunner(ModelThread, Generic[T]):
         self._clock = clock
         self.running: Batch[T] | None = None
         self.batches_run = 0
+        # The batch that was running when the device was lost: handed back by ``close``.
+        self._given_back: list[T] = []
 
     # -- consumer side -----------------------------------------------------
     def add(self, item: T, key: Hashable, images: int = 1) -> None:
@@ -73,7 +76,8 @@ class BatchRunner(ModelThread, Generic[T]):
         """
         with self._cond:
             self._begin_draining()
-            return self.policy.drain()
+            given_back, self._given_back = self._given_back, []
+            return given_back + self.policy.drain()
 
     def drop_buffered(self) -> list[T]:
         """Remove and return everything buffered, and keep running."""
@@ -94,6 +98,12 @@ class BatchRunner(ModelThread, Generic[T]):
                 return
             try:
                 self._execute(batch)
+            except DeviceLost as exc:  # nothing more runs here: the batch goes back first
+                with self._cond:
+                    self._given_back = list(batch.items)
+                    self.running = None
+                    self._fault(str(exc))
+                return
             except Exception:  # noqa: BLE001 - the executor reports per request
                 log.exception("batch executor failed")
             finally:

@@ -27,6 +27,7 @@ acks on the consumer's event loop (Celery's ``Request.acknowledge``).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -99,11 +100,21 @@ class WorkerRuntime:
         else:
             self.runner = BatchRunner(BatchPolicy(settings.max_batch, settings.max_wait_s),
                                       self.executor, setup=self._load)
+        self.runner.on_fault = self._exit_on_fault
         # Held messages (buffered or running) never reach the visibility timeout.
         self.leases = (LeaseKeeper(self.ledger.client, self._held, settings.visibility_timeout_s)
                        if self.ledger is not None else None)
 
     # -- lifecycle -----------------------------------------------------------
+    @staticmethod
+    def _exit_on_fault(reason: str) -> None:
+        """The model thread lost the device: warm shutdown with exit status 70
+        (EX_SOFTWARE), Celery's own flag, read by the consumer's event loop. The
+        bootstep's ``stop`` then gives every held request back to the queue, and the
+        process supervisor (systemd, Kubernetes) starts a fresh worker on the device;
+        ``imagegenx worker --gpus`` stops its other GPUs' workers warmly and exits
+        with the same status."""
+        worker_state.should_stop = os.EX_SOFTWARE
     def start(self) -> None:
         global _current
         if self.metrics is not None:  # up during the warm-up too
@@ -294,6 +305,7 @@ class WorkerRuntime:
             "metrics_port": self.settings.worker_metrics_port if self._metrics_server else None,
             "scheduler": self.settings.scheduler,
             "state": self.runner.state.value,
+            "fault": self.runner.fault,
             "max_batch": max_batch,
             "max_wait_ms": max_wait * 1000.0,
             "buffered_requests": len(buffered),

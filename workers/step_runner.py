@@ -14,7 +14,11 @@ Every iteration is ``schedule -> execute -> update``:
 Failures stay with their request: a failed ``begin`` or decode fails that
 request; a failed UNet call is retried once per request, so only the culprit
 fails; an out-of-memory call lowers the row limit and sends the rows that no
-longer fit back to waiting, with their trajectory kept.
+longer fit back to waiting, with their trajectory kept. A lost device
+(``errors.is_device_lost``: a CUDA error, whose culprit is unknown and whose
+context is unusable) fails no request: every running request goes back to
+waiting, the loop ends in ``FAULTED``, and the worker gives them all back to
+the queue and exits.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from celery.worker import state as worker_state
 from imagegenx import guidance
 from imagegenx.engine.base import StepEngine
 from imagegenx.engine.step_clock import CallLedger
-from imagegenx.errors import GenerationError, is_out_of_memory
+from imagegenx.errors import DeviceLost, GenerationError, device_lost, is_device_lost, is_out_of_memory
 from imagegenx.pipeline import BatchPipeline, Outcome, StepOutput, as_generation_error, plan
 from imagegenx.request_state import RequestState
 from imagegenx.schemas import BatchInfo
@@ -152,8 +156,21 @@ class StepRunner(ModelThread):
                 return
             try:
                 self._run(step)
+            except DeviceLost as exc:
+                self._give_back_running(exc)
+                return
             except Exception:  # noqa: BLE001 - never leave the loop; requests fail on their own
                 log.exception("step failed outside the engine")
+
+    def _give_back_running(self, exc: DeviceLost) -> None:
+        """The device is lost: every running request goes back to waiting without its
+        trajectory (``close`` then hands them to the queue), and the worker stops."""
+        with self._cond:
+            running = self.scheduler.running
+            for e in running:
+                e.denoising = None
+            self.scheduler.requeue(e.id for e in running)
+            self._fault(str(exc))
 
     def _next_plan(self) -> StepPlan[RequestState] | None:
         with self._cond:
@@ -218,6 +235,8 @@ class StepRunner(ModelThread):
             spec, _ = plan([state])
             state.denoising = engine.begin(spec)
         except Exception as exc:  # noqa: BLE001 - e.g. a prompt that cannot be encoded
+            if is_device_lost(exc):
+                raise device_lost(exc) from None
             log.error("request %s could not start: %r", state.id, exc)
             self._fail([state], as_generation_error(exc))
             return False
@@ -232,6 +251,8 @@ class StepRunner(ModelThread):
             engine.step([e.denoising for e in running])
         except Exception as exc:  # noqa: BLE001 - isolate: only the culprit fails
             exc.__traceback__ = None  # its frames hold the call's tensors
+            if is_device_lost(exc):
+                raise device_lost(exc) from None
             self._pipeline().release_memory()
             return self._recover(engine, running, model_rows, exc)
         seconds = time.perf_counter() - t0
@@ -318,6 +339,8 @@ class StepRunner(ModelThread):
             images = engine.decode([e.denoising for e in done])
         except Exception as exc:  # noqa: BLE001 - decode once per request to find the culprit
             exc.__traceback__ = None
+            if is_device_lost(exc):
+                raise device_lost(exc) from None
             self._pipeline().release_memory()
             images = [self._decode_alone(engine, e, output) for e in done]
         self._count_ended(engine)  # decoding waited for every call
@@ -337,6 +360,8 @@ class StepRunner(ModelThread):
         try:
             return engine.decode([state.denoising])[0]
         except Exception as exc:  # noqa: BLE001 - this request fails alone
+            if is_device_lost(exc):
+                raise device_lost(exc) from None
             log.error("request %s could not be decoded: %r", state.id, exc)
             output.outcomes[state.id] = Outcome(error=as_generation_error(exc))
             return None

@@ -12,7 +12,11 @@ that the worker's failure handling is exercised through the real queue path:
 - ``oom:K``: a batch of more than K images raises an out-of-memory error
   (``OutOfMemoryError``, a ``MemoryError``, as a GPU that runs out would);
 - ``exit:MARKER``: a batch holding a prompt that contains MARKER kills the
-  worker process with SIGKILL after its first step (a crash no code survives).
+  worker process with SIGKILL after its first step (a crash no code survives);
+- ``device:MARKER``: a batch holding a prompt that contains MARKER loses the
+  device: it raises ``AcceleratorError``, and so does every later call of the
+  engine (``begin``, ``step``, ``decode``, ``generate``), as a CUDA context does
+  after an illegal memory access.
 
 Entries are comma-separated, e.g. ``raise:POISON,oom:4``.
 """
@@ -96,6 +100,11 @@ class InjectedFault(RuntimeError):
     """A failure the synthetic engine was configured to raise."""
 
 
+class AcceleratorError(RuntimeError):
+    """The synthetic stand-in for ``torch.AcceleratorError`` (a CUDA error), told
+    apart by its name as torch's is (``imagegenx.errors.is_device_lost``)."""
+
+
 @dataclass(frozen=True)
 class Faults:
     """Faults to inject; see the module docstring for the syntax."""
@@ -104,15 +113,18 @@ class Faults:
     exit_markers: tuple[str, ...] = ()
     oom_above: int | None = None
     spec: str = field(default="", compare=False)
+    device_markers: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.raise_markers or self.exit_markers or self.oom_above is not None)
+        return bool(self.raise_markers or self.exit_markers or self.device_markers
+                    or self.oom_above is not None)
 
 
 def parse_faults(spec: str) -> Faults:
     """Parse ``kind:arg`` entries; ValueError names a bad one."""
     raise_markers: list[str] = []
     exit_markers: list[str] = []
+    device_markers: list[str] = []
     oom_above: int | None = None
     for entry in (e.strip() for e in spec.split(",")):
         if not entry:
@@ -124,13 +136,15 @@ def parse_faults(spec: str) -> Faults:
             raise_markers.append(arg)
         elif kind == "exit":
             exit_markers.append(arg)
+        elif kind == "device":
+            device_markers.append(arg)
         elif kind == "oom":
             if not arg.isdigit() or int(arg) < 1:
                 raise ValueError(f"synthetic fault {entry!r}: oom takes a number of images >= 1")
             oom_above = int(arg)
         else:
-            raise ValueError(f"synthetic fault {entry!r}: kind must be raise, oom or exit")
-    return Faults(tuple(raise_markers), tuple(exit_markers), oom_above, spec)
+            raise ValueError(f"synthetic fault {entry!r}: kind must be raise, oom, exit or device")
+    return Faults(tuple(raise_markers), tuple(exit_markers), oom_above, spec, tuple(device_markers))
 
 
 def _marked(samples: Sequence[Sample], markers: tuple[str, ...]) -> str | None:
@@ -202,6 +216,8 @@ class SyntheticEngine:
         self.faults = parse_faults(faults) if isinstance(faults, str) else faults
         # UNet rows run so far (two per guided image and step, one otherwise).
         self.unet_rows_run = 0
+        # Set once a ``device:`` fault fired: every later call raises it again.
+        self.lost: str | None = None
 
     @property
     def native_size(self) -> tuple[int, int]:
@@ -219,6 +235,11 @@ class SyntheticEngine:
         f = self.faults
         if not f:
             return None
+        self._check_device()
+        marker = _marked(samples, f.device_markers)
+        if marker is not None:
+            self.lost = f"CUDA error: an illegal memory access was encountered (a prompt contains {marker!r})"
+            raise AcceleratorError(self.lost)
         marker = _marked(samples, f.raise_markers)
         if marker is not None:
             raise InjectedFault(f"injected fault: a prompt contains {marker!r}")
@@ -229,8 +250,13 @@ class SyntheticEngine:
             )
         return _marked(samples, f.exit_markers)
 
+    def _check_device(self) -> None:
+        if self.lost is not None:
+            raise AcceleratorError(self.lost)
+
     # -- step API (the step scheduler) ------------------------------------------
     def begin(self, spec: BatchSpec) -> SyntheticDenoising:
+        self._check_device()
         return SyntheticDenoising(spec)
 
     def step(self, states: Sequence[SyntheticDenoising]) -> None:
@@ -267,6 +293,7 @@ class SyntheticEngine:
         return self.cost.rows_s(rows)
 
     def decode(self, states: Sequence[SyntheticDenoising]) -> list[list[Image.Image]]:
+        self._check_device()
         delay = self.cost.decode_s(sum(state.rows for state in states))
         if delay:
             self._sleep(delay)

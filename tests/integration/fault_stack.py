@@ -8,7 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +131,26 @@ class Service:
     def deliveries(self, task_id: str) -> dict[str, int]:
         raw = self.redis().hgetall(f"imagegenx:deliveries:{task_id}")
         return {k.decode(): int(v) for k, v in raw.items()}
+
+    def supervise(self, worker: Worker, ids: list[str], *, name: str, max_exits: int, timeout: float,
+                  on_exit: Callable[[Worker], None]) -> tuple[Worker, list[float]]:
+        """Replace each worker that exits, as a process supervisor would (the n-th
+        replacement is named ``name`` + n), until every task in ``ids`` is SUCCESS or
+        FAILURE. ``on_exit`` checks each exited worker. Returns the last worker and
+        when each exit was seen (seconds from the call)."""
+        started = time.monotonic()
+        exits: list[float] = []
+        while True:
+            if worker.proc.poll() is not None:
+                on_exit(worker)
+                exits.append(time.monotonic() - started)
+                assert len(exits) <= max_exits, f"{len(exits)} workers exited, at most {max_exits} expected"
+                worker = self.start_worker(f"{name}{len(exits)}")
+            states = self.states(ids)
+            if all(s in ("SUCCESS", "FAILURE") for s in states.values()):
+                return worker, exits
+            assert time.monotonic() - started < timeout, (states, exits)
+            time.sleep(0.1)
 
     def unacked_ids(self) -> set[str]:
         """Task ids of messages the broker holds as delivered but not acknowledged."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.fault_stack import fault_service
+from tests.service import Worker
 
 pytestmark = pytest.mark.integration
 
@@ -35,19 +36,11 @@ def test_request_that_kills_its_worker_gives_up_after_max_deliveries(redis_base:
         ids = innocent + [killer]
         started = time.monotonic()
 
-        crashes: list[float] = []
-        deadline = started + 60
-        while True:
-            if worker.proc.poll() is not None:  # supervise: replace a dead worker
-                assert worker.proc.returncode == -signal.SIGKILL
-                crashes.append(time.monotonic() - started)
-                assert len(crashes) <= MAX_DELIVERIES, "the killer was delivered again"
-                worker = svc.start_worker(f"gen{len(crashes)}")
-            states = svc.states(ids)
-            if all(s in ("SUCCESS", "FAILURE") for s in states.values()):
-                break
-            assert time.monotonic() < deadline, (states, crashes)
-            time.sleep(0.1)
+        def killed(dead: Worker) -> None:
+            assert dead.proc.returncode == -signal.SIGKILL
+
+        worker, crashes = svc.supervise(worker, ids, name="gen", max_exits=MAX_DELIVERIES,
+                                        timeout=60, on_exit=killed)
         given_up_s = time.monotonic() - started
 
         final = {t: svc.status(t) for t in ids}
