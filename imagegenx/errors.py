@@ -17,11 +17,13 @@ class BatchSetupError(GenerationError):
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """An out-of-memory error: MemoryError, or torch's ``OutOfMemoryError`` (matched by
-    name, so this module needs no torch)."""
-    return isinstance(exc, MemoryError) or any(
-        cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__
-    )
+    """An out-of-memory error: MemoryError, torch's ``OutOfMemoryError`` (matched by
+    name, so this module needs no torch), or a CUDA error that says so (an
+    allocation inside cuBLAS, cuDNN or a CUDA graph raises ``CUDA error: out of
+    memory`` as a plain device error)."""
+    if isinstance(exc, MemoryError) or any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
+        return True
+    return isinstance(exc, RuntimeError) and "cuda error: out of memory" in str(exc).lower()
 
 
 class DeviceLost(Exception):
@@ -30,33 +32,29 @@ class DeviceLost(Exception):
     the queue and exits, so that its supervisor starts a fresh process."""
 
 
-# Phrases of the CUDA runtime's errors that leave the context unusable; torch
-# raises them as ``torch.AcceleratorError`` (a RuntimeError) since 2.8, and as a
-# plain RuntimeError from some libraries (cuBLAS, cuDNN, NCCL).
-_STICKY_DEVICE_ERRORS = (
-    "illegal memory access",
-    "illegal instruction",
-    "misaligned address",
-    "unspecified launch failure",
+# How a device error reads when it comes as a plain RuntimeError: torch raises
+# CUDA errors as ``torch.AcceleratorError`` (a RuntimeError) since 2.8, and as a
+# plain RuntimeError before, and from some libraries (cuBLAS, cuDNN).
+_DEVICE_ERROR_MARKS = (
+    "cuda error",
+    "cublas_status_",
+    "cudnn_status_",
     "device-side assert",
-    "uncorrectable ecc",
-    "fallen off the bus",
-    "cuda-capable device(s) is/are busy or unavailable",
-    "cublas_status_execution_failed",
-    "cudnn_status_execution_failed",
-    "cudnn_status_internal_error",
+    "illegal memory access",
+    "unspecified launch failure",
 )
 
 
-def is_device_lost(exc: BaseException) -> bool:
-    """An accelerator error that is not out-of-memory: CUDA reports a failed kernel at
-    a later call, so the call that raises it is not known to be the culprit, and the
-    context is often unusable. Matched by class name and message, without torch.
+def is_device_error(exc: BaseException) -> bool:
+    """An error the accelerator reported, other than out-of-memory. Matched by
+    class name and message, without torch.
 
-    ``torch.AcceleratorError`` counts whatever its message: telling its sticky
-    errors from the rest by message would be a guess, and the worst a wrong guess
-    costs here is one restart (a request that causes it every time ends FAILURE
-    after ``max_deliveries`` runs).
+    Whether it lost the device is for a probe to tell (the engine's
+    ``device_usable``): CUDA reports a failed kernel at a later call, so the call
+    that raises is not known to be the culprit, and a sticky error (an illegal
+    memory access, a device-side assert, a GPU off the bus) makes every later call
+    fail, the probe included; a non-sticky one (an invalid launch argument for one
+    request's shape) leaves the device usable and fails that request alone.
     """
     if isinstance(exc, DeviceLost):
         return True
@@ -67,7 +65,7 @@ def is_device_lost(exc: BaseException) -> bool:
     if not isinstance(exc, RuntimeError):
         return False
     message = str(exc).lower()
-    return any(phrase in message for phrase in _STICKY_DEVICE_ERRORS)
+    return any(mark in message for mark in _DEVICE_ERROR_MARKS)
 
 
 def device_lost(exc: BaseException) -> DeviceLost:

@@ -20,13 +20,21 @@ import uuid
 from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
 from imagegenx.batching import BatchKey
 from imagegenx.cost import request_cost
 from imagegenx.engine.base import BatchSpec, Engine, Sample
-from imagegenx.errors import BatchSetupError, GenerationError, device_lost, is_device_lost, is_out_of_memory
+from imagegenx.errors import (
+    BatchSetupError,
+    DeviceLost,
+    GenerationError,
+    device_lost,
+    is_device_error,
+    is_out_of_memory,
+)
 from imagegenx.postprocess import render
 from imagegenx.request_state import RequestState
 from imagegenx.schemas import MAX_SEED, BatchInfo, GenerateRequest, GenerateResult, ImageResult
@@ -156,6 +164,26 @@ def plan(states: list[RequestState]) -> tuple[BatchSpec, list[tuple[int, int]]]:
     return spec, owners
 
 
+def lost_device(engine: Any, exc: BaseException) -> DeviceLost | None:
+    """``exc`` as :class:`DeviceLost` when it is a device error (``is_device_error``)
+    after which ``engine``'s device no longer works: its ``device_usable`` probe
+    fails (an engine without a probe is taken at its word). None otherwise: the
+    error is a request's own, handled as any other."""
+    if isinstance(exc, DeviceLost):  # found lost further in: no second probe
+        return exc
+    if not is_device_error(exc):
+        return None
+    probe = getattr(engine, "device_usable", None)
+    try:
+        usable = probe is not None and bool(probe())
+    except Exception:  # noqa: BLE001 - a probe that fails is the answer
+        usable = False
+    if usable:
+        log.warning("a device error left the device usable (%r): the request's own failure", exc)
+        return None
+    return device_lost(exc)
+
+
 class BatchPipeline:
     """Runs batches on one engine and stores their outputs."""
 
@@ -208,9 +236,10 @@ class BatchPipeline:
             exc.__traceback__ = None
             return StepOutput.failed(states, exc)
         except Exception as exc:  # noqa: BLE001 - isolate, then report per request
-            if is_device_lost(exc):  # no request is to blame, and no retry here can work
-                exc.__traceback__ = None
-                raise device_lost(exc) from None
+            exc.__traceback__ = None
+            lost = lost_device(self.engine, exc)
+            if lost is not None:  # no request is to blame, and no retry here can work
+                raise lost from None
             oom = is_out_of_memory(exc)
             if oom:
                 self._lower_limit(images)
@@ -301,8 +330,11 @@ class BatchPipeline:
         try:
             enlarged = self.upscaler.upscale(images, factors)
         except Exception as exc:  # noqa: BLE001 - those requests fail, the others go on
-            oom = is_out_of_memory(exc)
             exc.__traceback__ = None  # its frames hold the batch's tensors
+            lost = lost_device(self.engine, exc)
+            if lost is not None:
+                raise lost from None
+            oom = is_out_of_memory(exc)
             self.release_memory()
             if oom and len(wanted) > 1:
                 log.warning("upscaling %d images ran out of memory: once per request", len(images))

@@ -73,7 +73,7 @@ def _requeue(states: list[Any]) -> None:
     for channel in {id(s.delivery.message.channel): s.delivery.message.channel for s in states}.values():
         _finish_pending_fetch(channel)
     requeued = 0
-    for state in states:
+    for state in reversed(states):  # each goes in front of the last: the oldest ends up first
         req = state.delivery
         try:
             worker_state.task_ready(req)
@@ -196,7 +196,7 @@ def _restore(channel: Any, lost: list[tuple[str, float]]) -> int:
     if not (hasattr(qos, "restore_by_tag") and hasattr(qos, "unacked_index_key")):
         return 0  # not the Redis transport: nothing to do before the visibility timeout
     restored = 0
-    for tag, recorded_at in lost:
+    for tag, recorded_at in reversed(lost):  # each goes in front of the last: oldest first
         score = channel.client.zscore(qos.unacked_index_key, tag)
         if score is None or score > recorded_at:
             continue

@@ -53,7 +53,7 @@ class BatchRunner(ModelThread, Generic[T]):
     def snapshot(self) -> tuple[list[T], list[T]]:
         """(buffered, running) items, for inspection."""
         with self._cond:
-            buffered = list(self.policy)
+            buffered = self._given_back + list(self.policy)
             running = self.running.items if self.running else []
         return buffered, running
 
@@ -82,7 +82,8 @@ class BatchRunner(ModelThread, Generic[T]):
     def drop_buffered(self) -> list[T]:
         """Remove and return everything buffered, and keep running."""
         with self._cond:
-            return self.policy.drain()
+            given_back, self._given_back = self._given_back, []
+            return given_back + self.policy.drain()
 
     def stop(self, timeout: float | None = None) -> list[T]:
         """Let the running batch finish; return what was still buffered."""

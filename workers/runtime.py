@@ -52,6 +52,7 @@ from imagegenx.step_scheduler import StepScheduler
 from workers.deliveries import Deliveries, DeliveryLedger
 from workers.executor import BatchExecutor, BatchStats
 from workers.leases import LeaseKeeper
+from workers.model_thread import WorkerState
 from workers.runner import BatchRunner
 from workers.step_runner import StepRunner
 
@@ -115,6 +116,7 @@ class WorkerRuntime:
         ``imagegenx worker --gpus`` stops its other GPUs' workers warmly and exits
         with the same status."""
         worker_state.should_stop = os.EX_SOFTWARE
+
     def start(self) -> None:
         global _current
         if self.metrics is not None:  # up during the warm-up too
@@ -132,12 +134,20 @@ class WorkerRuntime:
     def stop(self, requeue: Callable[[list[RequestState]], None] | None = None) -> list[RequestState]:
         """Take no more batches, hand the buffered requests to ``requeue`` at once,
         then let the running batch finish, and every step output be stored,
-        reported and acknowledged. Returns the buffered requests."""
+        reported and acknowledged. Returns the buffered requests.
+
+        A device lost while the running batch finishes puts its requests back in
+        waiting after the first ``close``: a second one hands them over too."""
         global _current
         leftovers = self.runner.close()
         if requeue is not None:
             requeue(leftovers)
         self.runner.join()
+        if self.runner.state is WorkerState.FAULTED:
+            given_back = self.runner.close()
+            if requeue is not None:
+                requeue(given_back)
+            leftovers = leftovers + given_back
         self.executor.close()
         if self.leases is not None:
             self.leases.stop()

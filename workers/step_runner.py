@@ -14,11 +14,11 @@ Every iteration is ``schedule -> execute -> update``:
 Failures stay with their request: a failed ``begin`` or decode fails that
 request; a failed UNet call is retried once per request, so only the culprit
 fails; an out-of-memory call lowers the row limit and sends the rows that no
-longer fit back to waiting, with their trajectory kept. A lost device
-(``errors.is_device_lost``: a CUDA error, whose culprit is unknown and whose
-context is unusable) fails no request: every running request goes back to
-waiting, the loop ends in ``FAULTED``, and the worker gives them all back to
-the queue and exits.
+longer fit back to waiting, with their trajectory kept. A lost device (a
+device error after which the engine's probe fails: a sticky CUDA error, whose
+culprit is unknown and whose context is unusable) fails no request: every
+running request goes back to waiting, the loop ends in ``FAULTED``, and the
+worker gives them all back to the queue and exits.
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ from celery.worker import state as worker_state
 from imagegenx import guidance
 from imagegenx.engine.base import StepEngine
 from imagegenx.engine.step_clock import CallLedger
-from imagegenx.errors import DeviceLost, GenerationError, device_lost, is_device_lost, is_out_of_memory
-from imagegenx.pipeline import BatchPipeline, Outcome, StepOutput, as_generation_error, plan
+from imagegenx.errors import DeviceLost, GenerationError, is_out_of_memory
+from imagegenx.pipeline import BatchPipeline, Outcome, StepOutput, as_generation_error, lost_device, plan
 from imagegenx.request_state import RequestState
 from imagegenx.schemas import BatchInfo
 from imagegenx.step_scheduler import StepPlan, StepScheduler
@@ -235,8 +235,7 @@ class StepRunner(ModelThread):
             spec, _ = plan([state])
             state.denoising = engine.begin(spec)
         except Exception as exc:  # noqa: BLE001 - e.g. a prompt that cannot be encoded
-            if is_device_lost(exc):
-                raise device_lost(exc) from None
+            _raise_if_lost(engine, exc)
             log.error("request %s could not start: %r", state.id, exc)
             self._fail([state], as_generation_error(exc))
             return False
@@ -251,8 +250,7 @@ class StepRunner(ModelThread):
             engine.step([e.denoising for e in running])
         except Exception as exc:  # noqa: BLE001 - isolate: only the culprit fails
             exc.__traceback__ = None  # its frames hold the call's tensors
-            if is_device_lost(exc):
-                raise device_lost(exc) from None
+            _raise_if_lost(engine, exc)
             self._pipeline().release_memory()
             return self._recover(engine, running, model_rows, exc)
         seconds = time.perf_counter() - t0
@@ -339,8 +337,7 @@ class StepRunner(ModelThread):
             images = engine.decode([e.denoising for e in done])
         except Exception as exc:  # noqa: BLE001 - decode once per request to find the culprit
             exc.__traceback__ = None
-            if is_device_lost(exc):
-                raise device_lost(exc) from None
+            _raise_if_lost(engine, exc)
             self._pipeline().release_memory()
             images = [self._decode_alone(engine, e, output) for e in done]
         self._count_ended(engine)  # decoding waited for every call
@@ -360,8 +357,7 @@ class StepRunner(ModelThread):
         try:
             return engine.decode([state.denoising])[0]
         except Exception as exc:  # noqa: BLE001 - this request fails alone
-            if is_device_lost(exc):
-                raise device_lost(exc) from None
+            _raise_if_lost(engine, exc)
             log.error("request %s could not be decoded: %r", state.id, exc)
             output.outcomes[state.id] = Outcome(error=as_generation_error(exc))
             return None
@@ -379,3 +375,11 @@ def _ended_step_seconds(engine: StepEngine, wait: bool = False) -> list[float] |
     when ``step`` returns, so the host's clock times them); ``wait``: all of them."""
     report = getattr(engine, "ended_step_seconds", None)
     return report(wait) if report is not None else None
+
+
+def _raise_if_lost(engine: StepEngine, exc: Exception) -> None:
+    """Raise ``DeviceLost`` when ``exc`` left the device unusable; else return, and
+    the caller handles ``exc`` as the failure of the requests it ran."""
+    lost = lost_device(engine, exc)
+    if lost is not None:
+        raise lost from None

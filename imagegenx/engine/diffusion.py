@@ -283,6 +283,19 @@ class DiffusionEngine:
             module.to(dev).eval().requires_grad_(False)
         return cls(unet=unet, vae=vae, text_encoder=text_encoder, device=dev, **options)
 
+    def device_usable(self) -> bool:
+        """After a device error: can this process still use the device? A sticky
+        CUDA error (illegal memory access, device-side assert, a GPU off the bus)
+        makes every later call fail, this probe's synchronize, launch and copy
+        included; after any other the probe passes."""
+        if self.device.type != "cuda":
+            return True
+        try:
+            torch.cuda.synchronize(self.device)
+            return bool(torch.ones(1, device=self.device).add_(1).item() == 2.0)
+        except Exception:  # noqa: BLE001 - any failure is the answer
+            return False
+
     def release_memory(self) -> None:
         """Free memory a failed batch left behind (called before a smaller retry)."""
         gc.collect()

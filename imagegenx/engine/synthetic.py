@@ -250,6 +250,10 @@ class SyntheticEngine:
             )
         return _marked(samples, f.exit_markers)
 
+    def device_usable(self) -> bool:
+        """The probe after a device error: false once a ``device:`` fault fired."""
+        return self.lost is None
+
     def _check_device(self) -> None:
         if self.lost is not None:
             raise AcceleratorError(self.lost)

@@ -1,8 +1,10 @@
-"""A lost device (a sticky CUDA error) fails no request: the error is told apart
-from a request's own failure and from out-of-memory, the synthetic engine stays
-broken after it as a CUDA context does, and both model threads give every
-request they hold back (running first) and end in FAULTED, asking the worker to
-exit. The worker process's side is tests/integration/test_faults_device_lost.py."""
+"""A lost device (a sticky CUDA error) fails no request: a device error is told
+apart from a request's own failure and from out-of-memory, and the engine's probe
+tells a lost device from one that still works (whose error is the request's own);
+the synthetic engine stays broken after its fault as a CUDA context does; both
+model threads give every request they hold back and end in FAULTED, asking the
+worker to exit, and a fault while the worker drains is handed over too. The
+worker process's side is tests/integration/test_faults_device_lost.py."""
 from __future__ import annotations
 
 import threading
@@ -15,8 +17,8 @@ import torch
 from imagegenx.batching import Batch, BatchPolicy
 from imagegenx.engine.base import BatchSpec, Sample
 from imagegenx.engine.synthetic import AcceleratorError, SyntheticEngine, parse_faults
-from imagegenx.errors import DeviceLost, device_lost, is_device_lost
-from imagegenx.pipeline import BatchPipeline
+from imagegenx.errors import DeviceLost, device_lost, is_device_error, is_out_of_memory
+from imagegenx.pipeline import BatchPipeline, lost_device
 from imagegenx.request_state import RequestState
 from imagegenx.schemas import GenerateRequest
 from imagegenx.step_scheduler import StepScheduler
@@ -31,18 +33,38 @@ def test_device_errors_are_told_apart_from_a_requests_own_and_from_out_of_memory
     class OutOfMemoryError(RuntimeError):  # the shape of torch.OutOfMemoryError
         pass
 
-    assert is_device_lost(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
-    assert is_device_lost(AcceleratorError("CUDA error: invalid configuration argument"))
-    assert is_device_lost(RuntimeError("CUDA error: device-side assert triggered"))
-    assert is_device_lost(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx`"))
-    assert is_device_lost(DeviceLost("gone"))
-    assert not is_device_lost(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert not is_device_lost(MemoryError())
-    assert not is_device_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
-    assert not is_device_lost(ValueError("an illegal memory access"))  # not the runtime's error
+    assert is_device_error(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
+    assert is_device_error(AcceleratorError("CUDA error: invalid configuration argument"))
+    assert is_device_error(RuntimeError("CUDA error: unknown error"))  # torch before 2.8: a plain RuntimeError
+    assert is_device_error(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx`"))
+    assert is_device_error(DeviceLost("gone"))
+    assert not is_device_error(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_device_error(MemoryError())
+    assert not is_device_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_device_error(ValueError("an illegal memory access"))  # not the runtime's error
+    # An allocation inside cuBLAS or a CUDA graph: out of memory, not a lost device.
+    workspace = torch.AcceleratorError("CUDA error: out of memory")
+    assert is_out_of_memory(workspace) and not is_device_error(workspace)
     lost = device_lost(RuntimeError("CUDA error: unspecified launch failure"))
     assert isinstance(lost, DeviceLost) and str(lost) == "RuntimeError: CUDA error: unspecified launch failure"
     assert lost.__traceback__ is None
+
+
+class Probed:
+    def __init__(self, usable: bool | None) -> None:
+        if usable is not None:
+            self.device_usable = lambda: usable
+
+
+def test_the_engines_probe_decides_whether_the_device_is_lost() -> None:
+    sticky = AcceleratorError("CUDA error: an illegal memory access was encountered")
+    assert isinstance(lost_device(Probed(False), sticky), DeviceLost)
+    assert lost_device(Probed(True), sticky) is None  # the device works: the request's own failure
+    assert isinstance(lost_device(Probed(None), sticky), DeviceLost)  # no probe: taken at its word
+    broken = Probed(True)
+    broken.device_usable = lambda: 1 / 0  # type: ignore[attr-defined]
+    assert isinstance(lost_device(broken, sticky), DeviceLost)
+    assert lost_device(Probed(False), RuntimeError("prompt too long")) is None  # not a device error
 
 
 def spec(*prompts: str) -> BatchSpec:
@@ -76,6 +98,21 @@ def test_the_request_pipeline_raises_device_lost_without_failing_or_bisecting(tm
     assert pipe.image_limit is None
 
 
+def test_a_device_error_that_leaves_the_device_usable_fails_its_request_alone(tmp_path: Path) -> None:
+    class OneShapeFails(SyntheticEngine):
+        """An invalid launch for one request: the device still works afterwards."""
+
+        def generate(self, spec: BatchSpec, on_step: Any = None) -> Any:
+            if any("WIDE" in s.prompt for s in spec.samples):
+                raise AcceleratorError("CUDA error: invalid configuration argument")
+            return super().generate(spec, on_step)
+
+    pipe = BatchPipeline(OneShapeFails(), LocalStorage(tmp_path), "http://x", "m")
+    out = pipe.run(states("a", "WIDE b", "c"))
+    assert "invalid configuration argument" in str(out["j1"].error)
+    assert out["j0"].result is not None and out["j2"].result is not None
+
+
 def test_the_batch_runner_gives_the_running_batch_back_first_and_faults() -> None:
     faults: list[str] = []
     started = threading.Event()
@@ -95,6 +132,7 @@ def test_the_batch_runner_gives_the_running_batch_back_first_and_faults() -> Non
     assert faults == ["AcceleratorError: CUDA error: an illegal memory access was encountered"]
     assert runner.fault == faults[0]
     runner.add("c", "k")  # received after the fault: buffered until the worker stops
+    assert runner.snapshot() == (["a", "b", "c"], [])  # the lease keeper still refreshes them
     assert runner.close() == ["a", "b", "c"]
     assert runner.state is WorkerState.FAULTED  # closing does not hide the fault
 
@@ -127,3 +165,57 @@ def test_the_step_runner_gives_every_running_request_back_and_faults() -> None:
     assert [e.id for e in held] == ["j0", "j1", "j2"]  # oldest first, none left running
     assert all(e.denoising is None for e in held)
     assert runner.scheduler.running == []
+
+
+def test_a_fault_while_the_worker_drains_is_handed_over_too() -> None:
+    """SIGTERM first: the first ``close`` returns nothing, the running batch then
+    loses the device; ``stop`` hands its requests to ``requeue`` as well."""
+    from workers.runtime import WorkerRuntime
+
+    started, release = threading.Event(), threading.Event()
+
+    def execute(batch: Batch[str]) -> None:
+        started.set()
+        release.wait(5)
+        raise DeviceLost("AcceleratorError: CUDA error: an illegal memory access was encountered")
+
+    class Executor:
+        def close(self, timeout: float | None = None) -> bool:
+            return True
+
+    runtime = WorkerRuntime.__new__(WorkerRuntime)  # the parts stop() uses, without a broker
+    runtime.runner = BatchRunner(BatchPolicy(2, 0.0), execute)
+    runtime.executor, runtime.leases, runtime._metrics_server = Executor(), None, None
+    runtime.runner.start(timeout=5)
+    runtime.runner.add("a", "k")
+    assert started.wait(5)
+    requeued: list[list[str]] = []
+
+    def requeue(items: list[str]) -> None:
+        requeued.append(items)
+        release.set()  # the batch fails once the worker is draining
+
+    assert runtime.stop(requeue=requeue) == ["a"]  # type: ignore[arg-type]
+    assert requeued == [[], ["a"]]
+    assert runtime.runner.state is WorkerState.FAULTED
+
+
+def test_a_device_lost_in_upscaling_reaches_the_runner_without_failing_anyone(tmp_path: Path) -> None:
+    """The request path draws, then enlarges on the device: a lost device there
+    fails no request either, and is not probed twice."""
+    engine = SyntheticEngine()
+    pipe = BatchPipeline(engine, LocalStorage(tmp_path), "http://x", "m")
+
+    class LostUpscaler:
+        runs_on_device = True
+
+        def upscale(self, images: Any, factors: Any) -> Any:
+            engine.lost = "CUDA error: an illegal memory access was encountered"
+            raise AcceleratorError(engine.lost)
+
+    pipe.upscaler = LostUpscaler()  # type: ignore[assignment]
+    wanted = [RequestState(f"u{i}", GenerateRequest(prompt="p", seed=i, width=64, height=64, steps=2,
+                                                    postprocess={"upscale": 2}))
+              for i in range(2)]
+    with pytest.raises(DeviceLost, match="illegal memory access"):
+        pipe.draw(wanted)
