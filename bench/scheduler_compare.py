@@ -125,7 +125,7 @@ def summarise(done: list[tuple[int, float, float, dict[str, Any]]], t0: float, t
     last = max((d[2] for d in ok), default=t1)
     out = {"requests": len(done), "succeeded": len(ok), "failed": len(done) - len(ok) + len(errors),
            "images_per_s": len(ok) / max(1e-9, last - t0), "latency_s": percentiles(lat) if lat else {},
-           "latency_by_steps_s": per_steps, "errors": errors[:5]}
+           "latency_by_steps_s": per_steps, "breakdown_s": breakdown(ok), "errors": errors[:5]}
     if sampler is not None:
         out["gpu"] = sampler.window(t0, last)
     return out
@@ -186,6 +186,23 @@ def closed_loop(client: Client, clients: int, duration: float, settle: float, ap
     return out
 
 
+BREAKDOWN = ("queued_s", "engine_s", "postprocess_s", "rest_s")
+
+
+def breakdown(ok: list[tuple[int, float, float, dict[str, Any]]]) -> dict[str, Any]:
+    """Where the end-to-end time of succeeded requests goes: the worker's own
+    timings (queued: its receipt to the engine; engine: admission to decoded
+    images, shared calls included; postprocess: PNG and store), and the rest (HTTP
+    submission, broker, result store and the client seeing the result)."""
+    pairs = [(d[2] - d[1], d[3]["result"]["timings"]) for d in ok
+             if (d[3].get("result") or {}).get("timings")]
+    if not pairs:
+        return {}
+    rest = [lat - t["queued_s"] - t["engine_s"] - t["postprocess_s"] for lat, t in pairs]
+    return {**{key: percentiles([t[key] for _, t in pairs]) for key in BREAKDOWN[:3]},
+            "rest_s": percentiles(rest)}
+
+
 def idle_singles(client: Client, n: int) -> dict[str, Any]:
     done = []
     for _ in range(n):
@@ -194,14 +211,7 @@ def idle_singles(client: Client, n: int) -> dict[str, Any]:
             done += client.wait([sent], timeout=120)
         time.sleep(0.2)
     ok = [d for d in done if d[3].get("status") == "SUCCESS"]
-    timings = [d[3]["result"]["timings"] for d in ok]
-    latency = [d[2] - d[1] for d in ok]
-    # Where the end-to-end time goes: the worker's own timings, and the rest (HTTP
-    # submission, broker, result store and the client seeing the result).
-    rest = [lat - t["queued_s"] - t["engine_s"] - t["postprocess_s"] for lat, t in zip(latency, timings)]
-    return {"requests": len(ok), "latency_s": percentiles(latency),
-            **{key: percentiles([t[key] for t in timings]) for key in ("queued_s", "engine_s", "postprocess_s")},
-            "rest_s": percentiles(rest)}
+    return {"requests": len(ok), "latency_s": percentiles([d[2] - d[1] for d in ok]), **breakdown(ok)}
 
 
 def run_policy(policy: str, svc: dict[str, Any], args: argparse.Namespace, tmp: Path,
@@ -298,6 +308,13 @@ def table(report: dict[str, Any]) -> str:
             continue
         per = report[policy]["open_mixed_0.8"]["latency_by_steps_s"]
         lines.append(f"  {policy}: " + ", ".join(f"{k}: {v['p50']:.2f}/{v['p99']:.2f}" for k, v in per.items()))
+    lines += ["", "where the time goes, p50 (s): queued / engine / postprocess / rest"]
+    for key in ["idle_single"] + keys[1:]:
+        for policy in POLICIES:
+            r = report[policy].get(key)
+            split = (r or {}).get("breakdown_s", r if key == "idle_single" else None) or {}
+            if all(k in split for k in BREAKDOWN):
+                lines.append(f"  {key} {policy}: " + " / ".join(f"{split[k].get('p50', 0):.3f}" for k in BREAKDOWN))
     lines.append("")
     lines.append("ratios: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
                                           for k, v in report["ratios"].items()}))

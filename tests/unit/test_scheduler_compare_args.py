@@ -65,3 +65,25 @@ def test_mixed_ratios_use_the_step_counts() -> None:
     r = ratios(report)
     assert r["mixed_0.8_p99_step_over_request"] == pytest.approx(0.25)
     assert r["mixed_0.8_step_p50_10_over_50"] == pytest.approx(0.25)
+
+
+def test_the_breakdown_splits_each_requests_time_and_the_table_shows_it() -> None:
+    from bench.scheduler_compare import breakdown
+
+    def done(sent: float, finished: float, queued: float, engine: float, post: float) -> tuple:
+        timings = {"queued_s": queued, "engine_s": engine, "postprocess_s": post}
+        return (20, sent, finished, {"status": "SUCCESS", "result": {"timings": timings}})
+
+    split = breakdown([done(0.0, 1.0, 0.1, 0.7, 0.05), done(1.0, 1.5, 0.0, 0.4, 0.04),
+                       (20, 0.0, 1.0, {"status": "SUCCESS", "result": {}})])  # no timings: left out
+    assert split["engine_s"]["p50"] == pytest.approx(0.55)
+    assert split["rest_s"]["p50"] == pytest.approx((0.15 + 0.06) / 2)
+    assert breakdown([]) == {}
+    run = {**_run(0.8, 2.0), "breakdown_s": split}
+    report = {"loads": [0.8], "mixes": ["fixed20"],
+              "request": _policy({"open_fixed20_0.8": _run(1.0, 4.0)}),
+              "step": _policy({"open_fixed20_0.8": run})}
+    report["ratios"] = ratios(report)
+    text = table(report)
+    assert "  open_fixed20_0.8 step: 0.050 / 0.550 / 0.045 / 0.105" in text
+    assert "open_fixed20_0.8 request:" not in text  # a run without timings shows none
