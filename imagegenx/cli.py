@@ -117,6 +117,10 @@ def up(flower: bool, worker: bool) -> None:
 def worker(gpus: str, loglevel: str, model: str) -> None:
     """Start one Celery worker per GPU, all on one model's queue; Ctrl-C stops all.
 
+    A worker that loses its GPU gives its requests back and exits with status 70;
+    it is started again (at most 3 times in 10 minutes), the others go on serving.
+    Any other exit stops them all.
+
     Worker i sees only its GPU (CUDA_VISIBLE_DEVICES=i), is named gpu<i>@<host> and
     serves Prometheus metrics on IMAGEGENX_WORKER_METRICS_PORT + i.
     Each loads the model and prepares the fast path before it takes work.
@@ -140,7 +144,9 @@ def worker(gpus: str, loglevel: str, model: str) -> None:
         silence_library_progress()
         _ensure_model(settings.model)  # once here, not raced by the workers
     env = {**os.environ, "IMAGEGENX_WORKER_MODEL": settings.worker_model}
-    sup = Supervisor()
+    # A worker whose GPU was lost exits with 70 (EX_SOFTWARE) after giving its
+    # requests back: start it again alone, while the other GPUs keep serving.
+    sup = Supervisor(restart_codes=frozenset({os.EX_SOFTWARE}))
     sup.trap_signals()
     for index in indices:
         # One Prometheus port per worker process: the base port + the GPU index.

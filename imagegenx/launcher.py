@@ -154,10 +154,20 @@ class Supervisor:
     too (gunicorn's workers). A signal only sets a flag: stopping runs once,
     with further signals ignored, whatever their number and order (make
     forwards one of its own), and returns only when every group is gone.
+
+    A child that exits with one of ``restart_codes`` is started again alone, at
+    most ``max_restarts`` times in ``restart_window_s`` (then everything stops):
+    a GPU worker exits with 70 when its device was lost (``workers.runtime``), and
+    the other GPUs' workers go on serving meanwhile.
     """
 
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     stop_requested: bool = False
+    restart_codes: frozenset[int] = frozenset()
+    max_restarts: int = 3
+    restart_window_s: float = 600.0
+    restarts: dict[str, list[float]] = field(default_factory=dict)  # when each child was started again
+    _commands: dict[str, tuple[list[str], dict[str, str] | None]] = field(default_factory=dict)
     _stopped: bool = False
 
     def trap_signals(self) -> None:
@@ -171,21 +181,44 @@ class Supervisor:
     def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
         if self.stop_requested:
             return  # asked to stop while starting: start nothing more
+        self._commands[name] = (cmd, env)
         self.procs[name] = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def wait(self) -> int:
         self.trap_signals()
         try:
             while not self.stop_requested:
-                for name, proc in self.procs.items():
+                for name, proc in list(self.procs.items()):
                     code = proc.poll()
-                    if code is not None:
-                        print(f"imagegenx: {name} exited with {code}; stopping", file=sys.stderr)
-                        return code or 1
+                    if code is None:
+                        continue
+                    if self._may_restart(name, code):
+                        _wait_group(proc, time.monotonic() + 30)  # its own children first
+                        cmd, env = self._commands[name]
+                        self.spawn(name, cmd, env)
+                        continue
+                    print(f"imagegenx: {name} exited with {code}; stopping", file=sys.stderr)
+                    return code or 1
                 time.sleep(0.1)
             return 0
         finally:
             self.stop_all()
+
+    def _may_restart(self, name: str, code: int) -> bool:
+        """Whether ``name``, which exited with ``code``, is started again (and counted)."""
+        if code not in self.restart_codes or name not in self._commands:
+            return False
+        now = time.monotonic()
+        recent = [t for t in self.restarts.get(name, []) if now - t < self.restart_window_s]
+        if len(recent) >= self.max_restarts:
+            print(f"imagegenx: {name} exited with {code} again: {len(recent)} restarts in "
+                  f"{self.restart_window_s:.0f} s already", file=sys.stderr)
+            return False
+        self.restarts[name] = recent + [now]
+        print(f"imagegenx: {name} exited with {code}; starting it again "
+              f"({len(recent) + 1} of {self.max_restarts} in {self.restart_window_s:.0f} s)",
+              file=sys.stderr)
+        return True
 
     def stop_all(self, timeout: float = 30.0) -> None:
         """SIGTERM every process group, SIGKILL those left after ``timeout``; once only."""

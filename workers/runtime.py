@@ -112,9 +112,8 @@ class WorkerRuntime:
         """The model thread lost the device: warm shutdown with exit status 70
         (EX_SOFTWARE), Celery's own flag, read by the consumer's event loop. The
         bootstep's ``stop`` then gives every held request back to the queue, and the
-        process supervisor (systemd, Kubernetes) starts a fresh worker on the device;
-        ``imagegenx worker --gpus`` stops its other GPUs' workers warmly and exits
-        with the same status."""
+        process supervisor (systemd, Kubernetes, ``imagegenx worker --gpus``) starts a
+        fresh worker on the device."""
         worker_state.should_stop = os.EX_SOFTWARE
 
     def start(self) -> None:

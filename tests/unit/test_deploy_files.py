@@ -54,4 +54,6 @@ def test_compose_file_has_redis_api_workers_per_gpu_and_flower() -> None:
         str(i) for i in range(len(workers))]
     for s in services.values():
         assert "image" in s
+    for w in workers:  # a worker that lost its GPU exits (status 70) to be started again
+        assert w["restart"] == "unless-stopped"
     assert services["api"]["environment"]["IMAGEGENX_BROKER_URL"] == "redis://redis:6379/0"

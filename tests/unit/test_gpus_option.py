@@ -1,6 +1,8 @@
 """`imagegenx worker --gpus`: which GPUs get a worker, and clear errors for bad values."""
 from __future__ import annotations
 
+import os
+
 import pytest
 from click.testing import CliRunner
 
@@ -69,8 +71,12 @@ def test_worker_model_must_be_served(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_workers_of_one_model_get_it_in_their_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     spawned: list[tuple[str, dict[str, str]]] = []
+    options: dict[str, object] = {}
 
     class Recorder:
+        def __init__(self, **kwargs: object) -> None:
+            options.update(kwargs)
+
         def trap_signals(self) -> None: ...
         def spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
             spawned.append((name, env))
@@ -85,3 +91,4 @@ def test_workers_of_one_model_get_it_in_their_environment(monkeypatch: pytest.Mo
     assert [(n, e["IMAGEGENX_WORKER_MODEL"], e["CUDA_VISIBLE_DEVICES"]) for n, e in spawned] == [
         ("gpu0", "anime", "0"), ("gpu1", "anime", "1")]
     assert "started 2 worker(s) of model anime on GPU(s) 0,1" in result.output
+    assert options == {"restart_codes": frozenset({os.EX_SOFTWARE})}  # a lost GPU: that worker again
