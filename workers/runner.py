@@ -74,10 +74,9 @@ class BatchRunner(ModelThread, Generic[T]):
 
         The running batch, if any, goes on: ``join`` waits for it.
         """
-        with self._cond:
+        with self._cond:  # an RLock: drop_buffered takes it again
             self._begin_draining()
-            given_back, self._given_back = self._given_back, []
-            return given_back + self.policy.drain()
+            return self.drop_buffered()
 
     def drop_buffered(self) -> list[T]:
         """Remove and return everything buffered, and keep running."""

@@ -102,7 +102,7 @@ class InjectedFault(RuntimeError):
 
 class AcceleratorError(RuntimeError):
     """The synthetic stand-in for ``torch.AcceleratorError`` (a CUDA error), told
-    apart by its name as torch's is (``imagegenx.errors.is_device_lost``)."""
+    apart by its name as torch's is (``imagegenx.errors.is_device_error``)."""
 
 
 @dataclass(frozen=True)
