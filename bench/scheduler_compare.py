@@ -12,6 +12,15 @@ measures on the same seeded arrivals:
   same fraction of capacity): images/s, p50/p95/p99 overall and per step count,
   mean image rows per UNet call (step) or images per batch (request), GPU busy.
 
+A run too long for one command is measured one policy per command on the same
+arrivals (``--policies request`` measures the saturation rate; ``--policies step
+--saturation-rate R`` reuses it) and joined with ``--combine``::
+
+    python -m bench.scheduler_compare --policies request --duration 300 --out A
+    python -m bench.scheduler_compare --policies step --saturation-rate 14.0 --duration 300 --out B
+    python -m bench.scheduler_compare --combine A/scheduler_compare_synthetic_request.json \
+        B/scheduler_compare_synthetic_step.json --out C
+
 Engines: ``--engine synthetic`` (CPU; sleeps as the ``sd15-h200`` cost model says:
 13 + 3.3 n ms per step, 13 ms per decoded image) or ``--engine diffusion`` (a GPU
 with the SD1.5 preset). Prints a table and writes JSON::
@@ -257,8 +266,62 @@ def run_policy(policy: str, svc: dict[str, Any], args: argparse.Namespace, tmp: 
     return rate
 
 
+def policies_arg(text: str) -> tuple[str, ...]:
+    """``--policies``: names among :data:`POLICIES`, measured in the order given."""
+    names = tuple(x.strip() for x in text.split(","))
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct policies among {', '.join(POLICIES)}, got {text!r}")
+    return names
+
+
+def positive_rate(text: str) -> float:
+    """``--saturation-rate``: images/s, above zero."""
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected images per second, got {text!r}") from None
+    if not rate > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+    return rate
+
+
+# What two single-policy reports must share to be one comparison: the same
+# arrivals (rate, duration, loads, mixes) on the same service settings.
+SAME_RUN_KEYS = ("engine", "loads", "mixes", "max_batch", "duration_s", "size", "guidance_interval",
+                 "request_saturation_per_s")
+
+
+def combine(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One comparison from single-policy reports measured on the same arrivals;
+    ValueError names what differs or is missing."""
+    joined: dict[str, Any] = {}
+    for r in reports:
+        for policy in POLICIES:
+            if policy in r:
+                if policy in joined:
+                    raise ValueError(f"two reports measure the {policy} policy")
+                joined[policy] = r[policy]
+    missing = [p for p in POLICIES if p not in joined]
+    if missing:
+        raise ValueError(f"no report measures the {' and '.join(missing)} policy")
+    first = reports[0]
+    for key in SAME_RUN_KEYS:
+        values = [r.get(key) for r in reports]
+        if any(v != values[0] for v in values):
+            raise ValueError(f"the reports differ in {key}: {values}; their arrivals are not the same")
+    out = {k: first[k] for k in ("date", "machine", *SAME_RUN_KEYS) if k in first}
+    out["commands"] = [r.get("command") for r in reports]
+    out["dates"] = [r.get("date") for r in reports]
+    out.update(joined)
+    out["ratios"] = ratios(out)
+    return out
+
+
 def ratios(report: dict[str, Any]) -> dict[str, Any]:
-    """The issue's target ratios; a ratio whose runs were left out is None."""
+    """The issue's target ratios; a ratio whose runs (or policy) were left out is None."""
+    if not all(p in report for p in POLICIES):
+        return {}
     req, step = report["request"], report["step"]
 
     def p(run: dict[str, Any], key: str, q: str = "p50") -> float | None:
@@ -287,8 +350,9 @@ def table(report: dict[str, Any]) -> str:
     lines = ["| run | policy | images/s | p50 s | p95 s | p99 s | rows per call |",
              "|---|---|---|---|---|---|---|"]
     keys = ["closed_loop"] + [f"open_{m}_{load}" for m in MIXES for load in report.get("loads", LOADS)]
+    measured = [p for p in POLICIES if p in report]
     for key in keys:
-        for policy in POLICIES:
+        for policy in measured:
             r = report[policy].get(key)
             if r is None:
                 continue
@@ -297,20 +361,20 @@ def table(report: dict[str, Any]) -> str:
             lines.append(f"| {key} | {policy} | {r['images_per_s']:.2f} | {lat.get('p50', 0):.3f} | "
                          f"{lat.get('p95', 0):.3f} | {lat.get('p99', 0):.3f} | "
                          f"{'-' if rows is None else f'{rows:.1f}'} |")
-    for policy in POLICIES:
+    for policy in measured:
         s = report[policy]["idle_single"]
         lines.append(f"| idle single | {policy} | | {s['latency_s'].get('p50', 0):.3f} | | | 1 |")
     lines.append("")
-    if "open_mixed_0.8" in report["step"]:
+    if any("open_mixed_0.8" in report[p] for p in measured):
         lines.append("mixed steps at 0.8 load, p50 / p99 by step count (s):")
-    for policy in POLICIES:
+    for policy in measured:
         if "open_mixed_0.8" not in report[policy]:
             continue
         per = report[policy]["open_mixed_0.8"]["latency_by_steps_s"]
         lines.append(f"  {policy}: " + ", ".join(f"{k}: {v['p50']:.2f}/{v['p99']:.2f}" for k, v in per.items()))
     lines += ["", "where the time goes, p50 (s): queued / engine / postprocess / rest"]
     for key in ["idle_single"] + keys[1:]:
-        for policy in POLICIES:
+        for policy in measured:
             r = report[policy].get(key)
             split = (r or {}).get("breakdown_s", r if key == "idle_single" else None) or {}
             if all(k in split for k in BREAKDOWN):
@@ -367,27 +431,59 @@ def main(argv: list[str] | None = None) -> int:
                     help="open-loop loads, fractions of the request policy's saturation (comma-separated)")
     ap.add_argument("--mixes", type=mixes_arg, default=tuple(MIXES),
                     help=f"open-loop step mixes (comma-separated, of {', '.join(MIXES)})")
+    ap.add_argument("--policies", type=policies_arg, default=POLICIES,
+                    help="policies to measure, in order (comma-separated, of request, step)")
+    ap.add_argument("--saturation-rate", type=positive_rate, default=None,
+                    help="the request policy's saturation (images/s) to offer loads of, instead of "
+                         "measuring it first; needed when --policies leaves out request")
+    ap.add_argument("--combine", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="join single-policy reports of the same arrivals into one comparison "
+                         "(writes it under --out) and measure nothing")
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine_files(args.combine, args.out)
+    if args.policies[0] != "request" and args.saturation_rate is None:
+        ap.error("--saturation-rate is needed unless --policies starts with request "
+                 "(the loads are fractions of the request policy's saturation)")
     model = resolve_service_args(args)
     report: dict[str, Any] = {"date": now_utc(), "machine": machine(), "engine": args.engine,
                               "loads": list(args.loads), "mixes": list(args.mixes),
                               "command": " ".join(["python -m bench.scheduler_compare", *(argv or sys.argv[1:])]),
                               "max_batch": args.max_batch, "duration_s": args.duration, "size": args.size,
                               "guidance_interval": list(args.guidance_interval)}
-    path = args.out / f"scheduler_compare_{args.engine}.json"
+    suffix = "" if tuple(args.policies) == POLICIES else "_" + "_".join(args.policies)
+    path = args.out / f"scheduler_compare_{args.engine}{suffix}.json"
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         with service(args, model, tmp) as svc:
-            sat = None
+            sat = args.saturation_rate
+            if sat is not None:
+                report["request_saturation_per_s"] = sat
+
             def save() -> None:
                 path.write_text(json.dumps(report, indent=2))
 
-            for policy in POLICIES:
+            for policy in args.policies:
                 report[policy] = {}
                 rate = run_policy(policy, svc, args, tmp, sat, report[policy], save)
                 sat = rate if sat is None else sat
                 report["request_saturation_per_s"] = sat
     report["ratios"] = ratios(report)
+    path.write_text(json.dumps(report, indent=2))
+    print(table(report))
+    log(f"wrote {path}")
+    return 0
+
+
+def combine_files(paths: list[Path], out: Path) -> int:
+    """``--combine``: the joined comparison's table, and its JSON under ``out``."""
+    try:
+        report = combine([json.loads(p.read_text()) for p in paths])
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"--combine: {exc}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"scheduler_compare_{report.get('engine', 'unknown')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(table(report))
     log(f"wrote {path}")

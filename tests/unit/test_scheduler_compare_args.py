@@ -87,3 +87,78 @@ def test_the_breakdown_splits_each_requests_time_and_the_table_shows_it() -> Non
     text = table(report)
     assert "  open_fixed20_0.8 step: 0.050 / 0.550 / 0.045 / 0.105" in text
     assert "open_fixed20_0.8 request:" not in text  # a run without timings shows none
+
+
+def _single(policy: str, **over: object) -> dict:
+    base = {"date": "2026-12-04T00:00:00Z", "machine": {}, "engine": "diffusion", "loads": [0.8],
+            "mixes": ["fixed20"], "max_batch": 32, "duration_s": 300.0, "size": 512,
+            "guidance_interval": [0.0, 0.4], "request_saturation_per_s": 14.0,
+            "command": f"python -m bench.scheduler_compare --policies {policy}"}
+    p50, p99 = (2.0, 5.0) if policy == "request" else (0.8, 2.0)
+    return {**base, **over, policy: _policy({"open_fixed20_0.8": _run(p50, p99)})}
+
+
+def test_policies_parse_and_bad_ones_name_the_known() -> None:
+    from bench.scheduler_compare import policies_arg, positive_rate
+    assert policies_arg("step") == ("step",)
+    assert policies_arg("request,step") == ("request", "step")
+    for bad in ("fifo", "step,step", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="request, step"):
+            policies_arg(bad)
+    assert positive_rate("14.0") == 14.0
+    for bad, reason in (("x", "images per second"), ("0", "above 0"), ("-1", "above 0")):
+        with pytest.raises(argparse.ArgumentTypeError, match=reason):
+            positive_rate(bad)
+
+
+def test_single_policy_reports_combine_into_one_comparison() -> None:
+    from bench.scheduler_compare import combine
+    joined = combine([_single("request"), _single("step")])
+    assert joined["ratios"]["fixed20_0.8_p50_step_over_request"] == pytest.approx(0.4)
+    assert joined["ratios"]["fixed20_0.8_p99_step_over_request"] == pytest.approx(0.4)
+    assert joined["commands"] == ["python -m bench.scheduler_compare --policies request",
+                                  "python -m bench.scheduler_compare --policies step"]
+    assert "open_fixed20_0.8 | request" in table(joined)
+    # the order of the files does not matter
+    assert combine([_single("step"), _single("request")])["ratios"] == joined["ratios"]
+
+
+@pytest.mark.parametrize("reports, reason", [
+    ([_single("request"), _single("step", request_saturation_per_s=13.0)], "request_saturation_per_s"),
+    ([_single("request"), _single("step", duration_s=90.0)], "duration_s"),
+    ([_single("request"), _single("request")], "two reports measure the request policy"),
+    ([_single("step")], "no report measures the request policy"),
+])
+def test_reports_of_different_arrivals_do_not_combine(reports: list, reason: str) -> None:
+    from bench.scheduler_compare import combine
+    with pytest.raises(ValueError, match=reason):
+        combine(reports)
+
+
+def test_a_single_policy_report_has_a_table_and_no_ratios() -> None:
+    report = _single("step")
+    assert ratios(report) == {}
+    report["ratios"] = {}
+    assert "open_fixed20_0.8 | step" in table(report)
+
+
+def test_the_cli_needs_a_rate_without_the_request_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.scheduler_compare import main
+    with pytest.raises(SystemExit) as exc:
+        main(["--policies", "step"])
+    assert exc.value.code == 2
+    assert "--saturation-rate is needed" in capsys.readouterr().err
+
+
+def test_combine_from_files_reports_a_clear_error(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    from bench.scheduler_compare import main
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_single("request")))
+    b.write_text(json.dumps(_single("step", duration_s=90.0)))
+    assert main(["--combine", str(a), str(b), "--out", str(tmp_path / "out")]) == 2
+    assert "--combine: the reports differ in duration_s" in capsys.readouterr().err
+    b.write_text(json.dumps(_single("step")))
+    assert main(["--combine", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    written = json.loads((tmp_path / "out" / "scheduler_compare_diffusion.json").read_text())
+    assert written["ratios"]["fixed20_0.8_p50_step_over_request"] == pytest.approx(0.4)
