@@ -46,6 +46,25 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "p99": float(np.percentile(arr, 99)), "mean": float(arr.mean())}
 
 
+def burst_rate(finishes: list[float], start: float, end: float, gap_s: float = 0.2) -> float:
+    """Completions per second in ``[start, end]``, free of the batch-size quantum.
+
+    A worker that finishes whole batches completes images in bursts, so a plain
+    count over a window is off by up to a batch (32 images in 16 s is 2 img/s).
+    This counts from the end of the first burst in the window to the end of the
+    last one (a burst: completions less than ``gap_s`` apart), so the interval
+    holds whole periods. Completions that never pause that long are one burst;
+    then it is (n - 1) over the span from first to last. NaN under two completions."""
+    times = sorted(t for t in finishes if start <= t <= end)
+    if len(times) < 2:
+        return float("nan")
+    ends = [a for a, b in zip(times, times[1:]) if b - a >= gap_s] + [times[-1]]
+    if len(ends) < 2:
+        return (len(times) - 1) / (times[-1] - times[0]) if times[-1] > times[0] else float("nan")
+    first, last = ends[0], ends[-1]
+    return sum(1 for t in times if first < t <= last) / (last - first)
+
+
 def measure_requests(base: str, key: str, clients: int, seconds: float,
                      task_path: Callable[[], str], task_status: int = 200,
                      pause_s: float = 0.0, timeout_s: float = 5.0) -> dict[str, Any]:

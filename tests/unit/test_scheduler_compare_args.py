@@ -162,3 +162,38 @@ def test_combine_from_files_reports_a_clear_error(tmp_path, capsys: pytest.Captu
     assert main(["--combine", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
     written = json.loads((tmp_path / "out" / "scheduler_compare_diffusion.json").read_text())
     assert written["ratios"]["fixed20_0.8_p50_step_over_request"] == pytest.approx(0.4)
+
+
+def test_burst_rate_counts_whole_batch_periods() -> None:
+    from bench.harness import burst_rate
+    # Batches of 32 every 2.0 s, each spread over 31 ms, from t=1.0: 16 images/s.
+    finishes = [1.0 + 2.0 * k + 0.001 * i for k in range(9) for i in range(32)]
+    # A plain count over 4.0-14.5 s holds 5 batches in 10.5 s: the batch quantum shows.
+    assert sum(1 for t in finishes if 4.0 <= t <= 14.5) / 10.5 == pytest.approx(15.24, abs=0.01)
+    assert burst_rate(finishes, 4.0, 14.5) == pytest.approx(16.0, rel=1e-3)
+    assert burst_rate(finishes, 4.0, 16.0) == pytest.approx(16.0, rel=1e-3)
+
+
+def test_burst_rate_of_steady_completions_and_too_few() -> None:
+    import math
+    from bench.harness import burst_rate
+    steady = [0.05 * i for i in range(401)]  # 20 per second, never a pause
+    assert burst_rate(steady, 1.0, 19.0) == pytest.approx(20.0)
+    sparse = [0.5 * i for i in range(41)]  # every gap is a burst end
+    assert burst_rate(sparse, 1.0, 19.0) == pytest.approx(2.0)
+    assert math.isnan(burst_rate([3.0], 0.0, 10.0))
+    assert math.isnan(burst_rate([3.0, 3.0], 0.0, 10.0))
+
+
+def test_saturation_only_needs_no_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the closed loop is measured, so no load needs the request policy's rate."""
+    import bench.scheduler_compare as sc
+    seen = {}
+
+    def stop(args):  # the service would start here
+        seen["args"] = args
+        raise SystemExit(0)
+    monkeypatch.setattr(sc, "resolve_service_args", stop)
+    with pytest.raises(SystemExit):
+        sc.main(["--policies", "step", "--saturation-only"])
+    assert seen["args"].saturation_only
