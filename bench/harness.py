@@ -54,13 +54,17 @@ def burst_rate(finishes: list[float], start: float, end: float, gap_s: float = 0
     This counts from the end of the first burst in the window to the end of the
     last one (a burst: completions less than ``gap_s`` apart), so the interval
     holds whole periods. Completions that never pause that long are one burst;
-    then it is (n - 1) over the span from first to last. NaN under two completions."""
+    then it is (n - 1) over the span from first to last. A window holding fewer
+    than three burst ends (two periods; a ramp-up, or a window shorter than the
+    work) gives the plain count over the window, as do fewer than two completions."""
     times = sorted(t for t in finishes if start <= t <= end)
-    if len(times) < 2:
-        return float("nan")
+    if len(times) < 2 or times[-1] == times[0]:
+        return len(times) / (end - start)
     ends = [a for a, b in zip(times, times[1:]) if b - a >= gap_s] + [times[-1]]
-    if len(ends) < 2:
-        return (len(times) - 1) / (times[-1] - times[0]) if times[-1] > times[0] else float("nan")
+    if len(ends) == 1:
+        return (len(times) - 1) / (times[-1] - times[0])
+    if len(ends) < 3:
+        return len(times) / (end - start)
     first, last = ends[0], ends[-1]
     return sum(1 for t in times if first < t <= last) / (last - first)
 
