@@ -45,7 +45,7 @@ from typing import Any
 import requests
 
 from bench.harness import (
-    REPO, ResultCollector, burst_rate, free_port, machine, now_utc, percentiles, process,
+    REPO, ResultCollector, closed_loop_rates, free_port, machine, now_utc, percentiles, process,
 )
 
 KEY = "gpu-bench-key"
@@ -515,8 +515,7 @@ def closed_loop(svc: dict[str, Any], args: argparse.Namespace, clients: int, dur
     out = summarise(load.records, start + args.settle, stop_at, sampler, load.errors)
     # Whole batches finish at once: count between burst ends, not in a fixed window.
     finishes = [r[1] for r in load.records if r[2].get("status") == "SUCCESS"]
-    out["images_per_s_window"] = out["images_per_s"]
-    out["images_per_s"] = burst_rate(finishes, start + args.settle, stop_at)
+    out.update(closed_loop_rates(finishes, start + args.settle, stop_at))
     out["clients"] = clients
     return out
 

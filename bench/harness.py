@@ -69,6 +69,13 @@ def burst_rate(finishes: list[float], start: float, end: float, gap_s: float = 0
     return sum(1 for t in times if first < t <= last) / (last - first)
 
 
+def closed_loop_rates(finishes: list[float], start: float, end: float) -> dict[str, float]:
+    """A closed loop's images/s over ``[start, end]``: between burst ends
+    (:func:`burst_rate`), and the plain count over the window beside it."""
+    in_window = sum(1 for t in finishes if start <= t <= end)
+    return {"images_per_s": burst_rate(finishes, start, end), "images_per_s_window": in_window / (end - start)}
+
+
 def measure_requests(base: str, key: str, clients: int, seconds: float,
                      task_path: Callable[[], str], task_status: int = 200,
                      pause_s: float = 0.0, timeout_s: float = 5.0) -> dict[str, Any]:

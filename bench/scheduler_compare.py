@@ -51,7 +51,7 @@ from typing import Any
 from celery import Celery
 
 from bench.gpu_benchmark import GpuSampler, Load, proc, service, wait_text, warmups_from_log
-from bench.harness import burst_rate, celery_worker_cmd, machine, now_utc, percentiles
+from bench.harness import celery_worker_cmd, closed_loop_rates, machine, now_utc, percentiles
 from bench.scheduler_sim import interval_arg, loads_arg
 
 MIXED_STEPS = (10, 20, 25, 30, 50)
@@ -192,11 +192,8 @@ def closed_loop(client: Client, clients: int, duration: float, settle: float, ap
         t.join()
     # Throughput counts completions inside the window only, between burst ends
     # (the request policy finishes whole batches at once).
-    finishes = [r[2] for r in records]
-    in_window = [t for t in finishes if start + settle <= t <= stop_at]
     out = summarise(records, start, stop_at, client.errors, sampler)
-    out["images_per_s"] = burst_rate(finishes, start + settle, stop_at)
-    out["images_per_s_window"] = len(in_window) / (duration - settle)
+    out.update(closed_loop_rates([r[2] for r in records], start + settle, stop_at))
     out["clients"] = clients
     out["rows_per_call"] = rows_per_call(before, engine_stats(app))
     client.errors.clear()
@@ -255,7 +252,7 @@ def run_policy(policy: str, svc: dict[str, Any], args: argparse.Namespace, tmp: 
         log(f"{policy}: closed loop {closed['images_per_s']:.2f} img/s, rows/call {closed['rows_per_call']}")
         rate = sat_rate if sat_rate is not None else closed["images_per_s"]
         mean_mixed = statistics.fmean(MIXED_STEPS)
-        for mix in () if args.saturation_only else args.mixes:
+        for mix in args.mixes:
             steps = MIXES[mix]
             for load in args.loads:
                 scale = 1.0 if mix == "fixed20" else 20.0 / mean_mixed
@@ -452,16 +449,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.combine:
         return combine_files(args.combine, args.out)
-    if args.policies[0] != "request" and args.saturation_rate is None and not args.saturation_only:
+    if args.saturation_only:  # no open-loop runs: no loads, mixes or arrivals
+        args.loads, args.mixes, args.duration = (), (), 0.0
+    if args.policies[0] != "request" and args.saturation_rate is None and args.loads:
         ap.error("--saturation-rate is needed unless --policies starts with request "
                  "(the loads are fractions of the request policy's saturation)")
     model = resolve_service_args(args)
     report: dict[str, Any] = {"date": now_utc(), "machine": machine(), "engine": args.engine,
-                              "loads": [] if args.saturation_only else list(args.loads),
-                              "mixes": [] if args.saturation_only else list(args.mixes),
+                              "loads": list(args.loads), "mixes": list(args.mixes),
                               "command": " ".join(["python -m bench.scheduler_compare", *(argv or sys.argv[1:])]),
-                              "max_batch": args.max_batch, "duration_s": 0.0 if args.saturation_only else args.duration,
-                              "size": args.size,
+                              "max_batch": args.max_batch, "duration_s": args.duration, "size": args.size,
                               "guidance_interval": list(args.guidance_interval)}
     suffix = "" if tuple(args.policies) == POLICIES else "_" + "_".join(args.policies)
     path = args.out / f"scheduler_compare_{args.engine}{suffix}.json"

@@ -200,3 +200,4 @@ def test_saturation_only_needs_no_rate(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SystemExit):
         sc.main(["--policies", "step", "--saturation-only"])
     assert seen["args"].saturation_only
+    assert (seen["args"].loads, seen["args"].mixes, seen["args"].duration) == ((), (), 0.0)
