@@ -11,22 +11,24 @@ interpolation, optional convolution, no norm, no transposed convolution; what
 the SD1.x/SDXL UNets use) a forward that takes the branch only when running
 eagerly. Compiled code never reads the batch size there, so one graph serves
 every bucket; eager calls behave as before. Inductor writes its own upsample
-kernel, to which the eager limit does not apply.
+kernel, to which the eager limit does not apply. The forward comes with a
+subclass (the module's class is swapped, its weights untouched), not a
+per-instance method, so a precompiled UNet's guards can be pickled.
 """
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.upsampling import Upsample2D
 
 EAGER_CONTIGUOUS_ROWS = 64  # diffusers' threshold for its eager workaround
 
 
 def _plain(module: torch.nn.Module) -> bool:
     conv = getattr(module, "conv", None) if getattr(module, "name", "conv") == "conv" else None
-    return (type(module).__name__ == "Upsample2D"
+    return (type(module) is Upsample2D
             and getattr(module, "interpolate", False)
             and not getattr(module, "use_conv_transpose", True)
             and getattr(module, "norm", None) is None
@@ -50,6 +52,12 @@ def _forward(self: Any, hidden_states: torch.Tensor, output_size: Any = None, *a
     return hidden_states
 
 
+class SingleBranchUpsample2D(Upsample2D):
+    """diffusers' ``Upsample2D`` with :func:`_forward`; made by swapping an instance's class."""
+
+    forward = _forward
+
+
 def single_branch_upsamplers(model: torch.nn.Module) -> int:
     """Give every plain ``Upsample2D`` in ``model`` the branch-free forward; how many got it.
 
@@ -58,8 +66,7 @@ def single_branch_upsamplers(model: torch.nn.Module) -> int:
     """
     patched = 0
     for module in model.modules():
-        if _plain(module) and not getattr(module, "_single_branch", False):
-            module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]
-            module._single_branch = True
+        if _plain(module):
+            module.__class__ = SingleBranchUpsample2D
             patched += 1
     return patched
