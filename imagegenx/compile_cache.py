@@ -8,6 +8,11 @@ a manifest (``compile_manifest``). A worker with ``IMAGEGENX_COMPILE_CACHE``
 its local caches before compiling (``load_cache_artifacts``), so its compile
 is cache hits; a manifest that does not fit is refused with one log line and
 the worker compiles from scratch.
+
+Beside it, the UNet call precompiled (``engine/precompile.py``: traced graph,
+guards and compiled code), so a fresh worker does not trace the UNet at all.
+Where this torch cannot precompile, or the file does not load, the worker
+traces it as before, on the cache's hits.
 """
 from __future__ import annotations
 
@@ -19,7 +24,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imagegenx.compile_manifest import ARTIFACT_FILE, MANIFEST_FILE, CompileManifest, mismatch
+from imagegenx.compile_manifest import (
+    ARTIFACT_FILE,
+    MANIFEST_FILE,
+    PRECOMPILED_UNET_FILE,
+    CompileManifest,
+    mismatch,
+)
+from imagegenx.errors import first_line
 
 if TYPE_CHECKING:
     from imagegenx.settings import Settings
@@ -145,27 +157,64 @@ def write_file(dest: str, name: str, data: bytes, settings: Settings) -> None:
 
 # --- save (optimize warmup) and load (worker) -----------------------------------------------------
 
-def save_compile_cache(dest: str, manifest: CompileManifest, settings: Settings,
-                       build_s: float | None = None) -> CompileManifest:
-    """Write this process's compile artifacts and their manifest to ``dest``."""
+def precompiled_unet_bytes(engine: Any) -> bytes | None:
+    """The warmed-up engine's UNet call, precompiled and serialised; None (logged) where
+    it cannot be (no compiled fast path, or this torch cannot precompile it)."""
+    fast = getattr(engine, "fast", None)
+    if fast is None or not compiles(engine):
+        return None
+    import tempfile
+
     import torch
 
+    from imagegenx.engine.precompile import compile_unet_call
+
+    bucketed = fast.unet
+    rows = 4  # any example above 1 row: the batch is dynamic
+    try:
+        # Inference tensors, as the fast path's buffers are (the guards check the dispatch keys).
+        with torch.inference_mode():
+            x = torch.randn((rows, *bucketed.sample_shape), device=bucketed.device, dtype=bucketed.dtype)
+            ctx = torch.randn((rows, *bucketed.context_shape), device=bucketed.device, dtype=bucketed.dtype)
+            t = torch.full((rows,), 500.0, dtype=torch.float32, device=bucketed.device)
+            compiled = compile_unet_call(bucketed.unet, x, t, ctx)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / PRECOMPILED_UNET_FILE
+            compiled.save_compiled_function(str(path))
+            return path.read_bytes()
+    except Exception as exc:  # noqa: BLE001 - an artifact without it still saves the compile
+        log.warning("UNet not precompiled (%s); workers will trace it at start", first_line(exc))
+        return None
+
+
+def save_compile_cache(dest: str, manifest: CompileManifest, settings: Settings,
+                       build_s: float | None = None, engine: Any = None) -> CompileManifest:
+    """Write this process's compile artifacts and their manifest to ``dest``; with the
+    warmed-up ``engine``, its precompiled UNet call too."""
+    import torch
+
+    unet = precompiled_unet_bytes(engine) if engine is not None else None
     saved = torch.compiler.save_cache_artifacts()
     data = saved[0] if saved is not None else None
     manifest = manifest.model_copy(update={
         "artifact": ARTIFACT_FILE if data else None, "artifact_bytes": len(data or b""),
+        "precompiled_unet": PRECOMPILED_UNET_FILE if unet else None, "precompiled_unet_bytes": len(unet or b""),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build_s": build_s,
     })
     if data:
         write_file(dest, ARTIFACT_FILE, data, settings)
+    if unet:
+        write_file(dest, PRECOMPILED_UNET_FILE, unet, settings)
     # The manifest last: a reader that sees it finds the artifact complete.
     write_file(dest, MANIFEST_FILE, (manifest.model_dump_json(indent=2) + "\n").encode(), settings)
     return manifest
 
 
-def load_compile_cache(source: str, expected: CompileManifest, settings: Settings) -> str | None:
+def load_compile_cache(source: str, expected: CompileManifest, settings: Settings,
+                       engine: Any = None) -> str | None:
     """Load the artifact at ``source`` into the local compile caches when its manifest
-    fits ``expected``. None when loaded, else the one-line reason it was not."""
+    fits ``expected``. None when loaded, else the one-line reason it was not. With
+    ``engine``, its precompiled UNet call is loaded too (``load_precompiled_unet``)."""
     import torch
 
     try:
@@ -175,7 +224,7 @@ def load_compile_cache(source: str, expected: CompileManifest, settings: Setting
     except (ValueError, TypeError) as exc:
         return f"unreadable {MANIFEST_FILE}: {str(exc).splitlines()[0]}"
     except Exception as exc:  # noqa: BLE001 - storage errors (network, credentials) must not stop the worker
-        return f"{MANIFEST_FILE} not read: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return f"{MANIFEST_FILE} not read: {first_line(exc)}"
     reason = mismatch(expected, found)
     if reason is not None:
         return reason
@@ -184,10 +233,32 @@ def load_compile_cache(source: str, expected: CompileManifest, settings: Setting
         data = read_file(source, found.artifact, settings)
         info = torch.compiler.load_cache_artifacts(data)
     except Exception as exc:  # noqa: BLE001 - a broken artifact means compiling, not failing
-        return f"artifact not loaded: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return f"artifact not loaded: {first_line(exc)}"
     if info is None:
         return "artifact not loaded: PyTorch found no cache entries in it"
+    if engine is not None and found.precompiled_unet:
+        load_precompiled_unet(source, found.precompiled_unet, engine, settings)
     return None
+
+
+def load_precompiled_unet(source: str, name: str, engine: Any, settings: Settings) -> bool:
+    """Give ``engine`` the artifact's precompiled UNet call; False (logged) when it does
+    not load, and the worker traces the UNet as without it."""
+    import io
+
+    import torch
+
+    from imagegenx.engine.precompile import load_unet_call
+
+    t0 = time.perf_counter()
+    try:
+        engine.precompiled_unet = load_unet_call(io.BytesIO(read_file(source, name, settings)), engine.unet)
+    except Exception as exc:  # noqa: BLE001 - tracing the UNet is the fallback, not failing the worker
+        log.warning("precompiled UNet %s/%s not loaded (%s); tracing it", source, name, first_line(exc))
+        torch._dynamo.reset()
+        return False
+    log.info("precompiled UNet loaded in %.2f s", time.perf_counter() - t0)
+    return True
 
 
 def use_compile_cache(engine: Any, settings: Settings) -> bool:
@@ -199,7 +270,7 @@ def use_compile_cache(engine: Any, settings: Settings) -> bool:
         log.info("compile cache %s not used: this worker compiles nothing (CPU, or compile off)", source)
         return False
     t0 = time.perf_counter()
-    reason = load_compile_cache(source, engine_manifest(settings, engine), settings)
+    reason = load_compile_cache(source, engine_manifest(settings, engine), settings, engine=engine)
     if reason is not None:
         log.warning("compile cache %s refused (%s); compiling from scratch", source, reason)
         return False

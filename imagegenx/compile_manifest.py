@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 FORMAT = 1
 MANIFEST_FILE = "manifest.json"
 ARTIFACT_FILE = "torch-compile-cache.bin"
+PRECOMPILED_UNET_FILE = "unet.precompiled"
 
 
 class CompileManifest(BaseModel):
@@ -34,6 +35,8 @@ class CompileManifest(BaseModel):
     compile_options: dict[str, Any] = Field(default_factory=dict)
     artifact: str | None = Field(default=ARTIFACT_FILE, description="file name; None: nothing was compiled")
     artifact_bytes: int = 0
+    precompiled_unet: str | None = Field(default=None, description="file of the precompiled UNet call, if built")
+    precompiled_unet_bytes: int = 0
     created: str = ""
     build_s: float | None = None
 

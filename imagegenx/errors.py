@@ -73,3 +73,10 @@ def device_lost(exc: BaseException) -> DeviceLost:
     if isinstance(exc, DeviceLost):
         return exc
     return DeviceLost(f"{type(exc).__name__}: {exc}")
+
+
+def first_line(exc: BaseException) -> str:
+    """``exc`` for a one-line log or refusal: its type and the first line of its message
+    (library errors often run to pages; the first line names what went wrong)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

@@ -381,7 +381,7 @@ def warmup(out: str) -> None:
     t_loaded = time.perf_counter()
     report = engine.warmup()
     build_s = time.perf_counter() - t_loaded
-    manifest = save_compile_cache(out, engine_manifest(settings, engine), settings, build_s=build_s)
+    manifest = save_compile_cache(out, engine_manifest(settings, engine), settings, build_s=build_s, engine=engine)
     click.echo(f"engine loaded in {t_loaded - t0:.1f} s, warm-up {build_s:.1f} s "
                f"(UNet {report.get('unet_s', 0):.1f} s, VAE {report.get('vae_s', 0):.1f} s, "
                f"{report.get('compiled_graphs', 0)} graphs compiled)")
@@ -390,4 +390,6 @@ def warmup(out: str) -> None:
                    "holds no compiled code and workers will refuse it")
     click.echo(f"{manifest.gpu_arch} ({manifest.device_name}), torch {manifest.torch_version}, "
                f"model {manifest.model_id}, buckets {','.join(map(str, manifest.buckets))}, {manifest.dtype}: "
-               f"{manifest.artifact_bytes / 1e6:.1f} MB -> {out}")
+               f"{manifest.artifact_bytes / 1e6:.1f} MB"
+               + (f" + precompiled UNet {manifest.precompiled_unet_bytes / 1e6:.1f} MB" if manifest.precompiled_unet
+                  else "") + f" -> {out}")

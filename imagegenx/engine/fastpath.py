@@ -41,8 +41,10 @@ from typing import Any
 import torch
 
 from imagegenx.engine.buckets import bucket_for, split_rows  # noqa: F401 - bucket_for: re-exported
+from imagegenx.engine.precompile import UNetCall
 from imagegenx.engine.transfer import index_on
 from imagegenx.engine.upsample import single_branch_upsamplers
+from imagegenx.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +239,15 @@ class _UNetSlot:
         return out[:k].to(torch.float32, copy=True)
 
 
+def _as_unet_fn(call: UNetCall) -> Callable[..., tuple[torch.Tensor]]:
+    """A precompiled UNet call, with the UNet's own signature (as the slots call it)."""
+    def fn(x: torch.Tensor, t: torch.Tensor, *, encoder_hidden_states: torch.Tensor,
+           return_dict: bool = False) -> tuple[torch.Tensor]:
+        return (call(x, t, encoder_hidden_states),)
+
+    return fn
+
+
 class BucketedCFGUNet:
     """The UNet with classifier-free guidance, in padded buckets of UNet rows.
 
@@ -255,6 +266,7 @@ class BucketedCFGUNet:
         sample_shape: tuple[int, ...],
         context_shape: tuple[int, ...],
         options: FastPathOptions,
+        precompiled: UNetCall | None = None,
     ) -> None:
         self.unet = unet
         self.dtype = dtype
@@ -268,7 +280,14 @@ class BucketedCFGUNet:
         if self.compiled:
             # One compile for every bucket (diffusers' Upsample2D branches on the batch size).
             single_branch_upsamplers(unet)
-        self.fn = _compile(unet) if self.compiled else unet
+        # A precompiled call (``precompile.py``, from a compile-cache artifact) replaces the
+        # compile: no Dynamo tracing at start. Its graph is dynamic already, so the slots'
+        # inputs are not marked again (the marking is among its guards).
+        self.precompiled = precompiled is not None
+        if precompiled is not None:
+            self.fn = _as_unet_fn(precompiled)
+        else:
+            self.fn = _compile(unet) if self.compiled else unet
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.slots: dict[int, _UNetSlot] = {}
         # Measured seconds of one call per row bucket (``measure``): the step scheduler's cost model.
@@ -316,13 +335,28 @@ class BucketedCFGUNet:
 
     def _slot(self, bucket: int) -> _UNetSlot:
         slot = self.slots.get(bucket)
-        if slot is None:
-            slot = _UNetSlot(
-                bucket, self.fn, dtype=self.dtype, device=self.device, sample_shape=self.sample_shape,
-                context_shape=self.context_shape, compiled=self.compiled, graph=self.graphs, pool=self.pool,
-            )
-            self.slots[bucket] = slot
+        if slot is not None:
+            return slot
+        try:
+            slot = self._new_slot(bucket)
+        except RuntimeError as exc:  # e.g. the precompiled call's guards refuse these inputs
+            if not self.precompiled:
+                raise
+            log.warning("precompiled UNet failed on %s rows (%s); compiling it instead", bucket, first_line(exc))
+            self.precompiled = False
+            self.fn = _compile(self.unet)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            slot = self._new_slot(bucket)
+        self.slots[bucket] = slot
         return slot
+
+    def _new_slot(self, bucket: int) -> _UNetSlot:
+        return _UNetSlot(
+            bucket, self.fn, dtype=self.dtype, device=self.device, sample_shape=self.sample_shape,
+            context_shape=self.context_shape, compiled=self.compiled and not self.precompiled,
+            graph=self.graphs, pool=self.pool,
+        )
 
     def covers(self, latents: torch.Tensor, context: torch.Tensor) -> bool:
         return (tuple(latents.shape[1:]) == self.sample_shape
@@ -436,6 +470,7 @@ class FastPath:
         sample_shape: tuple[int, ...],
         context_shape: tuple[int, ...],
         options: FastPathOptions,
+        precompiled_unet: UNetCall | None = None,
     ) -> None:
         self.options = options
         self.device = device
@@ -443,7 +478,7 @@ class FastPath:
         self.context_shape = tuple(context_shape)
         self.text_encoder = text_encoder
         self.unet = BucketedCFGUNet(unet, dtype=dtype, device=device, sample_shape=sample_shape,
-                                    context_shape=context_shape, options=options)
+                                    context_shape=context_shape, options=options, precompiled=precompiled_unet)
         self.decode = Decoder(vae, device=device, latent_shape=sample_shape, options=options)
         self.encode_text: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.report: dict[str, Any] = {}
@@ -468,6 +503,7 @@ class FastPath:
             report["vae_bucket_s"] = self.decode.prepare()
             report["vae_s"] = sum(report["vae_bucket_s"].values())
         report["captured_buckets"] = sorted(self.unet.slots)
+        report["unet_precompiled"] = self.unet.precompiled
         if self.options.compile:  # graphs Dynamo compiled in this process (1 UNet + 1 VAE decode expected)
             from torch._dynamo.utils import counters
 

@@ -112,3 +112,47 @@ def test_upsamplers_with_a_norm_keep_diffusers_forward() -> None:
     assert upsample.single_branch_upsamplers(Upsample2D(8, use_conv=True, norm_type="ln_norm", eps=1e-5,
                                                         elementwise_affine=True)) == 0
     assert upsample.single_branch_upsamplers(Upsample2D(8, use_conv_transpose=True)) == 0
+
+
+def _with_precompiled(tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+                      precompiled: Callable[..., torch.Tensor]) -> tuple[BucketedCFGUNet, CompileCounter]:
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    monkeypatch.setattr(fastpath, "COMPILE_BACKEND", counter)
+    unet = _eager_unet(tiny_model)
+    size = unet.config.sample_size
+    bucketed = BucketedCFGUNet(unet, dtype=torch.float32, device=torch.device("cpu"),
+                               sample_shape=(unet.config.in_channels, size, size),
+                               context_shape=(8, unet.config.cross_attention_dim),
+                               options=FastPathOptions(compile=True, cuda_graphs=False, buckets=(1, 2),
+                                                       allow_cpu=True),
+                               precompiled=precompiled)
+    return bucketed, counter
+
+
+def test_a_precompiled_call_replaces_the_compile(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a precompiled UNet call (a compile-cache artifact) nothing is traced at warm-up,
+    and the slots' inputs are left unmarked (the marking is among its guards)."""
+    calls: list[tuple[int, bool]] = []
+
+    def precompiled(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        calls.append((x.shape[0], hasattr(x, "_dynamo_dynamic_indices")))
+        return bucketed.unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+
+    bucketed, counter = _with_precompiled(tiny_model, monkeypatch, precompiled)
+    with torch.inference_mode():
+        bucketed.prepare()
+    assert bucketed.precompiled and counter.frame_count == 0
+    assert sorted({rows for rows, _ in calls}) == [2, 4] and not any(marked for _, marked in calls)
+
+
+def test_a_precompiled_call_that_fails_falls_back_to_compiling(
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def refused(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("GuardManager check failed, reason: a guard")
+
+    bucketed, counter = _with_precompiled(tiny_model, monkeypatch, refused)
+    with caplog.at_level("WARNING", logger="imagegenx.engine.fastpath"), torch.inference_mode():
+        bucketed.prepare()
+    assert not bucketed.precompiled and counter.frame_count == 1 and sorted(bucketed.slots) == [2, 4]
+    assert "precompiled UNet failed on 4 rows" in caplog.text and "compiling it instead" in caplog.text

@@ -1,0 +1,75 @@
+"""The fast path's UNet call, precompiled: traced, guarded and compiled once, saved,
+and loaded by a fresh worker without running Dynamo again.
+
+A worker with the portable compile cache (``imagegenx.compile_cache``) skips
+code generation but still traces the UNet in Python at start. PyTorch's
+precompile (``torch.compile(...).aot_compile``) stores the traced graph, its
+guards and the compiled code together. The UNet is not stored: it is an
+argument of :func:`unet_call`, so its weights stay where the engine loaded them
+and the saved graph reads them as inputs.
+
+Guards kept: tensor metadata (shapes, strides, dtypes, devices, the dynamic
+batch's range), the shape environment and global state. Guards on module
+identity cannot be saved; what they protected (same model, same code, same
+options) is what the artifact's manifest checks before anything is loaded.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+UNetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class PrecompileUnavailable(RuntimeError):
+    """This torch cannot precompile (no ``aot_compile``); the caller compiles as before."""
+
+
+def unet_call(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """The UNet's noise prediction, as the fast path calls it."""
+    return unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+
+
+def portable_guards(entries: Sequence[Any]) -> list[bool]:
+    """Which of Dynamo's guards to keep: those that can be saved and still mean something."""
+    return [g.guard_type in ("GLOBAL_STATE", "SHAPE_ENV") or (g.guard_type == "TENSOR_MATCH" and not g.is_global)
+            for g in entries]
+
+
+def compile_unet_call(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> Any:
+    """Precompile :func:`unet_call` for ``unet`` with a dynamic batch (at least 2 rows).
+
+    Returns PyTorch's compiled function (``save_compiled_function(path)`` writes it).
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.conv_1x1_as_mm = True
+    compiled = torch.compile(unet_call, fullgraph=True, dynamic=None, options={"guard_filter_fn": portable_guards})
+    if not hasattr(compiled, "aot_compile"):
+        raise PrecompileUnavailable(f"torch {torch.__version__} has no aot_compile")
+    for tensor in (x, t, ctx):
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    return compiled.aot_compile(((unet, x, t, ctx), {}))
+
+
+def load_unet_call(source: Path | BinaryIO, unet: torch.nn.Module) -> UNetCall:
+    """Load a precompiled :func:`unet_call` (a file, or its bytes as a stream) and bind it to ``unet``."""
+    load = getattr(torch.compiler, "load_compiled_function", None)
+    if load is None:
+        raise PrecompileUnavailable(f"torch {torch.__version__} has no load_compiled_function")
+    # Loaded as it is called, in inference mode: the guards' expected dispatch keys are
+    # taken relative to the mode in force when they are rebuilt here.
+    with torch.inference_mode():
+        if isinstance(source, Path):
+            with open(source, "rb") as f:
+                compiled = load(f)
+        else:
+            compiled = load(source)
+
+    def call(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        return compiled(unet, x, t, ctx)
+
+    return call
