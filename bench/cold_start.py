@@ -80,6 +80,14 @@ def log_facts(text: str) -> dict[str, Any]:
         facts["compile_cache"] = "not used: compiles nothing"
     if m := re.search(r"UNet ([\d.]+) s, VAE ([\d.]+) s; (\d+) graphs compiled", text):
         facts.update(unet_s=float(m.group(1)), vae_s=float(m.group(2)), compiled_graphs=int(m.group(3)))
+    if m := re.search(r"UNet precompiled (True|False)", text):
+        facts["unet_precompiled"] = m.group(1) == "True"
+    if m := re.search(r"precompiled UNet loaded in ([\d.]+) s", text):
+        facts["precompiled_unet_load_s"] = float(m.group(1))
+    elif m := re.search(r"precompiled UNet \S+ not loaded \((.*)\); tracing it", text):
+        facts["precompiled_unet_error"] = m.group(1)
+    if m := re.search(r"UNet not precompiled \((.*)\); workers", text):
+        facts["precompile_error"] = m.group(1)
     return facts
 
 
@@ -114,21 +122,24 @@ def build_artifact(env: dict[str, str], artifact: Path, tmp: Path, args: argpars
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = ["| phase | ready s | load s | warm-up s | UNet s | VAE s | graphs compiled | compile cache |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| phase | ready s | load s | warm-up s | UNet s | VAE s | graphs compiled | UNet precompiled | "
+             "compile cache |", "|---|---|---|---|---|---|---|---|---|"]
 
     def num(v: Any) -> str:
         return f"{v:.1f}" if isinstance(v, (int, float)) else "-"
 
     b = report.get("build")
     if b:
+        unet_mb = b["manifest"].get("precompiled_unet_bytes", 0) / 1e6
         lines.append(f"| build (optimize warmup) | {num(b['seconds'])} | | | | | {b.get('compiled_graphs', '-')} | "
+                     f"{f'{unet_mb:.1f} MB' if unet_mb else b.get('precompile_error', 'no')} | "
                      f"wrote {b['artifact_mb']:.1f} MB |")
     for phase in PHASES[1:]:
         r = report.get(phase)
         if r:
             lines.append(f"| {phase} | {num(r['ready_s'])} | {num(r.get('load_s'))} | {num(r.get('warmup_s'))} | "
                          f"{num(r.get('unet_s'))} | {num(r.get('vae_s'))} | {r.get('compiled_graphs', '-')} | "
+                         f"{'yes' if r.get('unet_precompiled') else r.get('precompiled_unet_error', 'no')} | "
                          f"{r.get('compile_cache', '-')} |")
     r = report.get("cold_with_artifact")
     if r and r.get("compile_cache") == "loaded":
