@@ -8,9 +8,12 @@ Phases (JSON written to ``--out`` after each):
 2. ``cold_with_artifact``: a real worker (``celery -A tasks worker``) with
    ``IMAGEGENX_COMPILE_CACHE=ARTIFACT`` and empty local caches
    (``TORCHINDUCTOR_CACHE_DIR`` and ``TRITON_CACHE_DIR`` point at fresh folders);
-3. ``warm_local``: a worker without the artifact, on the local caches phase 2
+3. ``cold_cache_only``: as phase 2 with a copy of the artifact that leaves out
+   its precompiled UNet (the worker traces the UNet on the cache's hits): what
+   the precompiled UNet saves, in the same run;
+4. ``warm_local``: a worker without the artifact, on the local caches phase 2
    left behind (a restart on the same machine);
-4. ``cold_no_artifact``: a worker without the artifact and empty local caches
+5. ``cold_no_artifact``: a worker without the artifact and empty local caches
    (today's cold start; ``--skip-cold`` leaves it out).
 
 Time to ready is from starting the process to Celery's `` ready.`` line (the
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -42,7 +46,7 @@ from bench.gpu_benchmark import proc, redis_binary, wait_text, warmups_from_log
 from bench.harness import REPO, celery_worker_cmd, free_port, machine, now_utc
 
 TARGET_READY_S = 20.0
-PHASES = ("build", "cold_with_artifact", "warm_local", "cold_no_artifact")
+PHASES = ("build", "cold_with_artifact", "cold_cache_only", "warm_local", "cold_no_artifact")
 
 
 def log(msg: str) -> None:
@@ -66,6 +70,17 @@ def fresh_caches(root: Path, name: str) -> dict[str, str]:
     inductor = root / f"inductor-{name}"
     inductor.mkdir(parents=True)
     return {"TORCHINDUCTOR_CACHE_DIR": str(inductor), "TRITON_CACHE_DIR": str(inductor / "triton")}
+
+
+def without_precompiled_unet(artifact: Path, dest: Path) -> Path:
+    """A copy of ``artifact`` holding the compile cache alone (no precompiled UNet)."""
+    from imagegenx.compile_manifest import MANIFEST_FILE, PRECOMPILED_UNET_FILE
+
+    shutil.copytree(artifact, dest, ignore=shutil.ignore_patterns(PRECOMPILED_UNET_FILE))
+    manifest = json.loads((dest / MANIFEST_FILE).read_text())
+    manifest.update(precompiled_unet=None, precompiled_unet_bytes=0)
+    (dest / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return dest
 
 
 def log_facts(text: str) -> dict[str, Any]:
@@ -148,6 +163,10 @@ def table(report: dict[str, Any]) -> str:
                      f"({r['ready_s']:.1f} s)")
     elif r:
         lines.append(f"\ntarget not measured: the artifact was not loaded ({r.get('compile_cache', '-')})")
+    c = report.get("cold_cache_only")
+    if r and c and r.get("unet_precompiled"):
+        lines.append(f"precompiled UNet: ready in {r['ready_s']:.1f} s against {c['ready_s']:.1f} s with the "
+                     f"compile cache alone ({r['ready_s'] / c['ready_s']:.2f}x)")
     return "\n".join(lines)
 
 
@@ -209,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
                 "with-artifact", {**env, **with_artifact, "IMAGEGENX_COMPILE_CACHE": str(artifact)}, tmp, args)
             save()
             log(f"cold_with_artifact: ready in {report['cold_with_artifact']['ready_s']:.1f} s")
+
+            if report["build"]["manifest"].get("precompiled_unet"):
+                cache_only = without_precompiled_unet(artifact, tmp / "artifact-cache-only")
+                log("cold_cache_only: worker with the compile cache alone, empty local caches")
+                report["cold_cache_only"] = start_worker(
+                    "cache-only", {**env, **fresh_caches(tmp, "cache-only"), "IMAGEGENX_COMPILE_CACHE": str(cache_only)},
+                    tmp, args)
+                save()
+                log(f"cold_cache_only: ready in {report['cold_cache_only']['ready_s']:.1f} s")
 
             log("warm_local: worker without the artifact, on the local caches just filled")
             report["warm_local"] = start_worker("warm-local", {**env, **with_artifact}, tmp, args)
