@@ -15,6 +15,7 @@ options) is what the artifact's manifest checks before anything is loaded.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -47,12 +48,18 @@ def compile_unet_call(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, c
     import torch._inductor.config as inductor_config
 
     inductor_config.conv_1x1_as_mm = True
-    compiled = torch.compile(unet_call, fullgraph=True, dynamic=None, options={"guard_filter_fn": portable_guards})
-    if not hasattr(compiled, "aot_compile"):
-        raise PrecompileUnavailable(f"torch {torch.__version__} has no aot_compile")
-    for tensor in (x, t, ctx):
-        torch._dynamo.maybe_mark_dynamic(tensor, 0)
-    return compiled.aot_compile(((unet, x, t, ctx), {}))
+    dynamo_config = torch._dynamo.config
+    # Before torch 2.12, ``aot_compile`` exists only with this switch on.
+    enabled = (dynamo_config.patch(enable_aot_compile=True) if hasattr(dynamo_config, "enable_aot_compile")
+               else contextlib.nullcontext())
+    with enabled:
+        compiled = torch.compile(unet_call, fullgraph=True, dynamic=None,
+                                 options={"guard_filter_fn": portable_guards})
+        if not hasattr(compiled, "aot_compile"):
+            raise PrecompileUnavailable(f"torch {torch.__version__} has no aot_compile")
+        for tensor in (x, t, ctx):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return compiled.aot_compile(((unet, x, t, ctx), {}))
 
 
 def load_unet_call(source: Path | BinaryIO, unet: torch.nn.Module) -> UNetCall:
