@@ -40,6 +40,21 @@ def portable_guards(entries: Sequence[Any]) -> list[bool]:
             for g in entries]
 
 
+def _aot_compile_enabled() -> contextlib.AbstractContextManager[Any]:
+    """Before torch 2.12, ``torch.compile`` gives ``aot_compile`` only with this switch on."""
+    dynamo_config = torch._dynamo.config
+    if hasattr(dynamo_config, "enable_aot_compile"):
+        return dynamo_config.patch(enable_aot_compile=True)
+    return contextlib.nullcontext()
+
+
+def supported() -> bool:
+    """Whether this torch can precompile (has ``aot_compile`` and ``load_compiled_function``)."""
+    with _aot_compile_enabled():
+        compiled = torch.compile(unet_call, fullgraph=True)
+    return hasattr(compiled, "aot_compile") and hasattr(torch.compiler, "load_compiled_function")
+
+
 def compile_unet_call(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> Any:
     """Precompile :func:`unet_call` for ``unet`` with a dynamic batch (at least 2 rows).
 
@@ -48,11 +63,7 @@ def compile_unet_call(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, c
     import torch._inductor.config as inductor_config
 
     inductor_config.conv_1x1_as_mm = True
-    dynamo_config = torch._dynamo.config
-    # Before torch 2.12, ``aot_compile`` exists only with this switch on.
-    enabled = (dynamo_config.patch(enable_aot_compile=True) if hasattr(dynamo_config, "enable_aot_compile")
-               else contextlib.nullcontext())
-    with enabled:
+    with _aot_compile_enabled():
         compiled = torch.compile(unet_call, fullgraph=True, dynamic=None,
                                  options={"guard_filter_fn": portable_guards})
         if not hasattr(compiled, "aot_compile"):

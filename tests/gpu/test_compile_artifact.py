@@ -1,5 +1,6 @@
 """The compiled artifact on a GPU: `imagegenx optimize warmup` in one process, a
-fresh process with empty local caches that loads it compiles from cache hits only.
+fresh process with empty local caches that loads it compiles from cache hits only,
+and runs the UNet precompiled (traced in neither).
 
 Each step is its own process (PyTorch keeps compiled code in memory too). Runs
 the tiny model unless IMAGEGENX_GPU_TEST_MODEL names another.
@@ -33,6 +34,7 @@ from imagegenx.settings import Settings
 engine = build_pipeline(Settings()).engine
 report = engine.warmup()
 print("REPORT " + json.dumps({"compiled_graphs": report.get("compiled_graphs"),
+                              "unet_precompiled": report.get("unet_precompiled"),
                               "inductor": {k: v for k, v in counters["inductor"].items() if "fxgraph" in k}}))
 """
 
@@ -65,10 +67,16 @@ def test_a_fresh_process_with_the_artifact_compiles_from_cache_hits(tiny_model: 
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["gpu_arch"].startswith("sm_") and manifest["artifact_bytes"] > 0
 
+    assert manifest["precompiled_unet"] == "unet.precompiled", built.stderr[-4000:]
+
     loaded, log = _worker(_env(model, tmp_path, "load", IMAGEGENX_COMPILE_CACHE=str(artifact)))
     assert "compile cache" in log and "loaded in" in log
+    assert "precompiled UNet loaded in" in log
     assert loaded["inductor"].get("fxgraph_cache_hit", 0) >= 1
     assert loaded["inductor"].get("fxgraph_cache_miss", 0) == 0
+    # The UNet ran precompiled (nothing traced for it): Dynamo traced the VAE decode alone.
+    assert loaded["unet_precompiled"] is True
+    assert loaded["compiled_graphs"] == 1
 
     refused, log = _worker(_env(model, tmp_path, "refused", IMAGEGENX_COMPILE_CACHE=str(artifact),
                                 IMAGEGENX_BATCH_BUCKETS="1,2,4"))
@@ -76,4 +84,5 @@ def test_a_fresh_process_with_the_artifact_compiles_from_cache_hits(tiny_model: 
     assert refused["inductor"].get("fxgraph_cache_miss", 0) >= 1
     # The UNet once and the VAE decode once, whatever the buckets: no call runs a batch
     # of 1, which would be specialised and compiled again (one row runs padded to two).
-    assert loaded["compiled_graphs"] == refused["compiled_graphs"] == 2
+    assert refused["unet_precompiled"] is False
+    assert refused["compiled_graphs"] == 2

@@ -34,8 +34,7 @@ def _inputs(rows: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor
             torch.randn(rows, 3, 8, generator=gen, dtype=dtype))
 
 
-@pytest.mark.skipif(not hasattr(torch.compile(precompile.unet_call), "aot_compile"),
-                    reason="this torch has no aot_compile")
+@pytest.mark.skipif(not precompile.supported(), reason="this torch cannot precompile (no aot_compile)")
 def test_saved_call_loads_without_tracing_and_matches_eager(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from torch._dynamo.utils import counters
@@ -68,8 +67,7 @@ def test_guard_filter_keeps_only_portable_guards() -> None:
     assert precompile.portable_guards(entries) == [True, False, False, True, True, False]
 
 
-@pytest.mark.skipif(not hasattr(torch.compile(precompile.unet_call), "aot_compile"),
-                    reason="this torch has no aot_compile")
+@pytest.mark.skipif(not precompile.supported(), reason="this torch cannot precompile (no aot_compile)")
 def test_the_compile_cache_artifact_carries_the_precompiled_call(
         tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """``optimize warmup``'s save writes it beside the cache; a worker's load hands it to the engine,
