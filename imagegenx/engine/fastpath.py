@@ -44,7 +44,7 @@ from imagegenx.engine.buckets import bucket_for, split_rows  # noqa: F401 - buck
 from imagegenx.engine.precompile import UNetCall
 from imagegenx.engine.transfer import index_on
 from imagegenx.engine.upsample import single_branch_upsamplers
-from imagegenx.errors import first_line
+from imagegenx.errors import first_line, is_device_error, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +281,8 @@ class BucketedCFGUNet:
             # One compile for every bucket (diffusers' Upsample2D branches on the batch size).
             single_branch_upsamplers(unet)
         # A precompiled call (``precompile.py``, from a compile-cache artifact) replaces the
-        # compile: no Dynamo tracing at start. Its graph is dynamic already, so the slots'
-        # inputs are not marked again (the marking is among its guards).
+        # compile: no Dynamo tracing at start. Its graph is dynamic in the batch already, so
+        # the slots' inputs need no marking.
         self.precompiled = precompiled is not None
         if precompiled is not None:
             self.fn = _as_unet_fn(precompiled)
@@ -337,19 +337,44 @@ class BucketedCFGUNet:
         slot = self.slots.get(bucket)
         if slot is not None:
             return slot
+        if self.precompiled:
+            self._probe_precompiled(bucket)
         try:
             slot = self._new_slot(bucket)
-        except RuntimeError as exc:  # e.g. the precompiled call's guards refuse these inputs
-            if not self.precompiled:
+        except Exception as exc:
+            if not self.precompiled or is_out_of_memory(exc) or is_device_error(exc):
                 raise
-            log.warning("precompiled UNet failed on %s rows (%s); compiling it instead", bucket, first_line(exc))
-            self.precompiled = False
-            self.fn = _compile(self.unet)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            self._compile_instead(bucket, exc)
             slot = self._new_slot(bucket)
         self.slots[bucket] = slot
         return slot
+
+    def _probe_precompiled(self, rows: int) -> None:
+        """Call the precompiled UNet once, outside any graph capture, before a slot uses it:
+        a file whose guards or code do not fit this process fails here, and every slot
+        is then built with the compiled UNet instead (none is left half on each)."""
+        gen = torch.Generator(device="cpu").manual_seed(rows)
+        x = torch.randn((rows, *self.sample_shape), generator=gen).to(device=self.device, dtype=self.dtype)
+        ctx = torch.randn((rows, *self.context_shape), generator=gen).to(device=self.device, dtype=self.dtype)
+        t = torch.full((rows,), 500.0, dtype=torch.float32, device=self.device)
+        try:
+            self.fn(x, t, encoder_hidden_states=ctx, return_dict=False)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as exc:
+            if is_out_of_memory(exc) or is_device_error(exc):
+                raise
+            self._compile_instead(rows, exc)
+
+    def _compile_instead(self, rows: int, exc: Exception) -> None:
+        """The precompiled UNet failed: trace and compile it, and rebuild any slot built on it."""
+        log.warning("precompiled UNet failed on %s rows (%s); compiling it instead", rows, first_line(exc))
+        self.precompiled = False
+        self.fn = _compile(self.unet)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for bucket in sorted(self.slots, reverse=True):
+            self.slots[bucket] = self._new_slot(bucket)
 
     def _new_slot(self, bucket: int) -> _UNetSlot:
         return _UNetSlot(

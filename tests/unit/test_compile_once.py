@@ -132,11 +132,12 @@ def _with_precompiled(tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
 
 def test_a_precompiled_call_replaces_the_compile(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a precompiled UNet call (a compile-cache artifact) nothing is traced at warm-up,
-    and the slots' inputs are left unmarked (the marking is among its guards)."""
+    and the slots' inputs are left unmarked (its graph is dynamic in the batch already)."""
     calls: list[tuple[int, bool]] = []
 
     def precompiled(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        calls.append((x.shape[0], hasattr(x, "_dynamo_dynamic_indices")))
+        marked = any(hasattr(x, name) for name in ("_dynamo_weak_dynamic_indices", "_dynamo_dynamic_indices"))
+        calls.append((x.shape[0], marked))
         return bucketed.unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
 
     bucketed, counter = _with_precompiled(tiny_model, monkeypatch, precompiled)
@@ -156,3 +157,32 @@ def test_a_precompiled_call_that_fails_falls_back_to_compiling(
         bucketed.prepare()
     assert not bucketed.precompiled and counter.frame_count == 1 and sorted(bucketed.slots) == [2, 4]
     assert "precompiled UNet failed on 4 rows" in caplog.text and "compiling it instead" in caplog.text
+
+
+def test_slots_built_before_the_precompiled_call_fails_are_rebuilt_compiled(
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Buckets are prepared largest first; when a smaller one refuses the precompiled call,
+    the larger ones already built on it are rebuilt, so no slot is left on either."""
+    def only_large(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < 4:
+            raise AssertionError("expected size 2==4")  # e.g. Inductor's assert_size_stride
+        return bucketed.unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+
+    bucketed, counter = _with_precompiled(tiny_model, monkeypatch, only_large)
+    with caplog.at_level("WARNING", logger="imagegenx.engine.fastpath"), torch.inference_mode():
+        bucketed.prepare()
+    assert not bucketed.precompiled and sorted(bucketed.slots) == [2, 4]
+    assert all(slot._fn is bucketed.fn for slot in bucketed.slots.values())
+    assert "precompiled UNet failed on 2 rows (AssertionError: expected size 2==4)" in caplog.text
+
+
+def test_out_of_memory_in_the_precompiled_call_is_not_taken_for_a_bad_file(
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Running out of memory says nothing about the file: it is raised, not compiled around."""
+    def oom(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    bucketed, counter = _with_precompiled(tiny_model, monkeypatch, oom)
+    with pytest.raises(torch.OutOfMemoryError), torch.inference_mode():
+        bucketed.prepare()
+    assert bucketed.precompiled and counter.frame_count == 0
