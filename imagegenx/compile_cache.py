@@ -158,8 +158,8 @@ def write_file(dest: str, name: str, data: bytes, settings: Settings) -> None:
 # --- save (optimize warmup) and load (worker) -----------------------------------------------------
 
 def precompiled_unet_bytes(engine: Any) -> bytes | None:
-    """The warmed-up engine's UNet call, precompiled and serialised; None (logged) where
-    it cannot be (no compiled fast path, or this torch cannot precompile it)."""
+    """The warmed-up engine's UNet call, precompiled and serialised; None where there is no
+    compiled fast path, or (logged) where this torch cannot precompile it."""
     fast = getattr(engine, "fast", None)
     if fast is None or not compiles(engine):
         return None
@@ -199,6 +199,7 @@ def save_compile_cache(dest: str, manifest: CompileManifest, settings: Settings,
     manifest = manifest.model_copy(update={
         "artifact": ARTIFACT_FILE if data else None, "artifact_bytes": len(data or b""),
         "precompiled_unet": PRECOMPILED_UNET_FILE if unet else None, "precompiled_unet_bytes": len(unet or b""),
+        "precompiled_unet_code": _code_id() if unet else "",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build_s": build_s,
     })
     if data:
@@ -237,28 +238,37 @@ def load_compile_cache(source: str, expected: CompileManifest, settings: Setting
     if info is None:
         return "artifact not loaded: PyTorch found no cache entries in it"
     if engine is not None and found.precompiled_unet:
-        load_precompiled_unet(source, found.precompiled_unet, engine, settings)
+        load_precompiled_unet(source, found, engine, settings)
     return None
 
 
-def load_precompiled_unet(source: str, name: str, engine: Any, settings: Settings) -> bool:
+def load_precompiled_unet(source: str, found: CompileManifest, engine: Any, settings: Settings) -> bool:
     """Give ``engine`` the artifact's precompiled UNet call; False (logged) when it does
-    not load, and the worker traces the UNet as without it."""
+    not fit this code or does not load, and the worker traces the UNet as without it."""
     import io
-
-    import torch
 
     from imagegenx.engine.precompile import load_unet_call
 
+    name = found.precompiled_unet
+    here = _code_id()
+    if found.precompiled_unet_code != here:
+        log.warning("precompiled UNet %s/%s not loaded (built from other code: %s, this worker %s); tracing it",
+                    source, name, found.precompiled_unet_code or "unknown", here)
+        return False
     t0 = time.perf_counter()
     try:
         engine.precompiled_unet = load_unet_call(io.BytesIO(read_file(source, name, settings)), engine.unet)
     except Exception as exc:  # noqa: BLE001 - tracing the UNet is the fallback, not failing the worker
         log.warning("precompiled UNet %s/%s not loaded (%s); tracing it", source, name, first_line(exc))
-        torch._dynamo.reset()
         return False
     log.info("precompiled UNet loaded in %.2f s", time.perf_counter() - t0)
     return True
+
+
+def _code_id() -> str:
+    from imagegenx.engine.precompile import code_id
+
+    return code_id()
 
 
 def use_compile_cache(engine: Any, settings: Settings) -> bool:

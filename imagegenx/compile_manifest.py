@@ -37,6 +37,7 @@ class CompileManifest(BaseModel):
     artifact_bytes: int = 0
     precompiled_unet: str | None = Field(default=None, description="file of the precompiled UNet call, if built")
     precompiled_unet_bytes: int = 0
+    precompiled_unet_code: str = Field(default="", description="precompile.code_id() of the build")
     created: str = ""
     build_s: float | None = None
 

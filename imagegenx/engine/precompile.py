@@ -8,10 +8,13 @@ guards and the compiled code together. The UNet is not stored: it is an
 argument of :func:`unet_call`, so its weights stay where the engine loaded them
 and the saved graph reads them as inputs.
 
-Guards kept: tensor metadata (shapes, strides, dtypes, devices, the dynamic
-batch's range), the shape environment and global state. Guards on module
-identity cannot be saved; what they protected (same model, same code, same
-options) is what the artifact's manifest checks before anything is loaded.
+Guards kept: tensor metadata (shapes, strides, dtypes, devices, dispatch keys,
+the dynamic batch's range) and the shape environment. Guards on module identity
+cannot be saved; what they protected is what the artifact's manifest checks
+before anything is loaded (the same model and options) and :func:`code_id` (the
+same traced code). Global state is not kept: its guard includes the CPU thread
+count, which differs between machines; the worker runs the UNet under the same
+settings (inference mode, fp16, TF32 off) as the build, from the same code.
 """
 from __future__ import annotations
 
@@ -36,8 +39,25 @@ def unet_call(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, ctx: torc
 
 def portable_guards(entries: Sequence[Any]) -> list[bool]:
     """Which of Dynamo's guards to keep: those that can be saved and still mean something."""
-    return [g.guard_type in ("GLOBAL_STATE", "SHAPE_ENV") or (g.guard_type == "TENSOR_MATCH" and not g.is_global)
+    return [g.guard_type == "SHAPE_ENV" or (g.guard_type == "TENSOR_MATCH" and not g.is_global)
             for g in entries]
+
+
+def code_id() -> str:
+    """What the saved graph was traced from: torch and diffusers versions and the source of
+    the modules that shape the UNet's forward here. A precompiled file from other code is
+    not loaded (its module guards, which would have noticed, are not saved)."""
+    import hashlib
+    import inspect
+
+    import diffusers
+
+    from imagegenx.engine import fastpath, upsample
+
+    digest = hashlib.sha256(f"{torch.__version__}|{diffusers.__version__}".encode())
+    for module in (fastpath, upsample, __import__(__name__, fromlist=["_"])):
+        digest.update(inspect.getsource(module).encode())
+    return digest.hexdigest()[:16]
 
 
 def _aot_compile_enabled() -> contextlib.AbstractContextManager[Any]:

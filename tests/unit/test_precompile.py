@@ -64,7 +64,11 @@ def test_guard_filter_keeps_only_portable_guards() -> None:
 
     entries = [Entry("TENSOR_MATCH"), Entry("TENSOR_MATCH", is_global=True), Entry("ID_MATCH"),
                Entry("SHAPE_ENV"), Entry("GLOBAL_STATE"), Entry("TYPE_MATCH")]
-    assert precompile.portable_guards(entries) == [True, False, False, True, True, False]
+    assert precompile.portable_guards(entries) == [True, False, False, True, False, False]
+
+
+def test_code_id_is_stable_and_names_the_traced_code() -> None:
+    assert precompile.code_id() == precompile.code_id() and len(precompile.code_id()) == 16
 
 
 @pytest.mark.skipif(not precompile.supported(), reason="this torch cannot precompile (no aot_compile)")
@@ -76,7 +80,7 @@ def test_the_compile_cache_artifact_carries_the_precompiled_call(
     from types import SimpleNamespace
 
     from imagegenx import compile_cache
-    from imagegenx.compile_manifest import PRECOMPILED_UNET_FILE
+    from imagegenx.compile_manifest import MANIFEST_FILE, PRECOMPILED_UNET_FILE
     from imagegenx.engine.fastpath import FastPathOptions
     from imagegenx.settings import Settings
 
@@ -106,9 +110,22 @@ def test_the_compile_cache_artifact_carries_the_precompiled_call(
         torch.testing.assert_close(worker.precompiled_unet(x, t, ctx), precompile.unet_call(model, x, t, ctx),
                                    rtol=1e-5, atol=1e-5)
 
+    # Built from other code (another diffusers, or this project's UNet changes): not loaded.
+    manifest_file = art / MANIFEST_FILE
+    saved = manifest_file.read_text()
+    assert manifest.precompiled_unet_code == precompile.code_id()
+    manifest_file.write_text(saved.replace(manifest.precompiled_unet_code, "0" * 16))
+    other = engine()
+    with caplog.at_level(logging.WARNING, logger="imagegenx.compile_cache"):
+        assert compile_cache.load_compile_cache(str(art), manifest, settings, engine=other) is None
+    assert other.precompiled_unet is None and "built from other code: 0000000000000000" in caplog.text
+    manifest_file.write_text(saved)
+    caplog.clear()
+
     (art / PRECOMPILED_UNET_FILE).write_bytes(b"not a compiled function")
     damaged = engine()
     with caplog.at_level(logging.WARNING, logger="imagegenx.compile_cache"):
         assert compile_cache.load_compile_cache(str(art), manifest, settings, engine=damaged) is None
     assert damaged.precompiled_unet is None
     assert "precompiled UNet" in caplog.text and "tracing it" in caplog.text
+    assert "built from other code" not in caplog.text
