@@ -32,21 +32,16 @@ def drop_queues(client: Any, settings: Any) -> None:
                             for name in names))
 
 
-def dies_with_tests() -> Any:
-    """A ``preexec_fn`` for servers and workers the tests start: the child gets SIGTERM when
+def dies_with_tests() -> tuple[str, ...]:
+    """A command prefix for servers and workers the tests start: the child gets SIGTERM when
     the test process dies, even by SIGKILL (a cancelled run), so none outlives the run and
-    loads the machine under the next one (Linux ``PR_SET_PDEATHSIG``). The signal follows
-    the thread that started the child, so only children of the main thread get it."""
-    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
-        return None
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def preexec() -> None:
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-    return preexec
+    loads the machine under the next one (``setpriv --pdeathsig``, util-linux). The signal
+    follows the thread that started the child, so only children of the main thread get it;
+    where setpriv is missing, nothing is added."""
+    if threading.current_thread() is not threading.main_thread():
+        return ()
+    setpriv = shutil.which("setpriv")
+    return (setpriv, "--pdeathsig", "TERM") if setpriv else ()
 
 
 def free_port() -> int:
@@ -65,8 +60,8 @@ def redis_server() -> Iterator[str]:
     if binary is None:
         raise RuntimeError("tests need Redis: none answers on 6379 and redis-server is missing")
     port = free_port()
-    proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, preexec_fn=dies_with_tests())
+    proc = subprocess.Popen([*dies_with_tests(), binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}"
     try:
         for _ in range(100):
@@ -110,9 +105,9 @@ def start_worker(env: dict[str, str], log_dir: Path, name: str = "w1",
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     fh = log.open("wb")
     proc = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel", "INFO",
+        [*dies_with_tests(), *prefix, sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel", "INFO",
          "--hostname", hostname, "--without-gossip", "--without-mingle"],
-        env=full_env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, preexec_fn=dies_with_tests(),
+        env=full_env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
     )
     worker = Worker(proc, hostname, log)
     deadline = time.monotonic() + ready_timeout
