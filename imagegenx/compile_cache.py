@@ -257,7 +257,10 @@ def load_precompiled_unet(source: str, found: CompileManifest, engine: Any, sett
         return False
     t0 = time.perf_counter()
     try:
-        engine.precompiled_unet = load_unet_call(io.BytesIO(read_file(source, name, settings)), engine.unet)
+        data = read_file(source, name, settings)
+        if len(data) != found.precompiled_unet_bytes:  # e.g. a copy that stopped part way
+            raise ValueError(f"{len(data)} bytes, the manifest says {found.precompiled_unet_bytes}")
+        engine.precompiled_unet = load_unet_call(io.BytesIO(data), engine.unet)
     except Exception as exc:  # noqa: BLE001 - tracing the UNet is the fallback, not failing the worker
         log.warning("precompiled UNet %s/%s not loaded (%s); tracing it", source, name, first_line(exc))
         return False

@@ -19,6 +19,7 @@ settings (inference mode, fp16, TF32 off) as the build, from the same code.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -55,7 +56,7 @@ def code_id() -> str:
     from imagegenx.engine import fastpath, upsample
 
     digest = hashlib.sha256(f"{torch.__version__}|{diffusers.__version__}".encode())
-    for module in (fastpath, upsample, __import__(__name__, fromlist=["_"])):
+    for module in (fastpath, upsample, sys.modules[__name__]):
         digest.update(inspect.getsource(module).encode())
     return digest.hexdigest()[:16]
 

@@ -122,10 +122,20 @@ def test_the_compile_cache_artifact_carries_the_precompiled_call(
     manifest_file.write_text(saved)
     caplog.clear()
 
-    (art / PRECOMPILED_UNET_FILE).write_bytes(b"not a compiled function")
+    # Cut short (a copy that stopped part way): not loaded, with both sizes.
+    whole = (art / PRECOMPILED_UNET_FILE).read_bytes()
+    (art / PRECOMPILED_UNET_FILE).write_bytes(whole[: len(whole) // 2])
+    short = engine()
+    with caplog.at_level(logging.WARNING, logger="imagegenx.compile_cache"):
+        assert compile_cache.load_compile_cache(str(art), manifest, settings, engine=short) is None
+    assert short.precompiled_unet is None
+    assert f"ValueError: {len(whole) // 2} bytes, the manifest says {len(whole)}" in caplog.text
+    caplog.clear()
+
+    (art / PRECOMPILED_UNET_FILE).write_bytes(b"\x00" * len(whole))  # whole, but not a compiled function
     damaged = engine()
     with caplog.at_level(logging.WARNING, logger="imagegenx.compile_cache"):
         assert compile_cache.load_compile_cache(str(art), manifest, settings, engine=damaged) is None
     assert damaged.precompiled_unet is None
     assert "precompiled UNet" in caplog.text and "tracing it" in caplog.text
-    assert "built from other code" not in caplog.text
+    assert "built from other code" not in caplog.text and "the manifest says" not in caplog.text
