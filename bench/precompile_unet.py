@@ -45,7 +45,7 @@ def run_phase(phase: str, model: Path, artifact: Path, device: str, buckets: lis
     import torch
     from diffusers import UNet2DConditionModel
 
-    from imagegenx.engine.fastpath import _as_unet_fn, _UNetSlot, optimise_modules, unet_row_buckets
+    from imagegenx.engine.fastpath import _as_unet_fn, _UNetSlot, example_rows, optimise_modules, unet_row_buckets
     from imagegenx.engine.precompile import compile_unet_call, load_unet_call, unet_call
     from imagegenx.engine.upsample import single_branch_upsamplers
 
@@ -63,10 +63,7 @@ def run_phase(phase: str, model: Path, artifact: Path, device: str, buckets: lis
     rows = unet_row_buckets(buckets)
 
     def example(b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(b)
-        x = torch.randn((b, *sample_shape), generator=gen).to(dev, dtype)
-        ctx = torch.randn((b, *context_shape), generator=gen).to(dev, dtype)
-        return x, torch.full((b,), 500.0, device=dev), ctx
+        return example_rows(b, sample_shape, context_shape, device=dev, dtype=dtype)
 
     with torch.inference_mode():
         if phase == "precompile-build":
@@ -95,8 +92,8 @@ def run_phase(phase: str, model: Path, artifact: Path, device: str, buckets: lis
         out["artifact_load_s"] = time.perf_counter() - t
 
         fn = _as_unet_fn(call)
-        # The precompiled graph is already dynamic in the batch; marking the inputs again
-        # would fail its guards (the marking is part of them).
+        # The precompiled graph is dynamic in the batch already; its slots' inputs need no
+        # marking (as in BucketedCFGUNet).
         pool = torch.cuda.graph_pool_handle() if device == "cuda" else None
         seconds: dict[int, float] = {}
         errors: dict[int, float] = {}

@@ -167,16 +167,16 @@ def precompiled_unet_bytes(engine: Any) -> bytes | None:
 
     import torch
 
+    from imagegenx.engine.fastpath import example_rows
     from imagegenx.engine.precompile import compile_unet_call
 
     bucketed = fast.unet
-    rows = 4  # any example above 1 row: the batch is dynamic
     try:
-        # Inference tensors, as the fast path's buffers are (the guards check the dispatch keys).
+        # Inference tensors, as the fast path's buffers are (the guards check the dispatch keys);
+        # any example above 1 row, since the batch is dynamic.
         with torch.inference_mode():
-            x = torch.randn((rows, *bucketed.sample_shape), device=bucketed.device, dtype=bucketed.dtype)
-            ctx = torch.randn((rows, *bucketed.context_shape), device=bucketed.device, dtype=bucketed.dtype)
-            t = torch.full((rows,), 500.0, dtype=torch.float32, device=bucketed.device)
+            x, t, ctx = example_rows(4, bucketed.sample_shape, bucketed.context_shape, device=bucketed.device,
+                                     dtype=bucketed.dtype)
             compiled = compile_unet_call(bucketed.unet, x, t, ctx)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / PRECOMPILED_UNET_FILE

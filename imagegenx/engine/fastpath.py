@@ -180,6 +180,18 @@ def unet_row_buckets(image_buckets: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({max(2, b) for b in image_buckets} | {2 * b for b in image_buckets}))
 
 
+def example_rows(rows: int, sample_shape: Sequence[int], context_shape: Sequence[int], *,
+                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded UNet inputs of ``rows`` rows (latents, timesteps, context), as the fast path
+    calls the UNet: one float32 timestep per row, since the step scheduler runs every row
+    at its own step. Used for slot buffers, warm-up and precompile examples."""
+    gen = torch.Generator(device="cpu").manual_seed(rows)
+    x = torch.randn((rows, *sample_shape), generator=gen).to(device=device, dtype=dtype)
+    ctx = torch.randn((rows, *context_shape), generator=gen).to(device=device, dtype=dtype)
+    t = torch.full((rows,), 500.0, dtype=torch.float32, device=device)
+    return x, t, ctx
+
+
 class _UNetSlot:
     """Static buffers of one bucket of UNet rows and, on CUDA, the graph captured
     over them."""
@@ -198,11 +210,7 @@ class _UNetSlot:
         pool: Any,
     ) -> None:
         self.bucket = bucket
-        gen = torch.Generator(device="cpu").manual_seed(bucket)
-        self.x = torch.randn((bucket, *sample_shape), generator=gen).to(device=device, dtype=dtype)
-        self.ctx = torch.randn((bucket, *context_shape), generator=gen).to(device=device, dtype=dtype)
-        # One timestep per UNet row: the step scheduler runs every row at its own step.
-        self.t = torch.full((bucket,), 500.0, dtype=torch.float32, device=device)
+        self.x, self.t, self.ctx = example_rows(bucket, sample_shape, context_shape, device=device, dtype=dtype)
         if compiled:
             _mark_batch_dynamic(self.x, self.ctx, self.t)
         self._fn = fn
@@ -353,10 +361,7 @@ class BucketedCFGUNet:
         """Call the precompiled UNet once, outside any graph capture, before a slot uses it:
         a file whose guards or code do not fit this process fails here, and every slot
         is then built with the compiled UNet instead (none is left half on each)."""
-        gen = torch.Generator(device="cpu").manual_seed(rows)
-        x = torch.randn((rows, *self.sample_shape), generator=gen).to(device=self.device, dtype=self.dtype)
-        ctx = torch.randn((rows, *self.context_shape), generator=gen).to(device=self.device, dtype=self.dtype)
-        t = torch.full((rows,), 500.0, dtype=torch.float32, device=self.device)
+        x, t, ctx = example_rows(rows, self.sample_shape, self.context_shape, device=self.device, dtype=self.dtype)
         try:
             self.fn(x, t, encoder_hidden_states=ctx, return_dict=False)
             if self.device.type == "cuda":
