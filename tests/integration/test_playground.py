@@ -202,6 +202,10 @@ def test_playground_cancels_a_running_task(stack: Stack, page: Page) -> None:
     p.goto(f"{stack.base}/")
     p.fill("#api-key", API_KEY)
     p.fill("#prompt", "cancel me")
+    # Long enough to be running when Cancel is clicked: at the tiny model's own 64x64, 100
+    # steps can end within a second, before the click (as test_revocation's step-boundary test).
+    p.fill("#width", "256")
+    p.fill("#height", "256")
     p.fill("#steps", "100")
     p.click("#submit")
     p.wait_for_function("() => document.getElementById('task-state').textContent === 'PROGRESS'",
