@@ -17,7 +17,7 @@ def build_pipeline(settings: Settings) -> BatchPipeline:
     """The configured engine (loaded, not yet warmed up) behind a pipeline."""
     s = settings
     engine = create_engine(s.engine, s.model, s.device, s.dtype, s.synthetic_cost,
-                           compile=s.compile, cuda_graphs=s.cuda_graphs,
+                           compile=s.compile, cuda_graphs=s.cuda_graphs, decode_stream=s.decode_stream,
                            batch_buckets=s.batch_buckets, synthetic_faults=s.synthetic_faults,
                            model_config_dir=s.model_config_dir, lora_dir=s.lora_dir,
                            unet_backend=s.unet_backend, trt_engine=s.trt_engine)

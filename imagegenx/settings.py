@@ -156,6 +156,10 @@ class Settings(BaseSettings):
     # GPU fast path (CUDA only; ignored on the CPU). Prepared at worker start.
     compile: bool = Field(default=True, description="torch.compile the UNet and the VAE decode")
     cuda_graphs: bool = Field(default=True, description="one CUDA graph per batch-size bucket")
+    decode_stream: bool = Field(
+        default=True, description="step scheduler: VAE decodes on a CUDA stream of their own, "
+                                  "overlapped with the next UNet calls",
+    )
     batch_buckets: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [1, 2, 4, 8, 16, 32],
         description="batch sizes (images) the UNet is captured at; a batch runs padded to the next one",

@@ -8,8 +8,10 @@ Every iteration is ``schedule -> execute -> update``:
    prompt embeddings, noise, schedule); revoked or expired running requests
    leave; one ``engine.step`` advances every running row by its own step;
 3. **update**: PROGRESS per request; requests whose own steps are done are
-   decoded together and handed to the finishing thread (store, result, ack),
-   and leave the running set while the others go on.
+   decoded together (on the engine's decode stream where it has one: the next
+   UNet calls are queued while the device decodes) and, once their images are
+   on the host, handed to the finishing thread (store, result, ack) and leave
+   the running set; the others go on meanwhile.
 
 Failures stay with their request: a failed ``begin`` or decode fails that
 request; a failed UNet call is retried once per request, so only the culprit
@@ -25,13 +27,15 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
 from celery.worker import state as worker_state
 
 from imagegenx import guidance
-from imagegenx.engine.base import StepEngine
+from imagegenx.engine.base import DecodedNow, PendingDecode, StepEngine, start_decode
 from imagegenx.engine.step_clock import CallLedger
 from imagegenx.errors import DeviceLost, GenerationError, is_out_of_memory
 from imagegenx.pipeline import BatchPipeline, Outcome, StepOutput, as_generation_error, lost_device, plan
@@ -46,6 +50,15 @@ log = logging.getLogger(__name__)
 # A run of UNet calls is cut into segments of at most this long, so that the batch
 # statistics (one record per run) keep coming under continuous load.
 RUN_SEGMENT_S = 10.0
+
+
+@dataclass
+class _Decode:
+    """Requests decoded together, and when their decode began."""
+
+    states: list[RequestState]
+    pending: PendingDecode
+    t0: float
 
 
 class StepRunner(ModelThread):
@@ -80,6 +93,8 @@ class StepRunner(ModelThread):
         # Calls queued on the device whose device time the engine has not reported yet
         # (engines whose step returns before the device has run it).
         self._unreported = CallLedger(lambda rows, s, unet_rows: self.executor.stats.record_step(rows, s, unet_rows))
+        # Decodes queued on the device, oldest first (the model thread's own).
+        self._decodes: deque[_Decode] = deque()
 
     def use_cost_model(self, step_seconds: Callable[[int], float | None] | None) -> None:
         """Price UNet calls with the engine's own measure (after its warm-up), so rows
@@ -94,7 +109,10 @@ class StepRunner(ModelThread):
     @staticmethod
     def reserved_rows(state: RequestState) -> int:
         """UNet rows the scheduler counts for ``state`` now: the most any of its
-        remaining steps runs (two per guided image, one per other image)."""
+        remaining steps runs (two per guided image, one per other image); none
+        while its decode runs."""
+        if state.decoding is not None:
+            return 0
         reserved = getattr(state.denoising, "reserved_rows", None)
         if reserved is not None:
             return int(reserved)
@@ -167,8 +185,9 @@ class StepRunner(ModelThread):
         trajectory (``close`` then hands them to the queue), and the worker stops."""
         with self._cond:
             running = self.scheduler.running
+            self._decodes.clear()
             for e in running:
-                e.denoising = None
+                e.denoising = e.decoding = None
             self.scheduler.requeue(e.id for e in running)
             self._fault(str(exc))
 
@@ -205,7 +224,7 @@ class StepRunner(ModelThread):
     def _run(self, step: StepPlan[RequestState]) -> None:
         engine: Any = self._pipeline().engine
         gone = [e for e in step.admitted if e.denoising is None and not self._begin(engine, e)]
-        running = [e for e in step.running if e not in gone]
+        running = [e for e in step.running if e not in gone and e.decoding is None]
         stuck = [e for e in running if e.denoising is None]  # its start broke outside the engine
         if stuck:
             self._fail(stuck, GenerationError("the request could not be started"))
@@ -215,14 +234,17 @@ class StepRunner(ModelThread):
         running = [e for e in running if e not in revoked]
         self._leave(gone + revoked)
         if not running:
-            if self._unreported:  # the set emptied without a decode: count its last calls now
+            if self._decodes:  # only decodes left to run: wait for them
+                self._collect(engine, wait=True)
+            elif self._unreported:  # the set emptied without a decode: count its last calls now
                 self._count_ended(engine, wait=True)
             return
         advanced = self._execute(engine, running)
         self.executor.progress(advanced, time.monotonic(), engine)
         done = [e for e in advanced if e.denoising.done]
         if done:
-            self._finish(engine, done)
+            self._start_decode(engine, done)
+        self._collect(engine, wait=False)
 
     def _begin(self, engine: StepEngine, state: RequestState) -> bool:
         """Start a newly admitted request; False when it leaves at once."""
@@ -329,38 +351,61 @@ class StepRunner(ModelThread):
             self.scheduler.max_rows = min(self.scheduler.max_rows, limit)
             self.scheduler.requeue(e.id for e in running if e not in keep)
 
-    def _finish(self, engine: StepEngine, done: list[RequestState]) -> None:
-        """Decode the finished requests together and hand them to the finishing thread."""
+    def _start_decode(self, engine: StepEngine, done: list[RequestState]) -> None:
+        """Queue the finished requests' decode, together; they stay in the running set
+        (at no rows) until :meth:`_collect` hands their images over."""
         t0 = time.perf_counter()
-        output = StepOutput(done)
         try:
-            images = engine.decode([e.denoising for e in done])
+            pending = start_decode(engine, [e.denoising for e in done])
         except Exception as exc:  # noqa: BLE001 - decode once per request to find the culprit
             exc.__traceback__ = None
             _raise_if_lost(engine, exc)
             self._pipeline().release_memory()
-            images = [self._decode_alone(engine, e, output) for e in done]
-        self._count_ended(engine)  # decoding waited for every call
-        for e, imgs in zip(done, images):
-            if imgs is None:
-                continue
-            info = BatchInfo(id=e.run_id, size=e.peak_rows, requests=e.peak_requests)
-            output.outcomes[e.id] = Outcome(imgs, info, e.started_at, time.perf_counter() - e.admitted_at)
-            e.denoising = None  # the latents are no longer needed
+            pending = DecodedNow([self._decode_alone(engine, e) for e in done])
+        for e in done:
+            e.decoding = pending
+        self._decodes.append(_Decode(done, pending, t0))
+
+    def _collect(self, engine: StepEngine, wait: bool) -> None:
+        """Hand over the decodes that have ended (``wait``: all of them), oldest first."""
+        while self._decodes and (wait or self._decodes[0].pending.ready()):
+            d = self._decodes.popleft()
+            try:
+                images = d.pending.result()
+            except Exception as exc:  # noqa: BLE001 - the decode broke on the device: once per request
+                exc.__traceback__ = None
+                _raise_if_lost(engine, exc)
+                self._pipeline().release_memory()
+                images = [self._decode_alone(engine, e) for e in d.states]
+            self._finish(engine, d.states, images, d.t0)
+
+    def _finish(self, engine: StepEngine, done: list[RequestState],
+                images: list[list[Any] | Exception], t0: float) -> None:
+        """Hand decoded requests to the finishing thread; they leave the running set."""
+        self._count_ended(engine)
+        output = StepOutput(done)
+        for e, imgs in zip(done, images, strict=True):
+            if isinstance(imgs, Exception):
+                log.error("request %s could not be decoded: %r", e.id, imgs)
+                output.outcomes[e.id] = Outcome(error=as_generation_error(imgs))
+            else:
+                info = BatchInfo(id=e.run_id, size=e.peak_rows, requests=e.peak_requests)
+                output.outcomes[e.id] = Outcome(imgs, info, e.started_at, time.perf_counter() - e.admitted_at)
+            e.denoising = e.decoding = None  # the latents are no longer needed
         pipeline = self._pipeline()
         if pipeline.upscaler.runs_on_device:
             pipeline.upscale_on_device(output)
         self._leave(done)  # records the run when it ends, before the results go out
         self.executor.hand_over(output, t0, record=False)  # the run is the batch
 
-    def _decode_alone(self, engine: StepEngine, state: RequestState, output: StepOutput) -> list[Any] | None:
+    def _decode_alone(self, engine: StepEngine, state: RequestState) -> list[Any] | Exception:
+        """``state``'s images, or why it cannot be decoded (raises only for a lost device)."""
         try:
             return engine.decode([state.denoising])[0]
         except Exception as exc:  # noqa: BLE001 - this request fails alone
+            exc.__traceback__ = None
             _raise_if_lost(engine, exc)
-            log.error("request %s could not be decoded: %r", state.id, exc)
-            output.outcomes[state.id] = Outcome(error=as_generation_error(exc))
-            return None
+            return exc
 
     def _fail(self, states: list[RequestState], error: Exception) -> None:
         """End requests with ``error`` on the finishing thread (stored, then acked)."""

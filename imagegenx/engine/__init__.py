@@ -29,6 +29,7 @@ def create_engine(
     *,
     compile: bool = False,
     cuda_graphs: bool = False,
+    decode_stream: bool = True,
     batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32),
     synthetic_faults: str = "",
     model_config_dir: Path = Path("configs/sd15"),
@@ -41,7 +42,8 @@ def create_engine(
     ``.safetensors`` checkpoint with the component configs in ``model_config_dir``.
 
     ``compile``, ``cuda_graphs`` and ``batch_buckets`` configure the GPU fast
-    path (``imagegenx.engine.fastpath``); on the CPU they are ignored. The
+    path (``imagegenx.engine.fastpath``), and ``decode_stream`` its step-scheduler decodes;
+    on the CPU they are ignored. The
     fast path is prepared by the engine's ``warmup()``. ``synthetic_faults``
     configures the synthetic engine's fault injection (a testing aid).
     ``lora_dir`` holds the named LoRAs the diffusion engine merges per batch
@@ -69,7 +71,8 @@ def create_engine(
             compile = cuda_graphs = False
         elif unet_backend != "torch":
             raise ValueError(f"unknown unet_backend {unet_backend!r}; expected torch or trt")
-        fast = (FastPathOptions(compile=compile, cuda_graphs=cuda_graphs, buckets=tuple(batch_buckets))
+        fast = (FastPathOptions(compile=compile, cuda_graphs=cuda_graphs, buckets=tuple(batch_buckets),
+                                decode_stream=decode_stream)
                 if compile or cuda_graphs else None)
         if is_single_file(Path(model)):
             engine = load_single_file_engine(Path(model), model_config_dir, device=device, dtype=dtype,

@@ -129,5 +129,40 @@ class StepEngine(Protocol):
         """Images of finished states (decoded together), one list per state."""
 
 
+class PendingDecode(Protocol):
+    """A decode the device may still be running (``start_decode``): the step loop
+    goes on with the other rows and collects the images once ``ready``."""
+
+    def ready(self) -> bool:
+        """Whether ``result`` returns without waiting for the device."""
+
+    def result(self) -> list[list[Image.Image] | Exception]:
+        """Per state, its images or why it could not be decoded (waits until ready).
+
+        Raises when the whole decode failed (the caller decodes each state alone)."""
+
+
+class DecodedNow:
+    """A decode that ran on the host's time: ready at once."""
+
+    def __init__(self, images: list[list[Image.Image] | Exception]) -> None:
+        self._images = images
+
+    def ready(self) -> bool:
+        return True
+
+    def result(self) -> list[list[Image.Image] | Exception]:
+        return self._images
+
+
+def start_decode(engine: StepEngine, states: Sequence[Denoising]) -> PendingDecode:
+    """Decode ``states`` together: on the engine's own stream where it has one
+    (``start_decode``), otherwise now with ``decode``. Raises as ``decode`` does."""
+    start = getattr(engine, "start_decode", None)
+    if start is not None:
+        return start(states)
+    return DecodedNow(list(engine.decode(states)))
+
+
 def is_step_engine(engine: object) -> bool:
     return all(callable(getattr(engine, name, None)) for name in ("begin", "step", "decode"))

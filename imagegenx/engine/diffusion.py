@@ -26,8 +26,9 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from imagegenx import guidance as guidance_rules
-from imagegenx.engine.base import BatchSpec, StepCallback
+from imagegenx.engine.base import BatchSpec, DecodedNow, PendingDecode, StepCallback
 from imagegenx.engine import row_samplers
+from imagegenx.engine.decode_stream import decode_on_stream
 from imagegenx.engine.fastpath import FastPath, FastPathOptions, cfg_unet_eager, optimise_modules
 from imagegenx.engine.precompile import UNetCall
 from imagegenx.engine.lora import EngineLoras
@@ -229,6 +230,8 @@ class DiffusionEngine:
         self._step_clock = (DeviceStepClock(lambda: torch.cuda.Event(enable_timing=True),
                                             stream=lambda: torch.cuda.current_stream(device))
                             if device.type == "cuda" else None)
+        # The fast path's VAE decodes under the step scheduler (decode_stream.py), made at the first.
+        self._decode_stream: torch.cuda.Stream | None = None
         if fast_path is not None and device.type == "cuda":
             optimise_modules(unet, vae, fuse_qkv=fast_path.fuse_qkv, channels_last=fast_path.channels_last)
 
@@ -588,6 +591,18 @@ class DiffusionEngine:
             out.append(images[start:start + s.rows])
             start += s.rows
         return out
+
+    def start_decode(self, states: Sequence[DiffusionDenoising]) -> PendingDecode:
+        """Decode finished states together on the decode stream, without waiting
+        (``decode_stream``); a state whose latents are not finite gets its own
+        error. Without the stream (CPU, eager modules, another size), decoded now."""
+        fast = self._fast_ready()
+        if (fast is None or not fast.options.decode_stream or self.device.type != "cuda"
+                or not all(fast.decode.covers(s.latents) for s in states)):
+            return DecodedNow(list(self.decode(states)))
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        return decode_on_stream([s.latents for s in states], fast.decode, self._decode_stream)
 
     def decode_latents(self, latents: torch.Tensor, fast: FastPath | None = None) -> list[Image.Image]:
         """Batched VAE decode of final latents to RGB images."""

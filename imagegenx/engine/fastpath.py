@@ -63,6 +63,8 @@ class FastPathOptions:
     fuse_qkv: bool = True
     channels_last: bool = True
     text_encoder_graph: bool = True
+    # Step scheduler: VAE decodes on a stream of their own, overlapped with UNet calls.
+    decode_stream: bool = True
     allow_cpu: bool = False
 
     def __post_init__(self) -> None:

@@ -117,3 +117,29 @@ def test_a_partly_guided_step_waits_for_nothing_and_steps_report_device_time(
     late = fast.ended_step_seconds()  # the decode waited for every step
     assert late is not None and len(early) + len(late) == 8, (early, late)
     assert all(s > 0 for s in early + late)
+
+
+def test_a_decode_on_its_stream_waits_for_nothing_and_matches_the_decode(fast: DiffusionEngine) -> None:
+    """The decode stream (decode_stream.py): queued without a host sync while the
+    next UNet call is queued on the main stream; the same pixels as the decode on
+    the main stream (the decode there duplicates a lone row, so the tolerances
+    above); a row whose latents are not finite fails alone."""
+    a, b, c = (fast.begin(request(fast, "euler", n, seed=s)) for s, n in ((11, 3), (12, 6), (13, 1)))
+    other = fast.begin(request(fast, "euler", 3, seed=14))
+    for _ in range(3):
+        fast.step([a, b])
+    fast.step([c])
+    c.latents = c.latents.clone()
+    c.latents[0, 0, 0, 0] = float("nan")  # diverged
+    fast.ended_step_seconds()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = fast.start_decode([a, c])
+        fast.step([b, other])  # queued on the main stream while the decode runs
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    got = pending.result()
+    assert pending.ready()
+    assert isinstance(got[1], ValueError) and "not finite" in str(got[1])
+    d = np.abs(np.asarray(got[0][0], dtype=np.int16) - np.asarray(fast.decode([a])[0][0], dtype=np.int16))
+    assert d.mean() <= MEAN_TOL and np.percentile(d, 99) <= P99_TOL, d.mean()
