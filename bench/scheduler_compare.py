@@ -249,7 +249,7 @@ def run_policy(policy: str, svc: dict[str, Any], args: argparse.Namespace, tmp: 
         closed = closed_loop(client, 2 * args.max_batch, args.saturation_s, args.settle_s, app, sampler)
         out["closed_loop"] = closed
         save()
-        log(f"{policy}: closed loop {closed['images_per_s']:.2f} img/s, rows/call {closed['rows_per_call']}")
+        log(f"{policy}: closed loop {closed['images_per_s']:.4f} img/s, rows/call {closed['rows_per_call']}")
         rate = sat_rate if sat_rate is not None else closed["images_per_s"]
         mean_mixed = statistics.fmean(MIXED_STEPS)
         for mix in args.mixes:
@@ -313,14 +313,26 @@ def combine(reports: list[dict[str, Any]]) -> dict[str, Any]:
     first = reports[0]
     for key in SAME_RUN_KEYS:
         values = [r.get(key) for r in reports]
+        if key == "request_saturation_per_s" and _same_rate(values):
+            continue
         if any(v != values[0] for v in values):
             raise ValueError(f"the reports differ in {key}: {values}; their arrivals are not the same")
     out = {k: first[k] for k in ("date", "machine", *SAME_RUN_KEYS) if k in first}
+    out["request_saturation_per_s_given"] = [r.get("request_saturation_per_s") for r in reports]
     out["commands"] = [r.get("command") for r in reports]
     out["dates"] = [r.get("date") for r in reports]
     out.update(joined)
     out["ratios"] = ratios(out)
     return out
+
+
+def _same_rate(values: list[Any]) -> bool:
+    """Saturation rates that agree to the printed 2 decimals (a rate copied from a
+    log into ``--saturation-rate``): the seeded arrivals are the same draws, their
+    times scaled by the rates' ratio (at most 0.1%)."""
+    if not all(isinstance(v, (int, float)) and v > 0 for v in values):
+        return False
+    return max(values) - min(values) <= 0.005 + 1e-9 and max(values) / min(values) <= 1.001
 
 
 def ratios(report: dict[str, Any]) -> dict[str, Any]:
@@ -451,6 +463,11 @@ def main(argv: list[str] | None = None) -> int:
         return combine_files(args.combine, args.out)
     if args.saturation_only:  # no open-loop runs: no loads, mixes or arrivals
         args.loads, args.mixes, args.duration = (), (), 0.0
+    if args.engine == "diffusion" and (args.model is None or not args.model.is_dir()):
+        # The worker would otherwise fall back to the tiny model and measure that.
+        ap.error(f"--model: no model folder at {args.model}; write the SD1.5 architecture with "
+                 "python -c 'from pathlib import Path; from imagegenx.engine.model_init import "
+                 "write_sd15_model; write_sd15_model(Path(\"var/models/sd15\"))'")
     if args.policies[0] != "request" and args.saturation_rate is None and args.loads:
         ap.error("--saturation-rate is needed unless --policies starts with request "
                  "(the loads are fractions of the request policy's saturation)")

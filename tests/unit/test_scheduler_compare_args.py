@@ -201,3 +201,26 @@ def test_saturation_only_needs_no_rate(monkeypatch: pytest.MonkeyPatch) -> None:
         sc.main(["--policies", "step", "--saturation-only"])
     assert seen["args"].saturation_only
     assert (seen["args"].loads, seen["args"].mixes, seen["args"].duration) == ((), (), 0.0)
+
+
+def test_a_rate_copied_from_the_log_combines_with_the_measured_one() -> None:
+    """The request run measured 13.1921 images/s; the step run was given the 13.19 its
+    log printed: the same seeded draws, scaled by 0.02%."""
+    from bench.scheduler_compare import arrivals, combine
+    joined = combine([_single("request", request_saturation_per_s=13.1921),
+                      _single("step", request_saturation_per_s=13.19)])
+    assert joined["request_saturation_per_s_given"] == [13.1921, 13.19]
+    a, b = arrivals(0.8 * 13.1921, 75.0, (20,), seed=81), arrivals(0.8 * 13.19, 75.0, (20,), seed=81)
+    assert len(a) == len(b) and max(abs(x - y) for (x, _), (y, _) in zip(a, b)) < 0.02
+    with pytest.raises(ValueError, match="request_saturation_per_s"):
+        combine([_single("request", request_saturation_per_s=13.1921),
+                  _single("step", request_saturation_per_s=13.18)])
+
+
+def test_a_missing_model_folder_is_refused_not_replaced_by_the_tiny_model(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.scheduler_compare import main
+    with pytest.raises(SystemExit) as exc:
+        main(["--engine", "diffusion", "--model", str(tmp_path / "sd15"), "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    assert f"--model: no model folder at {tmp_path / 'sd15'}" in capsys.readouterr().err
