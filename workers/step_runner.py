@@ -16,7 +16,8 @@ Every iteration is ``schedule -> execute -> update``:
 Failures stay with their request: a failed ``begin`` or decode fails that
 request; a failed UNet call is retried once per request, so only the culprit
 fails; an out-of-memory call lowers the row limit and sends the rows that no
-longer fit back to waiting, with their trajectory kept. A lost device (a
+longer fit back to waiting, with their trajectory kept (unless decodes ran beside
+it: their memory is not counted in rows, so the call runs again once they end). A lost device (a
 device error after which the engine's probe fails: a sticky CUDA error, whose
 culprit is unknown and whose context is unusable) fails no request: every
 running request goes back to waiting, the loop ends in ``FAULTED``, and the
@@ -273,6 +274,12 @@ class StepRunner(ModelThread):
         except Exception as exc:  # noqa: BLE001 - isolate: only the culprit fails
             exc.__traceback__ = None  # its frames hold the call's tensors
             _raise_if_lost(engine, exc)
+            if is_out_of_memory(exc) and self._decodes:
+                # Decodes on their own stream held memory the rows did not count: let them
+                # end and free it, and try the same call again before blaming its rows.
+                self._collect(engine, wait=True)
+                self._pipeline().release_memory()
+                return self._execute(engine, running)
             self._pipeline().release_memory()
             return self._recover(engine, running, model_rows, exc)
         seconds = time.perf_counter() - t0
@@ -368,16 +375,27 @@ class StepRunner(ModelThread):
 
     def _collect(self, engine: StepEngine, wait: bool) -> None:
         """Hand over the decodes that have ended (``wait``: all of them), oldest first."""
-        while self._decodes and (wait or self._decodes[0].pending.ready()):
-            d = self._decodes.popleft()
+        while self._decodes:
+            d = self._decodes[0]
             try:
+                if not (wait or d.pending.ready()):
+                    return
                 images = d.pending.result()
             except Exception as exc:  # noqa: BLE001 - the decode broke on the device: once per request
                 exc.__traceback__ = None
-                _raise_if_lost(engine, exc)
+                _raise_if_lost(engine, exc)  # lost: the decode stays queued until the set is given back
                 self._pipeline().release_memory()
                 images = [self._decode_alone(engine, e) for e in d.states]
-            self._finish(engine, d.states, images, d.t0)
+            self._decodes.popleft()
+            try:
+                self._finish(engine, d.states, images, d.t0)
+            except DeviceLost:
+                raise
+            except Exception as exc:  # noqa: BLE001 - never leave a request decoding with no decode queued
+                log.exception("could not hand over %d decoded requests", len(d.states))
+                for e in d.states:  # hand_over comes last in _finish: none of them went out
+                    e.decoding = None
+                self._fail(d.states, GenerationError(f"the images could not be handed over: {exc!r}"))
 
     def _finish(self, engine: StepEngine, done: list[RequestState],
                 images: list[list[Any] | Exception], t0: float) -> None:

@@ -3,12 +3,16 @@
 meanwhile, a finished request counts no rows while it decodes and leaves once its
 images are collected, a row that did not decode fails alone, a decode that breaks
 as a whole is retried once per request, a draining worker waits for the decodes,
-and a lost device gives the decoding requests back with the others."""
+a lost device gives the decoding requests back with the others, an out-of-memory
+call beside a decode runs again once it ended, and a hand-over that breaks fails
+its requests instead of leaving them decoding."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
+import torch
 
 from imagegenx.engine.base import BatchSpec, DecodedNow, start_decode
 from imagegenx.engine.synthetic import SyntheticDenoising as Trajectory
@@ -34,6 +38,8 @@ class Pending:
         return self.engine.calls >= self.ends_at
 
     def result(self) -> list[Any]:
+        if self.engine.calls < self.ends_at:  # the device has not run it yet: the runner waits
+            self.engine.waited.append(self.states[0].spec.samples[0].prompt)
         if self.engine.broken_decode:
             raise RuntimeError("the decode kernel failed")
         if self.engine.lost:
@@ -49,11 +55,17 @@ class StepEngineFake:
         self.log: list[tuple[str, list[str]]] = []
         self.broken_start = self.broken_decode = self.lost = False
         self.pending: list[Pending] = []
+        self.waited: list[str] = []  # decodes whose result was asked for before they ended
+        self.oom_once_at: int | None = None  # the UNet call that runs out of memory (once)
 
     def begin(self, spec: BatchSpec) -> Trajectory:
         return Trajectory(spec)
 
     def step(self, states: list[Trajectory]) -> None:
+        if self.oom_once_at == self.calls + 1:
+            self.oom_once_at = None
+            self.log.append(("out of memory", [s.spec.samples[0].prompt for s in states]))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         self.calls += 1
         self.log.append(("step", [s.spec.samples[0].prompt for s in states]))
         for s in states:
@@ -126,7 +138,10 @@ def run_until_drained(engine: StepEngineFake, *states: RequestState) -> tuple[St
     for s in states:
         runner.add(s, "g")
     runner.start(timeout=5)
-    assert runner.close() == []  # all admitted at the first boundary: nothing waiting
+    deadline = time.monotonic() + 5
+    while runner.snapshot()[0] and time.monotonic() < deadline:  # admitted at the first boundary
+        time.sleep(0.001)
+    assert runner.close() == []  # nothing left waiting
     runner.join(5)
     assert not runner.alive
     return runner, executor
@@ -142,6 +157,7 @@ def test_the_others_step_on_while_a_finished_request_decodes() -> None:
         ("step", ["long"]), ("step", ["long"]),
         ("decode", ["long"]),
     ]
+    assert engine.waited == ["long"]  # "short" was collected once ended; "long" had nothing to run beside it
     assert [[e.id for e in out.requests] for out in executor.outputs] == [["a"], ["b"]]
     assert executor.ended() == {"a": ["image of short"], "b": ["image of long"]}
     assert runner.scheduler.running == [] and runner.state is WorkerState.STOPPED
@@ -185,7 +201,7 @@ def test_a_decode_that_breaks_as_a_whole_is_retried_once_per_request(broken: str
     _, executor = run_until_drained(engine, request("a", "fine", 2), request("n", "NAN", 2))
     ended = executor.ended()
     assert ended["a"] == ["image of fine"] and "not finite" in ended["n"]
-    assert ("decode alone", ["fine"]) in engine.log and ("decode alone", ["NAN"]) in engine.log
+    assert engine.log.count(("decode alone", ["fine"])) == 1 and engine.log.count(("decode alone", ["NAN"])) == 1
 
 
 def test_a_device_lost_in_a_decode_gives_its_requests_back() -> None:
@@ -223,3 +239,24 @@ def test_engines_without_a_decode_stream_decode_at_once() -> None:
                 raise DeviceLost("gone")
 
         start_decode(Lost(), [object()])  # type: ignore[arg-type]
+
+
+def test_out_of_memory_beside_a_decode_waits_for_it_and_keeps_the_row_limit() -> None:
+    """The decode's memory is not counted in rows: the call runs again once the decodes
+    have ended, and only a second failure would lower the limit."""
+    engine = StepEngineFake(decode_after=3)
+    engine.oom_once_at = 3  # the first call after "short"'s decode was queued
+    runner, executor = run_until_drained(engine, request("a", "short", 2), request("b", "long", 4))
+    assert engine.log[2:5] == [("decode", ["short"]), ("out of memory", ["long"]), ("step", ["long"])]
+    assert engine.waited[0] == "short"  # collected before the retry
+    assert runner.oom_row_limit is None and runner.scheduler.max_rows == 16
+    assert executor.ended() == {"a": ["image of short"], "b": ["image of long"]}
+
+
+def test_a_hand_over_that_breaks_fails_its_requests_and_the_loop_goes_on() -> None:
+    engine = StepEngineFake()
+    engine.start_decode = lambda states: DecodedNow([["only one"]])  # type: ignore[method-assign]
+    runner, executor = run_until_drained(engine, request("a", "x", 2), request("b", "y", 2))
+    ended = executor.ended()
+    assert set(ended) == {"a", "b"} and all("could not be handed over" in str(v) for v in ended.values())
+    assert runner.scheduler.running == [] and not runner._decodes
