@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +94,7 @@ class StepRunner(ModelThread):
         # (engines whose step returns before the device has run it).
         self._unreported = CallLedger(lambda rows, s, unet_rows: self.executor.stats.record_step(rows, s, unet_rows))
         # Decodes queued on the device, oldest first (the model thread's own).
-        self._decodes: deque[_Decode] = deque()
+        self._decodes: list[_Decode] = []
 
     def use_cost_model(self, step_seconds: Callable[[int], float | None] | None) -> None:
         """Price UNet calls with the engine's own measure (after its warm-up), so rows
@@ -237,7 +236,7 @@ class StepRunner(ModelThread):
         if not running:
             if self._decodes:  # only decodes left to run: wait for them
                 self._collect(engine, wait=True)
-            elif self._unreported:  # the set emptied without a decode: count its last calls now
+            if self._unreported:  # the set emptied without a decode: count its last calls now
                 self._count_ended(engine, wait=True)
             return
         advanced = self._execute(engine, running)
@@ -374,19 +373,19 @@ class StepRunner(ModelThread):
         self._decodes.append(_Decode(done, pending, t0))
 
     def _collect(self, engine: StepEngine, wait: bool) -> None:
-        """Hand over the decodes that have ended (``wait``: all of them), oldest first."""
-        while self._decodes:
-            d = self._decodes[0]
+        """Hand over the decodes that have ended (``wait``: all of them), in the order they
+        end: one decoded at once (a fallback) does not wait behind one still on the device."""
+        for d in list(self._decodes):
             try:
                 if not (wait or d.pending.ready()):
-                    return
+                    continue
                 images = d.pending.result()
             except Exception as exc:  # noqa: BLE001 - the decode broke on the device: once per request
                 exc.__traceback__ = None
                 _raise_if_lost(engine, exc)  # lost: the decode stays queued until the set is given back
                 self._pipeline().release_memory()
                 images = [self._decode_alone(engine, e) for e in d.states]
-            self._decodes.popleft()
+            self._decodes.remove(d)
             try:
                 self._finish(engine, d.states, images, d.t0)
             except DeviceLost:

@@ -5,7 +5,8 @@ images are collected, a row that did not decode fails alone, a decode that break
 as a whole is retried once per request, a draining worker waits for the decodes,
 a lost device gives the decoding requests back with the others, an out-of-memory
 call beside a decode runs again once it ended, and a hand-over that breaks fails
-its requests instead of leaving them decoding."""
+its requests instead of leaving them decoding; decodes are handed over in the
+order they end."""
 from __future__ import annotations
 
 import time
@@ -71,7 +72,10 @@ class StepEngineFake:
         for s in states:
             s.index += 1
 
-    def start_decode(self, states: list[Trajectory]) -> Pending:
+    def start_decode(self, states: list[Trajectory]) -> Any:
+        if "NOW" in states[0].spec.samples[0].prompt:  # e.g. another size: decoded at once
+            self.log.append(("decode now", [s.spec.samples[0].prompt for s in states]))
+            return DecodedNow(self.decode(states))
         if self.broken_start:
             raise RuntimeError("could not queue the decode")
         self.log.append(("decode", [s.spec.samples[0].prompt for s in states]))
@@ -260,3 +264,11 @@ def test_a_hand_over_that_breaks_fails_its_requests_and_the_loop_goes_on() -> No
     ended = executor.ended()
     assert set(ended) == {"a", "b"} and all("could not be handed over" in str(v) for v in ended.values())
     assert runner.scheduler.running == [] and not runner._decodes
+
+
+def test_a_decode_that_ended_first_is_handed_over_first() -> None:
+    engine = StepEngineFake(decode_after=5)
+    _, executor = run_until_drained(engine, request("a", "on the device", 1), request("b", "NOW", 2),
+                                    request("c", "long", 8))
+    assert ("decode now", ["NOW"]) in engine.log
+    assert [[e.id for e in out.requests] for out in executor.outputs] == [["b"], ["a"], ["c"]]
