@@ -57,10 +57,9 @@ class RequestState:
     peak_rows: int = 0
     peak_requests: int = 0
     progress_at: float = float("-inf")
-    # Its steps are done and its decode is queued on the device (an
-    # ``imagegenx.engine.base.PendingDecode``): it stays in the running set, at no
-    # rows, until the step loop collects its images.
-    decoding: Any = None
+    # Its steps are done and its decode is queued (the step loop holds the pending
+    # decode): it stays in the running set, at no rows, until its images are collected.
+    decoding: bool = False
     # Previews: the step of the last one taken, the latest one encoded (the progress
     # data's "preview"), and the step of the last progress stored.
     preview_step: int = 0

@@ -111,7 +111,7 @@ class StepRunner(ModelThread):
         """UNet rows the scheduler counts for ``state`` now: the most any of its
         remaining steps runs (two per guided image, one per other image); none
         while its decode runs."""
-        if state.decoding is not None:
+        if state.decoding:
             return 0
         reserved = getattr(state.denoising, "reserved_rows", None)
         if reserved is not None:
@@ -187,7 +187,8 @@ class StepRunner(ModelThread):
             running = self.scheduler.running
             self._decodes.clear()
             for e in running:
-                e.denoising = e.decoding = None
+                e.denoising = None
+                e.decoding = False
             self.scheduler.requeue(e.id for e in running)
             self._fault(str(exc))
 
@@ -224,7 +225,7 @@ class StepRunner(ModelThread):
     def _run(self, step: StepPlan[RequestState]) -> None:
         engine: Any = self._pipeline().engine
         gone = [e for e in step.admitted if e.denoising is None and not self._begin(engine, e)]
-        running = [e for e in step.running if e not in gone and e.decoding is None]
+        running = [e for e in step.running if e not in gone and not e.decoding]
         stuck = [e for e in running if e.denoising is None]  # its start broke outside the engine
         if stuck:
             self._fail(stuck, GenerationError("the request could not be started"))
@@ -364,12 +365,9 @@ class StepRunner(ModelThread):
         try:
             pending = start_decode(engine, [e.denoising for e in done])
         except Exception as exc:  # noqa: BLE001 - decode once per request to find the culprit
-            exc.__traceback__ = None
-            _raise_if_lost(engine, exc)
-            self._pipeline().release_memory()
-            pending = DecodedNow([self._decode_alone(engine, e) for e in done])
+            pending = DecodedNow(self._decode_each(engine, done, exc))
         for e in done:
-            e.decoding = pending
+            e.decoding = True
         self._decodes.append(_Decode(done, pending, t0))
 
     def _collect(self, engine: StepEngine, wait: bool) -> None:
@@ -381,10 +379,8 @@ class StepRunner(ModelThread):
                     continue
                 images = d.pending.result()
             except Exception as exc:  # noqa: BLE001 - the decode broke on the device: once per request
-                exc.__traceback__ = None
-                _raise_if_lost(engine, exc)  # lost: the decode stays queued until the set is given back
-                self._pipeline().release_memory()
-                images = [self._decode_alone(engine, e) for e in d.states]
+                # Lost device: raised, and the decode stays queued until the set is given back.
+                images = self._decode_each(engine, d.states, exc)
             self._decodes.remove(d)
             try:
                 self._finish(engine, d.states, images, d.t0)
@@ -393,7 +389,7 @@ class StepRunner(ModelThread):
             except Exception as exc:  # noqa: BLE001 - never leave a request decoding with no decode queued
                 log.exception("could not hand over %d decoded requests", len(d.states))
                 for e in d.states:  # hand_over comes last in _finish: none of them went out
-                    e.decoding = None
+                    e.decoding = False
                 self._fail(d.states, GenerationError(f"the images could not be handed over: {exc!r}"))
 
     def _finish(self, engine: StepEngine, done: list[RequestState],
@@ -408,12 +404,22 @@ class StepRunner(ModelThread):
             else:
                 info = BatchInfo(id=e.run_id, size=e.peak_rows, requests=e.peak_requests)
                 output.outcomes[e.id] = Outcome(imgs, info, e.started_at, time.perf_counter() - e.admitted_at)
-            e.denoising = e.decoding = None  # the latents are no longer needed
+            e.denoising = None  # the latents are no longer needed
+            e.decoding = False
         pipeline = self._pipeline()
         if pipeline.upscaler.runs_on_device:
             pipeline.upscale_on_device(output)
         self._leave(done)  # records the run when it ends, before the results go out
         self.executor.hand_over(output, t0, record=False)  # the run is the batch
+
+    def _decode_each(self, engine: StepEngine, states: list[RequestState],
+                     exc: Exception) -> list[list[Any] | Exception]:
+        """After ``exc`` broke their decode together: each state decoded alone, so only
+        the culprit fails (raises ``DeviceLost`` where ``exc`` left the device unusable)."""
+        exc.__traceback__ = None
+        _raise_if_lost(engine, exc)
+        self._pipeline().release_memory()
+        return [self._decode_alone(engine, e) for e in states]
 
     def _decode_alone(self, engine: StepEngine, state: RequestState) -> list[Any] | Exception:
         """``state``'s images, or why it cannot be decoded (raises only for a lost device)."""

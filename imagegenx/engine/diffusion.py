@@ -28,7 +28,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from imagegenx import guidance as guidance_rules
 from imagegenx.engine.base import BatchSpec, DecodedNow, PendingDecode, StepCallback
 from imagegenx.engine import row_samplers
-from imagegenx.engine.decode_stream import decode_on_stream
+from imagegenx.engine.decode_stream import NOT_FINITE, decode_on_stream
 from imagegenx.engine.fastpath import FastPath, FastPathOptions, cfg_unet_eager, optimise_modules
 from imagegenx.engine.precompile import UNetCall
 from imagegenx.engine.lora import EngineLoras
@@ -584,7 +584,7 @@ class DiffusionEngine:
             latents = torch.cat([s.latents for s in states])
             finite = torch.isfinite(latents).flatten(1).all(1).tolist()  # one sync for all rows
             if not all(finite):
-                raise ValueError("the latents are not finite (NaN or infinity): the model diverged")
+                raise ValueError(NOT_FINITE)
             images = self.decode_latents(latents, self._fast_ready())
         out, start = [], 0
         for s in states:

@@ -177,7 +177,7 @@ def test_a_decoding_request_counts_no_rows_and_leaves_when_collected() -> None:
     for s in (a, b):
         runner.add(s, "g")
     runner._run(runner.scheduler.schedule(runner._clock()))
-    assert a.decoding is not None and runner.reserved_rows(a) == 0
+    assert a.decoding and runner.reserved_rows(a) == 0
     assert runner.scheduler.running_rows == runner.reserved_rows(b) == 2
     assert [e.id for e in runner.scheduler.running] == ["a", "b"] and executor.outputs == []
     for _ in range(3):
@@ -185,7 +185,7 @@ def test_a_decoding_request_counts_no_rows_and_leaves_when_collected() -> None:
     assert engine.calls == 4 and executor.outputs == []  # b done, both decodes still on the device
     runner._run(runner.scheduler.schedule(runner._clock()))  # nothing left to step: wait for both decodes
     assert executor.ended() == {"a": ["image of short"], "b": ["image of long"]}
-    assert runner.scheduler.running == [] and a.decoding is None and a.denoising is None
+    assert runner.scheduler.running == [] and not a.decoding and a.denoising is None
 
 
 def test_a_row_that_did_not_decode_fails_alone() -> None:
@@ -225,7 +225,7 @@ def test_a_device_lost_in_a_decode_gives_its_requests_back() -> None:
     assert executor.outputs == []  # nobody failed
     held = runner.close()
     assert sorted(e.id for e in held) == ["a", "b"]
-    assert all(e.denoising is None and e.decoding is None for e in held)
+    assert all(e.denoising is None and not e.decoding for e in held)
     assert not runner._decodes
 
 
